@@ -1,0 +1,184 @@
+"""Configurations of the two ChatGLM networks, with the field names of the official config.json files.
+
+ChatGLM-6B (`glm`) and ChatGLM2-6B / ChatGLM3-6B (`glm2`, `glm3`) both declare `model_type: "chatglm"` in their
+config.json, so the version is told apart by the fields that only one network has (see `detect_version`). Fields
+we do not use (`auto_map`, `quantization_bit`, dropout switches ...) are kept on the object and written back on save.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from transformers import PreTrainedConfig
+
+# Our own marker, written into every config.json this project saves, so that a glm2 directory loaded as glm3 (same
+# network, different tokenizer and template) is caught too. Official directories do not have it.
+VERSION_KEY = "chatglm_version"
+
+
+class ChatGLMConfig(PreTrainedConfig):
+    """ChatGLM-6B (mode `glm`). Defaults are the official chatglm-6b config.json (v1.1, vocabulary 130528)."""
+
+    model_type = "chatglm"
+    attribute_map = {"num_hidden_layers": "num_layers"}
+
+    def __init__(
+        self,
+        vocab_size=130528,
+        hidden_size=4096,
+        num_layers=28,
+        num_attention_heads=32,
+        layernorm_epsilon=1e-5,
+        inner_hidden_size=16384,
+        max_sequence_length=2048,
+        position_encoding_2d=True,
+        bos_token_id=130004,
+        eos_token_id=130005,
+        mask_token_id=130000,
+        gmask_token_id=130001,
+        pad_token_id=3,
+        use_cache=True,
+        pre_seq_len=None,
+        prefix_projection=False,
+        quantization_bit=0,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_attention_heads = num_attention_heads
+        self.layernorm_epsilon = layernorm_epsilon
+        self.inner_hidden_size = inner_hidden_size
+        self.max_sequence_length = max_sequence_length
+        self.position_encoding_2d = position_encoding_2d
+        self.mask_token_id = mask_token_id
+        self.gmask_token_id = gmask_token_id
+        self.use_cache = use_cache
+        self.pre_seq_len = pre_seq_len
+        self.prefix_projection = prefix_projection
+        self.quantization_bit = quantization_bit
+        kwargs.setdefault(VERSION_KEY, "glm")
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+
+class ChatGLM2Config(PreTrainedConfig):
+    """ChatGLM2-6B and ChatGLM3-6B (modes `glm2`, `glm3`): one network. Defaults are the official chatglm2-6b values.
+
+    `rope_ratio` (ChatGLM3-6B-32k and later) multiplies the rotary base 10000.
+    """
+
+    model_type = "chatglm"
+    attribute_map = {"num_hidden_layers": "num_layers", "vocab_size": "padded_vocab_size"}
+
+    def __init__(
+        self,
+        num_layers=28,
+        padded_vocab_size=65024,
+        hidden_size=4096,
+        ffn_hidden_size=13696,
+        kv_channels=128,
+        num_attention_heads=32,
+        seq_length=32768,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        layernorm_epsilon=1e-5,
+        rmsnorm=True,
+        apply_residual_connection_post_layernorm=False,
+        post_layer_norm=True,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        bias_dropout_fusion=True,
+        multi_query_attention=True,
+        multi_query_group_num=2,
+        apply_query_key_layer_scaling=True,
+        attention_softmax_in_fp32=True,
+        fp32_residual_connection=False,
+        original_rope=True,
+        rope_ratio=1.0,
+        quantization_bit=0,
+        pre_seq_len=None,
+        prefix_projection=False,
+        use_cache=True,
+        eos_token_id=2,
+        pad_token_id=0,
+        **kwargs,
+    ):
+        self.num_layers = num_layers
+        self.padded_vocab_size = padded_vocab_size
+        self.hidden_size = hidden_size
+        self.ffn_hidden_size = ffn_hidden_size
+        self.kv_channels = kv_channels
+        self.num_attention_heads = num_attention_heads
+        self.seq_length = seq_length
+        self.hidden_dropout = hidden_dropout
+        self.attention_dropout = attention_dropout
+        self.layernorm_epsilon = layernorm_epsilon
+        self.rmsnorm = rmsnorm
+        self.apply_residual_connection_post_layernorm = apply_residual_connection_post_layernorm
+        self.post_layer_norm = post_layer_norm
+        self.add_bias_linear = add_bias_linear
+        self.add_qkv_bias = add_qkv_bias
+        self.bias_dropout_fusion = bias_dropout_fusion
+        self.multi_query_attention = multi_query_attention
+        self.multi_query_group_num = multi_query_group_num
+        self.apply_query_key_layer_scaling = apply_query_key_layer_scaling
+        self.attention_softmax_in_fp32 = attention_softmax_in_fp32
+        self.fp32_residual_connection = fp32_residual_connection
+        self.original_rope = original_rope
+        self.rope_ratio = rope_ratio
+        self.quantization_bit = quantization_bit
+        self.pre_seq_len = pre_seq_len
+        self.prefix_projection = prefix_projection
+        self.use_cache = use_cache
+        kwargs.setdefault(VERSION_KEY, "glm2")
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+
+# Fields that only one of the two networks has: enough to tell an official config.json apart.
+_GLM_ONLY = {"inner_hidden_size", "position_encoding_2d", "max_sequence_length", "gmask_token_id"}
+_GLM2_ONLY = {"padded_vocab_size", "multi_query_attention", "kv_channels", "ffn_hidden_size", "seq_length"}
+
+
+def detect_version(config_dict: dict) -> str | None:
+    """'glm', 'glm2' or 'glm3' as far as a config.json tells; None when it is no ChatGLM config.
+
+    Our own saves carry `chatglm_version`. An official glm2/glm3 config differs only in `_name_or_path`
+    ("THUDM/chatglm2-6b" vs "THUDM/chatglm3-6b"); without either hint a ChatGLM2-style config reads as 'glm2/3'.
+    """
+    if config_dict.get(VERSION_KEY) in ("glm", "glm2", "glm3"):
+        return config_dict[VERSION_KEY]
+    keys = set(config_dict)
+    if keys & _GLM_ONLY and not keys & _GLM2_ONLY:
+        return "glm"
+    if keys & _GLM2_ONLY:
+        name = str(config_dict.get("_name_or_path", "")).lower()
+        if "chatglm3" in name:
+            return "glm3"
+        if "chatglm2" in name:
+            return "glm2"
+        return "glm2/3"
+    return None
+
+
+def check_checkpoint_dir(path: str, mode: str) -> dict:
+    """Fail with one clear line unless `path` is a checkpoint directory of the version `mode` names."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{config_file} not found: {path} is not a ChatGLM checkpoint directory")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config_dict = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    version = detect_version(config_dict)
+    if version is None:
+        raise ValueError(f"{config_file}: not a ChatGLM config (model_type={config_dict.get('model_type')!r})")
+    family = "glm" if mode == "glm" else "glm2/3"
+    found_family = "glm" if version == "glm" else "glm2/3"
+    if family != found_family or (version != "glm2/3" and version != mode):
+        raise ValueError(f"{config_file}: this is a {version} checkpoint, but --mode is {mode}")
+    return config_dict

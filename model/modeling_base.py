@@ -1,0 +1,339 @@
+"""What the two ChatGLM networks share: loading with strict key checks, the LM head with a memory-light loss,
+the P-Tuning v2 prefix encoder, attention masks for SDPA, and chat() / stream_chat() on top of generate()."""
+from __future__ import annotations
+
+import os
+import threading
+from queue import Queue
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from . import template
+from .config import VERSION_KEY, check_checkpoint_dir
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss: cross-entropy over the labelled positions only, in chunks, never holding fp32 logits for the whole batch.
+# ----------------------------------------------------------------------------------------------------------------
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), computed chunk by chunk; the backward recomputes each chunk's logits
+    instead of keeping them, so memory is one chunk of [rows, vocab] fp32 logits, not [tokens, vocab]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        log_normalisers = []
+        for start in range(0, hidden.shape[0], chunk_rows):
+            logits = (hidden[start:start + chunk_rows] @ weight.t()).float()  # [rows, vocab]
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logits = logits.gather(1, targets[start:start + chunk_rows, None]).squeeze(1)
+            total += (lse - target_logits).sum()
+            log_normalisers.append(lse)
+        lse_all = torch.cat(log_normalisers) if log_normalisers else hidden.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(hidden, weight, targets, lse_all)
+        ctx.chunk_rows = chunk_rows
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, targets, lse_all = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            chunk = hidden[rows]
+            probs = torch.exp((chunk @ weight.t()).float() - lse_all[rows, None])  # softmax
+            probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1.0
+            grad_logits = (probs * grad_total).to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[rows] = grad_logits @ weight
+            if need_weight:
+                grad_weight += (grad_logits.t() @ chunk).float()
+        return grad_hidden, grad_weight.to(weight.dtype) if need_weight else None, None, None
+
+
+class LMHead(nn.Linear):
+    """The output projection. Called with `targets`, it returns the summed cross-entropy over those rows without
+    materialising their logits all at once (the loss is computed inside this module's forward so that ZeRO-3
+    gathers the weight for it, as for any Linear)."""
+
+    def forward(self, hidden_states, targets=None):
+        if targets is None:
+            return super().forward(hidden_states)
+        # Rows of at most ~64 MiB of fp32 logits each.
+        chunk_rows = max(1, (1 << 24) // self.out_features)
+        return _ChunkedLinearCrossEntropy.apply(hidden_states, self.weight, targets, chunk_rows)
+
+
+def labelled_loss(head: LMHead, hidden_states, labels, reduction: str = "mean"):
+    """Causal-LM loss: position t predicts labels[t + 1]; only labels != -100 count.
+
+    reduction "mean" (over the labelled tokens) or "sum" (train.py divides by the token count of the whole
+    accumulation window, so every labelled token weighs the same)."""
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    # Boolean indexing syncs with the host once; it pays for itself by skipping the prompt positions' logits.
+    hidden = hidden_states[:, :-1][selected]
+    loss = head(hidden, targets=targets[selected])
+    if reduction == "sum":
+        return loss
+    return loss / selected.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# P-Tuning v2
+# ----------------------------------------------------------------------------------------------------------------
+class PrefixEncoder(nn.Module):
+    """Learned key/value prefix for every layer: [batch, pre_seq_len] -> [batch, pre_seq_len, 2 * layers * kv_dim].
+
+    With `prefix_projection` an embedding of size `embed_dim` goes through Linear-Tanh-Linear (ChatGLM-6B embeds in
+    hidden_size, ChatGLM2/3 in the full kv size). The arithmetic runs in fp32 whatever the model's dtype, because the
+    prefix values overflow fp16 (the NaN losses P-Tuning is known for under fp16)."""
+
+    def __init__(self, pre_seq_len: int, kv_size: int, hidden_size: int, projection: bool, embed_dim: int):
+        super().__init__()
+        self.prefix_projection = projection
+        if projection:
+            self.embedding = nn.Embedding(pre_seq_len, embed_dim)
+            self.trans = nn.Sequential(nn.Linear(embed_dim, hidden_size), nn.Tanh(), nn.Linear(hidden_size, kv_size))
+        else:
+            self.embedding = nn.Embedding(pre_seq_len, kv_size)
+
+    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=prefix.device.type, enabled=False):
+            out = self.embedding(prefix).float()
+            if self.prefix_projection:
+                first, _, second = self.trans
+                out = F.linear(out, first.weight.float(), first.bias.float()).tanh()
+                out = F.linear(out, second.weight.float(), second.bias.float())
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention masks (True = may attend, as SDPA wants)
+# ----------------------------------------------------------------------------------------------------------------
+def unmask_empty_rows(allowed: torch.Tensor) -> torch.Tensor:
+    """Rows of padding queries see nothing; let them see everything so softmax stays finite (their output is never
+    used, and the official code gives them a uniform distribution the same way)."""
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def as_cache(past_key_values) -> Cache | None:
+    """Accept the official tuple layout ((key [seq, batch, heads, dim], value), ...) as well as a Cache."""
+    if past_key_values is None or isinstance(past_key_values, Cache):
+        return past_key_values
+    return DynamicCache(ddp_cache_data=[(k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)) for k, v in past_key_values])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model classes' common parent
+# ----------------------------------------------------------------------------------------------------------------
+class _TokenStreamer(BaseStreamer):
+    """Hands generated tokens from generate() (running in a thread) to stream_chat()."""
+
+    def __init__(self):
+        self.queue, self.first = Queue(), True
+
+    def put(self, value):
+        if self.first:  # the prompt
+            self.first = False
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self):
+        self.queue.put(None)
+
+
+class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    # Official checkpoints store the rotary inv_freq buffer; we compute it, so it is no weight to load.
+    _keys_to_ignore_on_load_unexpected = [r"inv_freq"]
+    mode = "glm"  # set by each model class; names the chat template
+    chat_defaults = {}
+
+    def _init_weights(self, module):
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif hasattr(module, "weight") and isinstance(getattr(module, "weight"), nn.Parameter) \
+                and module.weight.dim() == 1:  # LayerNorm / RMSNorm
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load an official (or our own) checkpoint directory; every weight must be found under its official name.
+
+        Missing weights are an error (never a silent random initialisation), except the prefix encoder of a P-Tuning
+        model built on a base checkpoint (pass pre_seq_len=N), which starts from its initialisation as in THUDM's code.
+        """
+        path = str(pretrained_model_name_or_path)
+        check_checkpoint_dir(path, cls.mode)
+        if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(path)):
+            raise FileNotFoundError(f"{path}: no *.safetensors or *.bin weight files in this checkpoint directory")
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        missing = [k for k in info.get("missing_keys", []) if "inv_freq" not in k]
+        if model.config.pre_seq_len:
+            missing = [k for k in missing if ".prefix_encoder." not in f".{k}"]
+        problems = []
+        if missing:
+            problems.append(f"missing weights {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
+        unexpected = [k for k in info.get("unexpected_keys", []) if "inv_freq" not in k]
+        if unexpected:
+            problems.append(f"unexpected weights {sorted(unexpected)[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if info.get("mismatched_keys"):
+            problems.append(f"weights of the wrong shape {list(info['mismatched_keys'])[:5]}")
+        if problems:
+            raise ValueError(f"{path}: " + "; ".join(problems))
+        model.config.__dict__[VERSION_KEY] = cls.mode
+        return (model, info) if want_info else model
+
+    # -- the causal-LM forward -----------------------------------------------------------------------------------
+    def get_output_embeddings(self):
+        return self.output_head
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, return_dict=None, reduction="mean",
+                return_logits=None, logits_to_keep=0, **kwargs):
+        """Logits, and with `labels` the causal-LM loss over positions whose label is not -100.
+
+        With labels, logits are only computed when `return_logits=True` (training never needs them)."""
+        outputs = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                   use_cache=use_cache, **kwargs)
+        hidden = outputs.last_hidden_state  # [batch, seq, hidden]
+        loss = None
+        if labels is not None:
+            loss = labelled_loss(self.output_head, hidden, labels.to(hidden.device), reduction)
+        logits = None
+        if labels is None or return_logits:
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+            logits = self.output_head(hidden)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        """Positions (and for ChatGLM-6B the prefix-LM mask) depend on the whole sequence, so they are computed
+        here from all ids so far, before generate() keeps only the new ones."""
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = self.transformer.position_ids_for(input_ids, attention_mask)
+        return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values,
+                                                     attention_mask=attention_mask, **kwargs)
+
+    def _chat_generate_kwargs(self, tokenizer, kwargs):
+        gen = dict(self.chat_defaults)
+        gen.update(kwargs)
+        gen.setdefault("eos_token_id", template.stop_token_ids(tokenizer, self.mode))
+        gen.setdefault("pad_token_id", tokenizer.pad_token_id)
+        if not gen.get("do_sample", True):
+            gen.pop("top_p", None), gen.pop("temperature", None)
+        return gen
+
+    def _chat_inputs(self, tokenizer, query, history, role):
+        ids = template.encode_prompt(tokenizer, self.mode, query, history, role)
+        return torch.tensor([ids], device=self.device)
+
+    def _finish(self, tokenizer, query, history, role, new_ids):
+        stops = set(template.stop_token_ids(tokenizer, self.mode))
+        while new_ids and new_ids[-1] in stops:
+            new_ids = new_ids[:-1]
+        response = tokenizer.decode(new_ids)
+        if self.mode == "glm3":
+            history = list(history or []) + [{"role": role, "content": query}]
+            return template.process_response(self.mode, response, history)
+        response = template.process_response(self.mode, response)
+        return response, list(history or []) + [(query, response)]
+
+    @torch.inference_mode()
+    def chat(self, tokenizer, query: str, history=None, role: str = "user", **kwargs):
+        """One answer in the official format of this version: returns (response, history)."""
+        input_ids = self._chat_inputs(tokenizer, query, history, role)
+        outputs = self.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                **self._chat_generate_kwargs(tokenizer, kwargs))
+        return self._finish(tokenizer, query, history, role, outputs[0, input_ids.shape[1]:].tolist())
+
+    @torch.inference_mode()
+    def stream_chat(self, tokenizer, query: str, history=None, role: str = "user", **kwargs):
+        """Like chat(), yielding (response so far, history) after every generated token."""
+        input_ids = self._chat_inputs(tokenizer, query, history, role)
+        streamer = _TokenStreamer()
+        gen_kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                          **self._chat_generate_kwargs(tokenizer, kwargs))
+        errors = []
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    self.generate(**gen_kwargs)
+            except Exception as error:  # handed to the caller's thread below
+                errors.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        new_ids = []
+        while (tokens := streamer.queue.get()) is not None:
+            new_ids += tokens
+            response = tokenizer.decode(new_ids)
+            if response and response[-1] != "\ufffd":  # wait for a whole character
+                yield self._finish(tokenizer, query, history, role, list(new_ids))
+        thread.join()
+        if errors:
+            raise errors[0]
+        yield self._finish(tokenizer, query, history, role, list(new_ids))
+
+
+def attention_allowed(batch: int, q_len: int, past_len: int, prefix_len: int, padding_mask, context_lengths=None,
+                      device=None):
+    """Which keys each new query may see, as bool [batch, 1, q_len, prefix_len + past_len + q_len] (True = attend),
+    or None where plain SDPA causal (or, for one new token, no mask) is exact.
+
+    past_len counts cached tokens (not the prefix); padding_mask [batch, past_len + q_len] is 1 for real tokens;
+    context_lengths (ChatGLM-6B) are the lengths of the bidirectional context that every token sees."""
+    if padding_mask is None and context_lengths is None and prefix_len == 0 and (past_len == 0 or q_len == 1):
+        return None
+    q_index = torch.arange(past_len, past_len + q_len, device=device)
+    k_index = torch.arange(past_len + q_len, device=device)
+    allowed = (k_index[None, :] <= q_index[:, None]).expand(batch, q_len, past_len + q_len)
+    if context_lengths is not None:
+        allowed = allowed | (k_index[None, None, :] < context_lengths[:, None, None])
+    if padding_mask is not None:
+        allowed = allowed & padding_mask[:, None, :].bool()
+    allowed = unmask_empty_rows(allowed)
+    if prefix_len:  # the P-Tuning prefix is visible to every token
+        allowed = torch.cat([allowed.new_ones(batch, q_len, prefix_len), allowed], dim=-1)
+    return allowed[:, None]
+
+
+def sdpa(query, key, value, allowed, scale=None):
+    """[batch, heads, q, dim] attention; key/value may have fewer (grouped) heads. `allowed` None means causal when
+    queries and keys are the same tokens, else every key is visible."""
+    causal = allowed is None and query.shape[2] == key.shape[2] and query.shape[2] > 1
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, is_causal=causal, scale=scale,
+                                          enable_gqa=key.shape[1] != query.shape[1])
+
+
+def padding_or_none(attention_mask):
+    """A 2-D padding mask, or None when it masks nothing (lets SDPA take its causal fast path)."""
+    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
+        return None
+    return attention_mask

@@ -1,0 +1,248 @@
+"""ChatGLM2-6B and ChatGLM3-6B (modes `glm2`, `glm3`): one network.
+
+Pre-norm decoder with RMSNorm, multi-query (grouped) attention whose query_key_value rows are [q heads | k groups |
+v groups], rotary embedding on the first half of each head's dimensions with interleaved pairs (2i, 2i+1), SwiGLU MLP
+([gate | up] in dense_h_to_4h). Module names are the official checkpoint keys. The two versions differ here only in
+the dtype of the rotary angles: ChatGLM2's code computes them in the model's dtype, ChatGLM3's in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .config import ChatGLM2Config
+from .modeling_base import (ChatGLMPreTrainedBase, LMHead, PrefixEncoder, as_cache, attention_allowed,
+                            padding_or_none, sdpa)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+def rotary_cos_sin(position_ids, head_dim: int, base: float, angle_dtype, out_dtype):
+    """cos, sin [batch, 1, seq, head_dim / 4] for the rotated first half of each head.
+
+    theta_i = base^(-2i / (head_dim/2)); angle = position * theta in `angle_dtype` (as the official code does),
+    then cos/sin in fp32, rounded to the model's dtype."""
+    n_elem = head_dim // 2
+    theta = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=angle_dtype, device=position_ids.device) / n_elem))
+    angles = (position_ids.to(angle_dtype)[..., None] * theta).float()  # [batch, seq, n_elem / 2]
+    return angles.cos().to(out_dtype)[:, None], angles.sin().to(out_dtype)[:, None]
+
+
+def apply_rotary(x, cos, sin):
+    """x [batch, heads, seq, head_dim]: rotate pairs (2i, 2i+1) of the first half; the second half passes."""
+    rot_dim = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    x0, x1 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return torch.cat([rotated, x_pass], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLM2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.num_groups = config.multi_query_group_num if config.multi_query_attention else self.num_heads
+        qkv_size = (self.num_heads + 2 * self.num_groups) * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_size,
+                                         bias=config.add_bias_linear or config.add_qkv_bias)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, hidden_states, cos, sin, allowed, prefix_kv=None, past_key_values=None):
+        batch, seq, _ = hidden_states.shape
+        q, k, v = self.query_key_value(hidden_states).split(
+            [self.num_heads * self.head_dim, self.num_groups * self.head_dim, self.num_groups * self.head_dim], -1)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [b, heads, s, d]
+        k = k.view(batch, seq, self.num_groups, self.head_dim).transpose(1, 2)  # [b, groups, s, d]
+        v = v.view(batch, seq, self.num_groups, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # prefix keys are never rotated
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        elif prefix_kv is not None:
+            k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
+        context = sdpa(q, k, v, allowed)  # [b, heads, s, d]
+        return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x):
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(GradientCheckpointingLayer):
+    def __init__(self, config: ChatGLM2Config, layer_idx: int):
+        super().__init__()
+        norm = RMSNorm if config.rmsnorm else lambda size, eps: nn.LayerNorm(size, eps=eps)
+        self.post_norm_residual = config.apply_residual_connection_post_layernorm
+        self.input_layernorm = norm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attention = SelfAttention(config, layer_idx)
+        self.post_attention_layernorm = norm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden_states, cos, sin, allowed, prefix_kv=None, past_key_values=None):
+        normed = self.input_layernorm(hidden_states)
+        attention = self.self_attention(normed, cos, sin, allowed, prefix_kv, past_key_values=past_key_values)
+        hidden_states = (normed if self.post_norm_residual else hidden_states) + attention
+        normed = self.post_attention_layernorm(hidden_states)
+        return (normed if self.post_norm_residual else hidden_states) + self.mlp(normed)
+
+
+class GLMTransformer(nn.Module):
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
+        if config.post_layer_norm:
+            norm = RMSNorm if config.rmsnorm else lambda size, eps: nn.LayerNorm(size, eps=eps)
+            self.final_layernorm = norm(config.hidden_size, config.layernorm_epsilon)
+        else:
+            self.final_layernorm = nn.Identity()
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+    def forward(self, input_ids):
+        return self.word_embeddings(input_ids)
+
+
+class ChatGLM2Model(nn.Module):
+    """The model body (`model.transformer`). Takes the official keyword arguments: input_ids, position_ids,
+    attention_mask (2-D, 1 = keep), full_attention_mask (bool [b, 1, q, k], True = masked), past_key_values
+    (a Cache, or the official tuples), inputs_embeds, use_cache. Returns last_hidden_state [batch, seq, hidden]
+    (batch first) after the final norm, without the LM head, and past_key_values."""
+
+    def __init__(self, config: ChatGLM2Config, rotary_fp32: bool):
+        super().__init__()
+        self.config = config
+        self.rotary_fp32 = rotary_fp32
+        self.head_dim = config.kv_channels
+        self.num_groups = config.multi_query_group_num if config.multi_query_attention else config.num_attention_heads
+        self.embedding = Embedding(config)
+        self.encoder = GLMTransformer(config)
+        self.output_layer = LMHead(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.pre_seq_len = config.pre_seq_len or 0
+        if self.pre_seq_len:
+            kv_size = config.num_layers * 2 * self.num_groups * self.head_dim
+            self.prefix_encoder = PrefixEncoder(self.pre_seq_len, kv_size, config.hidden_size,
+                                                config.prefix_projection, embed_dim=kv_size)
+            self.dropout = nn.Dropout(0.1)  # on the prefix, as in the official code
+
+    def get_prompt(self, batch_size: int, device, dtype):
+        """Per-layer prefix (key, value), each [batch, groups, pre_seq_len, head_dim]."""
+        tokens = torch.arange(self.pre_seq_len, device=device).expand(batch_size, -1)
+        kv = self.prefix_encoder(tokens).to(dtype)
+        kv = self.dropout(kv.view(batch_size, self.pre_seq_len, 2 * self.config.num_layers, self.num_groups,
+                                  self.head_dim))
+        kv = kv.permute(2, 0, 3, 1, 4)  # [2 * layers, batch, groups, pre_seq_len, head_dim]
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.config.num_layers)]
+
+    def position_ids_for(self, input_ids, attention_mask=None):
+        """Positions 0, 1, 2 ... of the real tokens; left padding does not shift them."""
+        if attention_mask is None:
+            return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, full_attention_mask=None,
+                past_key_values=None, inputs_embeds=None, use_cache=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.embedding(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        device, dtype = inputs_embeds.device, inputs_embeds.dtype
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        cache = as_cache(past_key_values)
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        cached = cache.get_seq_length() if cache is not None else 0
+        past_len = max(cached - self.pre_seq_len, 0)  # cached tokens, not counting the prefix
+
+        prefix = None
+        if self.pre_seq_len and cached == 0:
+            prefix = self.get_prompt(batch, device, dtype)
+            if cache is not None:  # the prefix goes into the cache once, ahead of the tokens
+                for i, (k, v) in enumerate(prefix):
+                    cache.update(k, v, i)
+                prefix = None
+
+        if position_ids is None:
+            mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            position_ids = self.position_ids_for(torch.empty(batch, past_len + seq, device=device), mask_2d)
+            position_ids = position_ids[:, -seq:]
+        if full_attention_mask is not None:
+            allowed = ~full_attention_mask.bool()
+            if self.pre_seq_len and allowed.shape[-1] < self.pre_seq_len + past_len + seq:
+                allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], self.pre_seq_len), allowed], dim=-1)
+        else:
+            allowed = attention_allowed(batch, seq, past_len, self.pre_seq_len, padding_or_none(attention_mask),
+                                        device=device)
+        base = 10000.0 * getattr(self.config, "rope_ratio", 1.0)
+        angle_dtype = torch.float32 if self.rotary_fp32 or dtype == torch.float32 else dtype
+        cos, sin = rotary_cos_sin(position_ids, self.head_dim, base, angle_dtype, dtype)
+
+        hidden = inputs_embeds
+        all_hidden = () if output_hidden_states else None
+        for i, layer in enumerate(self.encoder.layers):
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            hidden = layer(hidden, cos, sin, allowed, prefix[i] if prefix is not None else None,
+                           past_key_values=cache)
+        hidden = self.encoder.final_layernorm(hidden)
+        if output_hidden_states:
+            all_hidden += (hidden,)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
+                                       hidden_states=all_hidden)
+
+
+class ChatGLM2ForConditionalGeneration(ChatGLMPreTrainedBase):
+    """ChatGLM2-6B: `transformer` body (its `output_layer` is the LM head), chat() in the ChatGLM2 format."""
+
+    config_class = ChatGLM2Config
+    mode = "glm2"
+    rotary_fp32 = False
+    _no_split_modules = ["GLMBlock"]
+    chat_defaults = {"max_length": 8192, "num_beams": 1, "do_sample": True, "top_p": 0.8, "temperature": 0.8}
+
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__(config)
+        self.transformer = ChatGLM2Model(config, rotary_fp32=self.rotary_fp32)
+        self.post_init()
+
+    @property
+    def output_head(self):
+        return self.transformer.output_layer
+
+    def get_input_embeddings(self):
+        return self.transformer.embedding.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.transformer.embedding.word_embeddings = value
+
+
+class ChatGLM3ForConditionalGeneration(ChatGLM2ForConditionalGeneration):
+    """ChatGLM3-6B: the ChatGLM2 network with fp32 rotary angles; chat() with roles (history is message dicts)."""
+
+    mode = "glm3"
+    rotary_fp32 = True

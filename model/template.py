@@ -1,0 +1,222 @@
+"""Chat templates: the one place that turns a conversation into token ids.
+
+Training samples (`encode_sample`), `model.chat()` / `stream_chat()` and predict.py (`encode_prompt`) all call
+`_pieces` below, so a model fine-tuned here is prompted at inference exactly as it was trained, and in the official
+format of each version, so that it behaves the same under THUDM's own `chat()`:
+
+- glm  (ChatGLM-6B):  the raw query when there is no history; otherwise rounds numbered from 0,
+  "[Round i]\\n问：{q}\\n答：{a}\\n" ... "[Round n]\\n问：{q}\\n答：", then [gMASK] <sop>; the answer ends with <eop>.
+- glm2 (ChatGLM2-6B): [gMASK] sop "[Round 1]\\n\\n问：{q}\\n\\n答：{a}\\n\\n[Round 2]..." rounds numbered from 1; the
+  answer ends with eos.
+- glm3 (ChatGLM3-6B): [gMASK] sop, then per message <|role|> + "{metadata}\\n" + content; the prompt ends with
+  <|assistant|>, the model writes "\\n" + answer and then eos (or <|user|> / <|observation|>).
+
+A conversation is a list of messages {"role": "system"|"user"|"assistant"|"observation", "content": str}. Pieces are
+text (encoded with `tokenizer.encode_text`) or special ids, each flagged as learned or not. For glm and glm2, adjacent
+prompt texts are encoded as one string, as the official `chat()` does; glm3 encodes every message on its own, as the
+official `build_chat_input` does.
+
+Why glm learns only the last answer: ChatGLM-6B attends bidirectionally over everything before [gMASK] <sop>, so the
+answers of earlier rounds sit in the bidirectional context and cannot be trained as next-token targets.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+ROLES = ("system", "user", "assistant", "observation")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Piece:
+    text: str | None = None  # text to encode, or None for `ids`
+    ids: tuple[int, ...] = ()  # special token ids
+    learned: bool = False  # True: these tokens carry labels
+
+
+def special(tokenizer, name: str) -> int:
+    """Id of a special token by its official name ("[gMASK]", "sop", "<|user|>" ...), for any of our tokenizers."""
+    if hasattr(tokenizer, "get_command"):
+        return tokenizer.get_command(name)
+    glm_names = {"sop": "<sop>", "eop": "<eop>"}
+    return tokenizer.convert_tokens_to_ids(glm_names.get(name, name))
+
+
+def stop_token_ids(tokenizer, mode: str) -> list[int]:
+    """Tokens that end an answer in generation (glm: <eop>; glm2: eos; glm3: eos, <|user|>, <|observation|>)."""
+    if mode == "glm3":
+        return [tokenizer.eos_token_id, special(tokenizer, "<|user|>"), special(tokenizer, "<|observation|>")]
+    return [tokenizer.eos_token_id]
+
+
+def history_to_messages(mode: str, query: str | None, history=None, role: str = "user") -> list[dict]:
+    """The official `chat()` arguments as a message list: history is [(q, a), ...] for glm/glm2, message dicts for glm3."""
+    messages = []
+    for item in history or []:
+        if isinstance(item, dict):
+            messages.append(dict(item))
+        else:
+            old_query, answer = item
+            messages += [{"role": "user", "content": old_query}, {"role": "assistant", "content": answer}]
+    if query is not None:
+        messages.append({"role": role, "content": query})
+    return messages
+
+
+def _rounds(messages: list[dict], mode: str) -> tuple[list[tuple[str, str | None]]]:
+    """(query, answer) rounds of a glm/glm2 conversation; a system message is put before the first query."""
+    rounds, system = [], ""
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":
+            system += content + "\n"
+        elif role == "user":
+            rounds.append([system + content, None])
+            system = ""
+        elif role == "assistant":
+            if not rounds or rounds[-1][1] is not None:
+                raise ValueError(f"{mode}: an assistant message must follow a user message")
+            rounds[-1][1] = content
+        else:
+            raise ValueError(f"{mode}: role {role!r} is only supported by glm3")
+    return rounds
+
+
+def _pieces(tokenizer, mode: str, messages: list[dict], learn_all_turns: bool) -> list[Piece]:
+    """The template of each version, as pieces. A final assistant message is the answer; without one, the pieces
+    end with the cue for the model to answer."""
+    ends_with_answer = bool(messages) and messages[-1]["role"] == "assistant"
+    if mode == "glm":
+        rounds = _rounds(messages, mode)
+        if len(rounds) == 1:
+            prompt = rounds[0][0]
+        else:
+            prompt = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(rounds[:-1]))
+            prompt += f"[Round {len(rounds) - 1}]\n问：{rounds[-1][0]}\n答："
+        pieces = [Piece(text=prompt), Piece(ids=(special(tokenizer, "[gMASK]"), special(tokenizer, "sop")))]
+        if ends_with_answer:
+            pieces += [Piece(text=rounds[-1][1], learned=True), Piece(ids=(tokenizer.eos_token_id,), learned=True)]
+        return pieces
+
+    pieces = [Piece(ids=(special(tokenizer, "[gMASK]"), special(tokenizer, "sop")))]
+    if mode == "glm2":
+        rounds = _rounds(messages, mode)
+        for i, (query, answer) in enumerate(rounds, start=1):
+            sep = "" if i == 1 else "\n\n"
+            pieces.append(Piece(text=f"{sep}[Round {i}]\n\n问：{query}\n\n答："))
+            if answer is not None:
+                last = i == len(rounds)
+                pieces.append(Piece(text=answer, learned=last or learn_all_turns))
+        if ends_with_answer:
+            pieces.append(Piece(ids=(tokenizer.eos_token_id,), learned=True))
+        return pieces
+
+    if mode != "glm3":
+        raise ValueError(f"unknown mode {mode!r}")
+    last = len(messages) - 1
+    learned_turn = [m["role"] == "assistant" and (i == last or learn_all_turns) for i, m in enumerate(messages)]
+    for index, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ValueError(f"glm3: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if role == "system" and "tools" in message:
+            content = content + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
+        # An earlier learned answer ends where the next role token starts: learning that token teaches the model
+        # to stop there, which the official chat() treats as the end of the answer (it stops on <|user|>).
+        role_learned = index > 0 and learned_turn[index - 1]
+        pieces.append(Piece(ids=(special(tokenizer, f"<|{role}|>"),), learned=role_learned))
+        metadata = message.get("metadata", "") or ""
+        pieces += [Piece(text=f"{metadata}\n", learned=learned_turn[index]),
+                   Piece(text=content, learned=learned_turn[index])]
+    if ends_with_answer:
+        pieces.append(Piece(ids=(tokenizer.eos_token_id,), learned=True))
+    else:
+        pieces.append(Piece(ids=(special(tokenizer, "<|assistant|>"),)))
+    return pieces
+
+
+def _encode(tokenizer, mode: str, pieces: list[Piece]) -> tuple[list[int], list[bool]]:
+    """Token ids and a learned-flag per token. glm/glm2 join adjacent prompt texts into one string first."""
+    if mode in ("glm", "glm2"):
+        merged: list[Piece] = []
+        for piece in pieces:
+            if merged and piece.text is not None and merged[-1].text is not None and not piece.learned \
+                    and not merged[-1].learned:
+                merged[-1] = Piece(text=merged[-1].text + piece.text)
+            else:
+                merged.append(piece)
+        pieces = merged
+    ids, learned = [], []
+    for piece in pieces:
+        piece_ids = tokenizer.encode_text(piece.text) if piece.text is not None else list(piece.ids)
+        ids += piece_ids
+        learned += [piece.learned] * len(piece_ids)
+    return ids, learned
+
+
+def encode_prompt(tokenizer, mode: str, query: str, history=None, role: str = "user") -> list[int]:
+    """Ids of the prompt the model answers: what `chat()` and predict.py feed to `generate()`."""
+    messages = history_to_messages(mode, query, history, role)
+    ids, _ = _encode(tokenizer, mode, _pieces(tokenizer, mode, messages, learn_all_turns=False))
+    return ids
+
+
+def encode_messages(tokenizer, mode: str, messages: list[dict], learn_all_turns: bool = True):
+    """Ids and labels of a training conversation ending with an assistant message.
+
+    Returns (input_ids, labels, answer_start): labels are -100 wherever nothing is learned; answer_start is the
+    index where the final answer begins (everything before it is the prompt `chat()` would build).
+    """
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("a training conversation must end with an assistant message")
+    if mode == "glm":
+        learn_all_turns = False
+    pieces = _pieces(tokenizer, mode, messages, learn_all_turns)
+    ids, learned = _encode(tokenizer, mode, pieces)
+    prompt_ids, _ = _encode(tokenizer, mode, _pieces(tokenizer, mode, messages[:-1], learn_all_turns=False))
+    labels = [i if flag else IGNORE_INDEX for i, flag in zip(ids, learned)]
+    answer_start = len(prompt_ids) if ids[:len(prompt_ids)] == prompt_ids else _last_answer_start(learned)
+    return ids, labels, answer_start
+
+
+def _last_answer_start(learned: list[bool]) -> int:
+    start = len(learned)
+    while start > 0 and learned[start - 1]:
+        start -= 1
+    return start
+
+
+def answer_cue_length(tokenizer, mode: str) -> int:
+    """How many tokens at the end of a prompt form the answer cue that truncation must keep
+    ("\\n答：" + [gMASK] <sop> for glm, "\\n\\n答：" for glm2, <|assistant|> for glm3)."""
+    if mode == "glm":
+        return len(tokenizer.encode_text("\n答：")) + 2
+    if mode == "glm2":
+        return len(tokenizer.encode_text("\n\n答："))
+    return 1
+
+
+def process_response(mode: str, response: str, history=None):
+    """The official post-processing of a decoded answer. glm/glm2: the text; glm3: (content, history) where a
+    metadata line before the first newline names a tool call."""
+    if mode in ("glm", "glm2"):
+        response = response.strip().replace("[[训练时间]]", "2023年")
+        if mode == "glm":
+            for ascii_punct, full_width in ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")):
+                response = re.sub(r"([\u4e00-\u9fff])%s" % ascii_punct, r"\1%s" % full_width, response)
+                response = re.sub(r"%s([\u4e00-\u9fff])" % ascii_punct, r"%s\1" % full_width, response)
+        return response
+    history = list(history or [])
+    content = ""
+    for part in response.split("<|assistant|>"):
+        metadata, content = part.split("\n", maxsplit=1) if "\n" in part else ("", part)
+        if not metadata.strip():
+            content = content.strip()
+            history.append({"role": "assistant", "metadata": metadata, "content": content})
+            content = content.replace("[[训练时间]]", "2023年")
+        else:
+            history.append({"role": "assistant", "metadata": metadata, "content": content})
+            content = {"name": metadata.strip(), "content": content}
+    return content, history
