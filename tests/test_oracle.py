@@ -1,0 +1,98 @@
+"""Second oracles at realistic head sizes, where rotary pairing and base show (the reference tensors use head_dim 4).
+
+ChatGLM2/3: transformers' own GlmForCausalLM is an independent implementation of the same network; with its weights
+renamed to the official names our model must give the same logits. ChatGLM-6B has no such twin: its 2-D rotary at
+full head size is checked against a direct transcription of the official formulas (rotate_half pairs (i, i + n/2)
+within each half, inv_freq = 10000^(-2i/n) rounded to fp16, halves rotated by position and block position)."""
+import math
+
+import pytest
+import torch
+from transformers import GlmConfig, GlmForCausalLM
+
+from model import MODE
+
+
+def glm_oracle_pair(mode):
+    torch.manual_seed(0)
+    hidden, heads, groups, head_dim, ffn, layers, vocab = 256, 2, 1, 128, 192, 2, 300
+    oracle = GlmForCausalLM(GlmConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                                      num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=groups, head_dim=head_dim, partial_rotary_factor=0.5,
+                                      attention_bias=True, rms_norm_eps=1e-5, max_position_embeddings=4096,
+                                      pad_token_id=0)).eval()
+    for p in oracle.parameters():  # make every weight matter (norm weights included)
+        torch.nn.init.uniform_(p, -0.1, 0.1) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
+    config = MODE[mode].config(padded_vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads,
+                               kv_channels=head_dim, multi_query_attention=True, multi_query_group_num=groups,
+                               ffn_hidden_size=ffn, num_layers=layers, layernorm_epsilon=1e-5)
+    ours = MODE[mode].model(config).eval()
+    src = oracle.state_dict()
+    renamed = {"transformer.embedding.word_embeddings.weight": src["model.embed_tokens.weight"],
+               "transformer.encoder.final_layernorm.weight": src["model.norm.weight"],
+               "transformer.output_layer.weight": src["lm_head.weight"]}
+    for i in range(layers):
+        a, b = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
+        for part in ("weight", "bias"):
+            renamed[f"{b}self_attention.query_key_value.{part}"] = torch.cat(
+                [src[f"{a}self_attn.{n}_proj.{part}"] for n in "qkv"])
+        renamed[f"{b}self_attention.dense.weight"] = src[f"{a}self_attn.o_proj.weight"]
+        renamed[f"{b}mlp.dense_h_to_4h.weight"] = src[f"{a}mlp.gate_up_proj.weight"]
+        renamed[f"{b}mlp.dense_4h_to_h.weight"] = src[f"{a}mlp.down_proj.weight"]
+        renamed[f"{b}input_layernorm.weight"] = src[f"{a}input_layernorm.weight"]
+        renamed[f"{b}post_attention_layernorm.weight"] = src[f"{a}post_attention_layernorm.weight"]
+    ours.load_state_dict(renamed, strict=True)
+    return oracle, ours
+
+
+@pytest.mark.parametrize("mode", ["glm2", "glm3"])
+def test_matches_transformers_glm(mode):
+    oracle, ours = glm_oracle_pair(mode)
+    ids = torch.randint(1, 300, (2, 40))
+    positions = torch.arange(1000, 1040).expand(2, -1)  # far positions: a wrong base or pairing shows at once
+    with torch.no_grad():
+        expected = oracle(input_ids=ids, position_ids=positions).logits
+        got = ours(input_ids=ids, position_ids=positions).logits
+    assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
+    # the comparison can fail: other relative distances (rotary is relative, so scale rather than shift) differ
+    with torch.no_grad():
+        stretched = ours(input_ids=ids, position_ids=positions * 2).logits
+    assert (stretched - expected).abs().max().item() > 1e-3
+
+
+def official_glm_attention_scores(q, k, positions, block_positions):
+    """Direct transcription of the official ChatGLM-6B rotary, seq-first as there: q, k [seq, heads, head_dim]."""
+    half = q.shape[-1] // 2
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))).half().float()
+
+    def rotate(x, pos):
+        freqs = torch.einsum("i,j->ij", pos.float(), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    def rope(x):
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat([rotate(a, positions), rotate(b, block_positions)], dim=-1)
+
+    q, k = rope(q), rope(k)
+    return torch.einsum("shd,thd->hst", q, k) / math.sqrt(q.shape[-1])
+
+
+def test_glm_2d_rotary_at_full_head_size():
+    from model.modeling_chatglm import apply_rotary_2d, rotary_cos_sin
+
+    torch.manual_seed(0)
+    seq, heads, head_dim = 50, 2, 128
+    q, k = torch.randn(seq, heads, head_dim), torch.randn(seq, heads, head_dim)
+    positions = torch.cat([torch.arange(30), torch.full((20,), 29)]) + 900
+    block = torch.cat([torch.zeros(30, dtype=torch.long), torch.arange(1, 21)])
+    expected = official_glm_attention_scores(q, k, positions, block)
+    pos_ids = torch.stack([positions, block])[None]  # [1, 2, seq]
+    rope = (rotary_cos_sin(pos_ids[:, 0], head_dim // 2, torch.float32),
+            rotary_cos_sin(pos_ids[:, 1], head_dim // 2, torch.float32))
+    q_ours = apply_rotary_2d(q.permute(1, 0, 2)[None], rope)[0]  # [heads, seq, dim]
+    k_ours = apply_rotary_2d(k.permute(1, 0, 2)[None], rope)[0]
+    got = q_ours @ k_ours.transpose(-1, -2) / math.sqrt(head_dim)
+    assert (got - expected).abs().max().item() < 1e-4
