@@ -92,19 +92,29 @@ def labelled_loss(head: LMHead, hidden_states, labels, reduction: str = "mean"):
 # ----------------------------------------------------------------------------------------------------------------
 # P-Tuning v2
 # ----------------------------------------------------------------------------------------------------------------
+class Float32Linear(nn.Linear):
+    """A Linear that computes in fp32 whatever the dtype its weights were cast to."""
+
+    def forward(self, x):
+        bias = self.bias.float() if self.bias is not None else None
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 class PrefixEncoder(nn.Module):
     """Learned key/value prefix for every layer: [batch, pre_seq_len] -> [batch, pre_seq_len, 2 * layers * kv_dim].
 
     With `prefix_projection` an embedding of size `embed_dim` goes through Linear-Tanh-Linear (ChatGLM-6B embeds in
     hidden_size, ChatGLM2/3 in the full kv size). The arithmetic runs in fp32 whatever the model's dtype, because the
-    prefix values overflow fp16 (the NaN losses P-Tuning is known for under fp16)."""
+    prefix values overflow fp16 (the NaN losses P-Tuning is known for under fp16). Submodules are called through
+    their forward so that ZeRO-3 gathers their weights."""
 
     def __init__(self, pre_seq_len: int, kv_size: int, hidden_size: int, projection: bool, embed_dim: int):
         super().__init__()
         self.prefix_projection = projection
         if projection:
             self.embedding = nn.Embedding(pre_seq_len, embed_dim)
-            self.trans = nn.Sequential(nn.Linear(embed_dim, hidden_size), nn.Tanh(), nn.Linear(hidden_size, kv_size))
+            self.trans = nn.Sequential(Float32Linear(embed_dim, hidden_size), nn.Tanh(),
+                                       Float32Linear(hidden_size, kv_size))
         else:
             self.embedding = nn.Embedding(pre_seq_len, kv_size)
 
@@ -112,9 +122,7 @@ class PrefixEncoder(nn.Module):
         with torch.autocast(device_type=prefix.device.type, enabled=False):
             out = self.embedding(prefix).float()
             if self.prefix_projection:
-                first, _, second = self.trans
-                out = F.linear(out, first.weight.float(), first.bias.float()).tanh()
-                out = F.linear(out, second.weight.float(), second.bias.float())
+                out = self.trans(out)
         return out
 
 

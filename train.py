@@ -1,0 +1,422 @@
+"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with DeepSpeed: freeze, LoRA, P-Tuning v2 or full training.
+
+One GPU, several, or several machines (DeepSpeed's launcher and a hostfile):
+
+    deepspeed --master_port 520 train.py --train_path data/train.jsonl --model_name_or_path ChatGLM3-6B/ \\
+        --mode glm3 --train_type lora --lora_dim 16 --lora_alpha 64 --lora_dropout 0.1 \\
+        --lora_module_name "query_key_value,dense_h_to_4h,dense_4h_to_h,dense" \\
+        --per_device_train_batch_size 1 --gradient_accumulation_steps 4 --max_len 1560 --max_src_len 1024 \\
+        --learning_rate 1e-4 --weight_decay 0.1 --num_train_epochs 2 --warmup_ratio 0.1 \\
+        --ds_file ds_zero2_no_offload.json --gradient_checkpointing --show_loss_step 10 --output_dir ./output-glm3
+
+On a machine without a GPU: `DS_ACCELERATOR=cpu deepspeed --num_gpus 1 train.py ...` (or plain `python train.py`
+for one process). Checkpoints go to output_dir/epoch-E-step-S/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from model import MODE
+from utils import DataCollator, DataError, InstructionDataset, count_parameters, setup_logging, str2bool
+
+logger = logging.getLogger("chatglm")
+TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_name_or_path", required=True, help="official ChatGLM checkpoint directory")
+    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2 or glm3")
+    group.add_argument("--train_type", default="lora", choices=TRAIN_TYPES, help="what trains")
+    group.add_argument("--freeze_module_name", default="layers.27.,layers.26.,layers.25.,layers.24.",
+                       help="freeze: comma-separated name parts; only parameters containing one of them train")
+    group.add_argument("--lora_dim", type=int, default=8, help="lora: rank r")
+    group.add_argument("--lora_alpha", type=int, default=30, help="lora: scaling alpha")
+    group.add_argument("--lora_dropout", type=float, default=0.1, help="lora: dropout on the LoRA input")
+    group.add_argument("--lora_module_name", default="query_key_value",
+                       help="lora: comma-separated module names (query_key_value,dense,dense_h_to_4h,dense_4h_to_h)")
+    group.add_argument("--pre_seq_len", type=int, default=16, help="ptuning: number of prefix tokens")
+    group.add_argument("--prefix_projection", type=str2bool, default=False,
+                       help="ptuning: True/False, encode the prefix through a two-layer MLP")
+    group.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_path", required=True, help="training data: JSONL or JSON array")
+    group.add_argument("--dev_path", default=None, help="evaluation data; eval loss every --eval_step and per epoch")
+    group.add_argument("--max_len", type=int, default=1024, help="longest sample in tokens")
+    group.add_argument("--max_src_len", type=int, default=256, help="longest prompt in tokens")
+    group.add_argument("--is_skip", action="store_true", help="drop over-long samples instead of truncating")
+    group.add_argument("--last_turn_only", action="store_true",
+                       help="multi-turn data: learn only the last answer (default: every assistant turn)")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--per_device_train_batch_size", type=int, default=1, help="micro-batch per GPU")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step")
+    group.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
+    group.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
+    group.add_argument("--num_train_epochs", type=int, default=1, help="passes over the training data")
+    group.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    group.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps warming up the lr")
+    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                       help="auto: bf16 where the GPU supports it, else fp16; fp32 on CPU")
+    group.add_argument("--seed", type=int, default=1234, help="random seed")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--ds_file", default="ds_zero2_no_offload.json", help="DeepSpeed JSON (ZeRO, clipping)")
+    group.add_argument("--output_dir", required=True, help="where checkpoints and logs go")
+    group.add_argument("--save_model_step", type=int, default=None, help="also save every N optimizer steps")
+    group.add_argument("--show_loss_step", type=int, default=10, help="log loss, lr, tokens/s every N steps")
+    group.add_argument("--eval_step", type=int, default=None, help="evaluate on --dev_path every N steps")
+    group.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    group.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    if args.max_src_len >= args.max_len:
+        parser.error(f"--max_src_len ({args.max_src_len}) must be smaller than --max_len ({args.max_len})")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# set-up
+# ------------------------------------------------------------------------------------------------------------------
+def init_distributed():
+    """One process without the launcher is a world of one; gloo where there is no GPU."""
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    backend = None if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def pick_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def fill_ds_config(args, world_size: int, total_steps: int) -> dict:
+    """The one place flags reach the DeepSpeed JSON: batch keys, optimizer, scheduler and precision. The JSON keeps
+    what it owns (ZeRO stage, offload, clipping)."""
+    with open(args.ds_file, encoding="utf-8") as f:
+        config = json.load(f)
+    config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    config["train_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    config["steps_per_print"] = 10 ** 9  # our own logging line instead
+    precision = pick_precision(args.precision)
+    config["fp16"] = {**config.get("fp16", {}), "enabled": precision == "fp16"}
+    config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
+    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    optimizer["params"].update(lr=args.learning_rate, betas=[0.9, 0.95], eps=1e-8, weight_decay=args.weight_decay)
+    scheduler = config.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
+    scheduler["params"].update(total_num_steps=max(total_steps, 1), warmup_min_lr=0,
+                               warmup_max_lr=args.learning_rate,
+                               warmup_num_steps=math.ceil(args.warmup_ratio * total_steps))
+    zero = config.get("zero_optimization", {})
+    for key in ("offload_param", "offload_optimizer"):  # "auto" in the seed's JSON means: no offload
+        if zero.get(key, {}).get("device") == "auto":
+            zero[key]["device"] = "none"
+    return config
+
+
+def build_model(args, ds_config):
+    """Load the checkpoint and decide what trains."""
+    spec = MODE[args.mode]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[pick_precision(args.precision)]
+    extra = {"pre_seq_len": args.pre_seq_len, "prefix_projection": args.prefix_projection} \
+        if args.train_type == "ptuning" else {}
+    zero3_context = None
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        # Lets from_pretrained build the model under deepspeed.zero.Init: each rank only holds its shard.
+        from transformers.integrations import HfDeepSpeedConfig
+        zero3_context = HfDeepSpeedConfig(ds_config)  # must stay alive while loading
+    model = spec.model.from_pretrained(args.model_name_or_path, dtype=dtype, **extra)
+    del zero3_context
+    tokenizer = spec.tokenizer.from_pretrained(args.model_name_or_path)
+
+    if args.train_type == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=args.lora_dim, lora_alpha=args.lora_alpha,
+                                                 lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
+                                                 target_modules=args.lora_module_name.split(",")))
+    else:
+        keep = {"freeze": args.freeze_module_name.split(","), "ptuning": ["prefix_encoder."], "all": [""]}
+        names = [name for name in keep[args.train_type] if name or args.train_type == "all"]
+        for name, param in model.named_parameters():
+            param.requires_grad = any(part in name for part in names)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise SystemExit(f"--freeze_module_name {args.freeze_module_name!r} matches no parameter of the model")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    trainable, total = count_parameters(model)
+    logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
+                100 * trainable / total)
+    return model, tokenizer
+
+
+def build_data(args, tokenizer):
+    train_set = InstructionDataset(args.train_path, tokenizer, args.mode, args.max_len, args.max_src_len,
+                                   args.is_skip, learn_all_turns=not args.last_turn_only)
+    dev_set = InstructionDataset(args.dev_path, tokenizer, args.mode, args.max_len, args.max_src_len,
+                                 args.is_skip) if args.dev_path else None
+    return train_set, dev_set
+
+
+def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=args.seed,
+                                 drop_last=shuffle)
+    return DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler,
+                      collate_fn=DataCollator(pad_token_id), drop_last=shuffle)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# evaluation and saving
+# ------------------------------------------------------------------------------------------------------------------
+def evaluate(engine, loader) -> float:
+    """Mean loss per labelled token over the whole dev set (all ranks)."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            total[0] += engine(**batch, reduction="sum").loss.double()
+            total[1] += (batch["labels"][:, 1:] != -100).sum()
+    torch.distributed.all_reduce(total)
+    engine.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def gathered_state_dict(engine, only_trainable: bool) -> dict:
+    """Full weights on rank 0, gathered one parameter at a time under ZeRO-3 so the host never holds more than the
+    16-bit model."""
+    import deepspeed
+
+    state = {}
+    for name, param in engine.module.named_parameters():
+        if only_trainable and not param.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            if torch.distributed.get_rank() == 0:
+                state[name] = param.detach().cpu().clone()
+    return state
+
+
+def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
+    """Write output_dir/<tag>/ under a temporary name and rename it once complete: an interrupted save never leaves
+    a directory that looks whole. Holds the model in the form predict.py loads (LoRA adapter, P-Tuning prefix, or
+    the full model with official names) plus DeepSpeed's resumable state."""
+    from safetensors.torch import save_file
+
+    rank = torch.distributed.get_rank()
+    final, staging = os.path.join(args.output_dir, tag), os.path.join(args.output_dir, f".tmp-{tag}")
+    if rank == 0 and os.path.exists(staging):
+        shutil.rmtree(staging)
+    torch.distributed.barrier()
+    state = gathered_state_dict(engine, only_trainable=args.train_type in ("lora", "ptuning"))
+    if rank == 0:
+        model = engine.module
+        if args.train_type == "lora":
+            model.save_pretrained(staging, state_dict=state)
+        elif args.train_type == "ptuning":
+            os.makedirs(staging)
+            model.config.save_pretrained(staging)
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(staging, "prefix_encoder.safetensors"))
+        else:
+            model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
+            json.dump({**vars(args), "model_name_or_path": os.path.abspath(args.model_name_or_path)}, f, indent=2)
+    torch.distributed.barrier()
+    engine.save_checkpoint(os.path.join(staging, "deepspeed"), tag="state", client_state=resume_state,
+                           exclude_frozen_parameters=args.train_type != "all")
+    torch.save(rng_state(), os.path.join(staging, "deepspeed", f"rng_rank{rank}.pt"))
+    torch.distributed.barrier()
+    if rank == 0:
+        os.replace(staging, final)
+        logger.info("saved %s", final)
+    torch.distributed.barrier()
+    return final
+
+
+def log_eval(engine, loader, writer, step, where):
+    dev_loss = evaluate(engine, loader)
+    logger.info("%s | eval loss %.4f", where, dev_loss)
+    if writer:
+        writer.add_scalar("eval/loss", dev_loss, step)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def last_checkpoint(output_dir):
+    tags = [d for d in os.listdir(output_dir) if d.startswith("epoch-") and
+            os.path.isdir(os.path.join(output_dir, d, "deepspeed"))]
+    if not tags:
+        return None
+    return max(tags, key=lambda d: int(d.rsplit("-", 1)[1]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------------------------
+def train(args):
+    import deepspeed
+
+    rank, world_size = init_distributed()
+    setup_logging(rank)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.resume:
+        raise SystemExit(f"--output_dir {args.output_dir} exists and is not empty: pass --resume to continue "
+                         f"it, or choose another directory")
+    resume_tag = last_checkpoint(args.output_dir) if args.resume and os.path.isdir(args.output_dir) else None
+    torch.distributed.barrier()  # every rank has looked before anything is written
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
+    train_set, dev_set = build_data(args, tokenizer)
+    train_loader = make_loader(train_set, args, rank, world_size, True, tokenizer.pad_token_id)
+    dev_loader = make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id) if dev_set else None
+    steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{args.train_path}: {len(train_set)} samples make no optimizer step of "
+                         f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {world_size}")
+    total_steps = steps_per_epoch * args.num_train_epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+
+    ds_config = fill_ds_config(args, world_size, total_steps)
+    model, tokenizer = build_model(args, ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+
+    step, start_epoch, skip_batches = 0, 0, 0
+    if resume_tag:
+        path = os.path.join(args.output_dir, resume_tag, "deepspeed")
+        _, client = engine.load_checkpoint(path, tag="state", load_module_strict=False)
+        step, start_epoch, skip_batches = client["step"], client["epoch"], client["batches_in_epoch"]
+        set_rng_state(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False))
+        logger.info("resumed from %s at step %d", resume_tag, step)
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.output_dir, "runs"))
+    from tqdm import tqdm
+    progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    window_loss = torch.zeros(2, dtype=torch.float64, device=engine.device)  # summed loss, labelled tokens
+    tokens_seen, clock, last_good = 0, time.time(), None
+    accumulation = args.gradient_accumulation_steps
+
+    def save(tag_epoch: int, resume_epoch: int, resume_batches: int):
+        """Checkpoint tagged with the 1-based epoch and the step; resume continues at (epoch, batch) given."""
+        nonlocal last_good
+        last_good = save_checkpoint(engine, tokenizer, args, f"epoch-{tag_epoch}-step-{step}",
+                                    {"step": step, "epoch": resume_epoch, "batches_in_epoch": resume_batches})
+
+    epoch, batch_index = start_epoch, skip_batches
+    for epoch in range(start_epoch, args.num_train_epochs):
+        train_loader.sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
+        batches = iter(train_loader)
+        for _ in range(skip_batches):  # resuming mid-epoch: the same order, minus what was already seen
+            next(batches)
+        batch_index, skip_batches = skip_batches, 0
+        while step < total_steps:
+            window = [b for _, b in zip(range(accumulation), batches)]
+            if len(window) < accumulation:
+                break
+            # Every labelled token of the window, on all ranks, weighs the same in the gradient.
+            tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)),
+                                  device=engine.device)
+            torch.distributed.all_reduce(tokens)
+            for batch in window:
+                batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+                loss_sum = engine(**batch, reduction="sum").loss
+                # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
+                engine.backward(loss_sum * (accumulation * world_size) / tokens)
+                engine.step()
+                window_loss[0] += loss_sum.detach().double()
+                tokens_seen += batch["input_ids"].numel()
+            window_loss[1] += tokens / world_size
+            batch_index += accumulation
+            step += 1
+            progress.update(1)
+            if step % args.show_loss_step == 0 or step == total_steps:
+                torch.distributed.all_reduce(window_loss)
+                loss = (window_loss[0] / window_loss[1]).item()  # the host reads the loss only here
+                if not math.isfinite(loss):
+                    raise SystemExit(f"step {step}: loss is {loss}; stopping. Last good checkpoint: {last_good}")
+                lr = engine.get_lr()[0]
+                speed = tokens_seen * world_size / (time.time() - clock)
+                logger.info("step %d | loss %.4f | lr %.3e | tokens/s %.0f", step, loss, lr, speed)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+                if writer:
+                    for name, value in (("loss", loss), ("lr", lr), ("tokens_per_s", speed),
+                                        ("grad_norm", engine.get_global_grad_norm())):
+                        if value is not None:
+                            writer.add_scalar(f"train/{name}", float(value), step)
+                    with open(os.path.join(args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+                window_loss.zero_()
+                tokens_seen, clock = 0, time.time()
+            if dev_loader and args.eval_step and step % args.eval_step == 0:
+                log_eval(engine, dev_loader, writer, step, f"step {step}")
+            if args.save_model_step and step % args.save_model_step == 0:
+                save(epoch + 1, epoch, batch_index)
+        if batch_index + accumulation > len(train_loader):  # the epoch ran to its end
+            if dev_loader:
+                log_eval(engine, dev_loader, writer, step, f"epoch {epoch + 1}")
+            if not last_good or not last_good.endswith(f"-step-{step}"):
+                save(epoch + 1, epoch + 1, 0)
+        if step >= total_steps:
+            break
+    if not last_good or not last_good.endswith(f"-step-{step}"):  # stopped by --max_steps inside an epoch
+        save(epoch + 1, epoch, batch_index)
+    progress.close()
+    if writer:
+        writer.close()
+    return last_good
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except DataError as error:
+        raise SystemExit(str(error)) from None
+
+
+if __name__ == "__main__":
+    main()
