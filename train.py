@@ -166,7 +166,8 @@ def build_model(args, ds_config):
         if not any(p.requires_grad for p in model.parameters()):
             raise SystemExit(f"--freeze_module_name {args.freeze_module_name!r} matches no parameter of the model")
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # also makes the embeddings' output require grad, so a frozen base still back-propagates into LoRA/prefix
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     trainable, total = count_parameters(model)
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
@@ -260,11 +261,17 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
     return final
 
 
-def log_eval(engine, loader, writer, step, where):
+def log_eval(engine, loader, writer, step, where, log_file):
     dev_loss = evaluate(engine, loader)
     logger.info("%s | eval loss %.4f", where, dev_loss)
     if writer:
         writer.add_scalar("eval/loss", dev_loss, step)
+        append_jsonl(log_file, {"step": step, "eval_loss": dev_loss})
+
+
+def append_jsonl(path, record):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def rng_state():
@@ -339,6 +346,7 @@ def train(args):
     window_loss = torch.zeros(2, dtype=torch.float64, device=engine.device)  # summed loss, labelled tokens
     tokens_seen, clock, last_good = 0, time.time(), None
     accumulation = args.gradient_accumulation_steps
+    log_file = os.path.join(args.output_dir, "train_log.jsonl")  # one JSON line per logging step, rank 0
 
     def save(tag_epoch: int, resume_epoch: int, resume_batches: int):
         """Checkpoint tagged with the 1-based epoch and the step; resume continues at (epoch, batch) given."""
@@ -387,17 +395,16 @@ def train(args):
                                         ("grad_norm", engine.get_global_grad_norm())):
                         if value is not None:
                             writer.add_scalar(f"train/{name}", float(value), step)
-                    with open(os.path.join(args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+                    append_jsonl(log_file, {"step": step, "loss": loss, "lr": lr})
                 window_loss.zero_()
                 tokens_seen, clock = 0, time.time()
             if dev_loader and args.eval_step and step % args.eval_step == 0:
-                log_eval(engine, dev_loader, writer, step, f"step {step}")
+                log_eval(engine, dev_loader, writer, step, f"step {step}", log_file)
             if args.save_model_step and step % args.save_model_step == 0:
                 save(epoch + 1, epoch, batch_index)
         if batch_index + accumulation > len(train_loader):  # the epoch ran to its end
             if dev_loader:
-                log_eval(engine, dev_loader, writer, step, f"epoch {epoch + 1}")
+                log_eval(engine, dev_loader, writer, step, f"epoch {epoch + 1}", log_file)
             if not last_good or not last_good.endswith(f"-step-{step}"):
                 save(epoch + 1, epoch + 1, 0)
         if step >= total_steps:

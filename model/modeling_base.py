@@ -247,6 +247,11 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
         return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values,
                                                      attention_mask=attention_mask, **kwargs)
 
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # generate() would build 1-D positions once and count them up; ChatGLM-6B's are 2-D and its first row stays
+        # at the [gMASK] position, so positions are derived from the ids at every step instead (see above).
+        return None
+
     def _chat_generate_kwargs(self, tokenizer, kwargs):
         gen = dict(self.chat_defaults)
         gen.update(kwargs)

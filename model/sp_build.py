@@ -11,9 +11,10 @@ second) with byte fallback, so that any text (Chinese, English, emoji) encodes w
 - `glm2` / `glm3` (tokenizer.model): <unk> 0 (also the pad), <s> 1, </s> 2, the byte pieces from 3, then the learned
   pieces. The special tokens are not in the file: the tokenizer appends them after its last piece.
 
-With the default vocab_size of 1000 the tiny tokenizers therefore have: glm [MASK] 992, [gMASK] 993, <sop> 996,
-<eop> 997, pad 3 (vocabulary 1000); glm2 [MASK] 1000, [gMASK] 1001, [sMASK] 1002, sop 1003, eop 1004, bos 1, eos 2,
-pad 0 (vocabulary 1005); glm3 the same plus <|system|> 1005, <|user|> 1006, <|assistant|> 1007, <|observation|> 1008.
+With the default vocab_size of 1024 the tiny tokenizers therefore have: glm [MASK] 1016, [gMASK] 1017, <sop> 1020,
+<eop> 1021, pad 3 (vocabulary 1024); glm2 [MASK] 1024, [gMASK] 1025, [sMASK] 1026, sop 1027, eop 1028, bos 1, eos 2,
+pad 0 (vocabulary 1029); glm3 the same plus <|system|> 1029, <|user|> 1030, <|assistant|> 1031, <|observation|> 1032
+(vocabulary 1033).
 
 Both files use the identity normalisation and keep whitespace as it is, so decoding gives back the encoded text
 (the official ice_text.model NFKC-normalises, turning full-width punctuation into ASCII).
@@ -75,6 +76,15 @@ def build_tokenizer_proto(mode: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> by
     """Serialized sentencepiece model of `vocab_size` pieces in the official layout of `mode` (see module doc)."""
     if mode not in TOKENIZER_FILES:
         raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(TOKENIZER_FILES)}")
+    try:
+        return _build(mode, vocab_size)
+    except RuntimeError as error:
+        # Typically "Vocabulary size is smaller than required_chars": keep sentencepiece's reason, on one line.
+        raise ValueError(f"cannot build a {vocab_size}-piece {mode} model: {str(error).splitlines()[0]}") from None
+
+
+def _build(mode: str, vocab_size: int) -> bytes:
+    """`build_tokenizer_proto` without the argument checks."""
     if mode == "glm":
         proto = _train(
             _corpus_lines(mode),
@@ -83,12 +93,7 @@ def build_tokenizer_proto(mode: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> by
             unk_id=0, bos_id=1, eos_id=2, pad_id=3,
             user_defined_symbols=glm_whitespace_tokens(),
         )
-        # The specials go after the text vocabulary, as in the official file. CONTROL pieces: sentencepiece never
-        # produces them from text and decodes them to ''.
-        for token in GLM_SPECIAL_TOKENS:
-            piece = proto.pieces.add()
-            piece.piece, piece.score, piece.type = token, 0.0, model_pb2.ModelProto.SentencePiece.CONTROL
-        shadowing = set()
+        reserved = set(GLM_SPECIAL_TOKENS)
     else:
         proto = _train(
             _corpus_lines(mode),
@@ -98,10 +103,17 @@ def build_tokenizer_proto(mode: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> by
             split_digits=True,
             allow_whitespace_only_pieces=True,
         )
-        # The tokenizer looks the appended names up before the pieces; a learned piece "sop" would be unreachable.
-        shadowing = {p.piece for p in proto.pieces} & set(GLM2_SPECIAL_TOKENS + GLM3_ROLE_TOKENS)
-    if shadowing:
-        raise RuntimeError(f"learned pieces {sorted(shadowing)} collide with the special tokens of {mode}")
+        # The tokenizer looks these names up before the pieces: a learned piece "sop" would be unreachable.
+        reserved = set(GLM2_SPECIAL_TOKENS + GLM3_ROLE_TOKENS)
+    clashes = reserved & {piece.piece for piece in proto.pieces}
+    if clashes:
+        raise RuntimeError(f"learned pieces {sorted(clashes)} clash with the special tokens of {mode}")
+    if mode == "glm":
+        # The specials go after the text vocabulary, as in the official file. CONTROL pieces: sentencepiece never
+        # produces them from text and decodes them to ''.
+        for token in GLM_SPECIAL_TOKENS:
+            piece = proto.pieces.add()
+            piece.piece, piece.score, piece.type = token, 0.0, model_pb2.ModelProto.SentencePiece.CONTROL
     if len(proto.pieces) != vocab_size:
         raise RuntimeError(f"built {len(proto.pieces)} pieces instead of {vocab_size}")
     return proto.SerializeToString()
@@ -111,8 +123,9 @@ def build_tokenizer_file(mode: str, path: str, vocab_size: int = DEFAULT_VOCAB_S
     """Write the tiny tokenizer file of `mode` ("glm", "glm2", "glm3") and return its path.
 
     `path` is either a directory (the file gets its official name there: ice_text.model or tokenizer.model) or
-    the file path itself. `vocab_size` is the number of pieces in the file, at least about 700 (the required
-    characters of the corpus, the 256 byte pieces and, for glm, 81 whitespace and 8 special pieces).
+    the file path itself. `vocab_size` is the number of pieces in the file: at least 871 for glm and 781 for
+    glm2/glm3 (the frequent characters of the corpus, 256 byte pieces and, for glm, 81 whitespace and 8 special
+    pieces); a smaller one raises ValueError.
     """
     data = build_tokenizer_proto(mode, vocab_size)
     if os.path.isdir(path):

@@ -348,8 +348,8 @@ class ChatGLMTokenizer(_SentencePieceTokenizer):
         return sp_index if 0 <= sp_index < self.sp_model.get_piece_size() else None
 
     def _dropped_ids(self) -> set[int]:
-        # The official decoder removes padding and has no text for image tokens.
-        return {self.pad_token_id} | set(range(self.num_image_tokens))
+        # The official decoder removes padding. (Image tokens have no text either: `_special_text` gives ''.)
+        return {self.pad_token_id}
 
     def _decode_pieces_run(self, sp_ids: list[int]) -> str:
         return glm_postprocess(self.sp_model.decode(sp_ids), self.max_blank_length)
