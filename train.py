@@ -57,6 +57,8 @@ def parse_args(argv=None):
     group.add_argument("--max_len", type=int, default=1024, help="longest sample in tokens")
     group.add_argument("--max_src_len", type=int, default=256, help="longest prompt in tokens")
     group.add_argument("--is_skip", action="store_true", help="drop over-long samples instead of truncating")
+    group.add_argument("--group_by_length", action="store_true",
+                       help="batch samples of similar length together (less padding; order still random)")
     group.add_argument("--last_turn_only", action="store_true",
                        help="multi-turn data: learn only the last answer (default: every assistant turn)")
 
@@ -139,7 +141,7 @@ def fill_ds_config(args, world_size: int, total_steps: int) -> dict:
 
 
 def build_model(args, ds_config):
-    """Load the checkpoint and decide what trains."""
+    """Load the checkpoint (under deepspeed.zero.Init for ZeRO-3) and decide what trains."""
     spec = MODE[args.mode]
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[pick_precision(args.precision)]
     extra = {"pre_seq_len": args.pre_seq_len, "prefix_projection": args.prefix_projection} \
@@ -152,7 +154,12 @@ def build_model(args, ds_config):
     model = spec.model.from_pretrained(args.model_name_or_path, dtype=dtype, **extra)
     del zero3_context
     tokenizer = spec.tokenizer.from_pretrained(args.model_name_or_path)
+    return apply_train_type(model, args), tokenizer
 
+
+def apply_train_type(model, args):
+    """Decide what trains (freeze: parameters whose name contains one of --freeze_module_name; lora: PEFT adapters;
+    ptuning: the prefix encoder; all: everything) and switch on gradient checkpointing."""
     if args.train_type == "lora":
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=args.lora_dim, lora_alpha=args.lora_alpha,
@@ -172,7 +179,7 @@ def build_model(args, ds_config):
     trainable, total = count_parameters(model)
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
                 100 * trainable / total)
-    return model, tokenizer
+    return model
 
 
 def build_data(args, tokenizer):
@@ -186,10 +193,38 @@ def build_data(args, tokenizer):
 def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
     from torch.utils.data import DataLoader, DistributedSampler
 
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=args.seed,
-                                 drop_last=shuffle)
+    from utils import LengthGroupedSampler
+    if shuffle and args.group_by_length:
+        sampler = LengthGroupedSampler([len(e["input_ids"]) for e in dataset.examples],
+                                       args.per_device_train_batch_size, world_size, rank, seed=args.seed)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=args.seed,
+                                     drop_last=shuffle)
     return DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler,
                       collate_fn=DataCollator(pad_token_id), drop_last=shuffle)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one optimizer step, evaluation and saving
+# ------------------------------------------------------------------------------------------------------------------
+def train_step(engine, window, world_size: int):
+    """One optimizer step over the accumulation window (a list of micro-batches on the host).
+
+    The gradient is the mean over every labelled token of the window on all ranks, so long and short answers
+    weigh per token. Returns (summed loss of this rank, labelled tokens of all ranks), both on the device: nothing
+    is read back to the host here."""
+    tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)),
+                          device=engine.device)  # counted on the host from the labels: no device sync
+    torch.distributed.all_reduce(tokens)
+    loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)
+    for batch in window:
+        batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+        loss_sum = engine(**batch, reduction="sum").loss
+        # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
+        engine.backward(loss_sum * (len(window) * world_size) / tokens)
+        engine.step()
+        loss_total += loss_sum.detach().double()
+    return loss_total, tokens
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -365,19 +400,10 @@ def train(args):
             window = [b for _, b in zip(range(accumulation), batches)]
             if len(window) < accumulation:
                 break
-            # Every labelled token of the window, on all ranks, weighs the same in the gradient.
-            tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)),
-                                  device=engine.device)
-            torch.distributed.all_reduce(tokens)
-            for batch in window:
-                batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-                loss_sum = engine(**batch, reduction="sum").loss
-                # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
-                engine.backward(loss_sum * (accumulation * world_size) / tokens)
-                engine.step()
-                window_loss[0] += loss_sum.detach().double()
-                tokens_seen += batch["input_ids"].numel()
+            loss_sum, tokens = train_step(engine, window, world_size)
+            window_loss[0] += loss_sum
             window_loss[1] += tokens / world_size
+            tokens_seen += sum(b["input_ids"].numel() for b in window)
             batch_index += accumulation
             step += 1
             progress.update(1)

@@ -187,3 +187,229 @@ def count_parameters(model) -> tuple[int, int]:
         if param.requires_grad:
             trainable += count
     return trainable, total
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Random order, but each rank's micro-batches hold samples of similar length, so padding wastes little compute.
+
+    Every epoch: shuffle (seeded by seed + epoch, the same on every rank), cut into mega-batches of 50 global
+    batches, sort each by length (longest first), deal the global batches out to the ranks and shuffle the order
+    of the global batches. Every sample is seen once per epoch (the last incomplete global batch is dropped)."""
+
+    def __init__(self, lengths, batch_size: int, world_size: int, rank: int, seed: int = 0, mega: int = 50):
+        self.lengths, self.batch_size, self.world_size, self.rank = lengths, batch_size, world_size, rank
+        self.seed, self.mega, self.epoch = seed, mega, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _global_batches(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        global_size = self.batch_size * self.world_size
+        span = global_size * self.mega
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + global_size] for i in range(0, len(chunk), global_size)]
+        batches = [b for b in batches if len(b) == global_size]
+        permutation = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in permutation]
+
+    def __iter__(self):
+        for batch in self._global_batches():
+            yield from batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def __len__(self):
+        return len(self.lengths) // (self.batch_size * self.world_size) * self.batch_size
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# inference loading
+# ------------------------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded: the one-line message names the directory or file."""
+
+
+def inference_device(device=None) -> "torch.device":
+    """'cpu', 'cuda', 'cuda:N' or a bare GPU index ('0', 0) as a torch.device; None: the first GPU, else the CPU."""
+    if device is None or device == "":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    text = str(device).strip().lower()
+    if text.isdigit():
+        text = f"cuda:{text}"
+    try:
+        resolved = torch.device(text)
+    except RuntimeError:
+        raise CheckpointError(f"--device {device!r}: expected cpu, cuda, cuda:N or a GPU index") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"--device {device!r}: no CUDA GPU is available on this machine (use --device cpu)")
+        index = resolved.index or 0
+        if index >= torch.cuda.device_count():
+            raise CheckpointError(f"--device {device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return resolved
+
+
+_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def inference_dtype(dtype, device) -> "torch.dtype":
+    """A torch dtype from None/'auto' (fp32 on the CPU; bf16 on a GPU that supports it, else fp16), a name
+    (fp32, fp16, bf16) or a torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or str(dtype).lower() == "auto":
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        return _DTYPE_NAMES[str(dtype).lower()]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype!r}: expected auto, fp32, fp16 or bf16") from None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def checkpoint_kind(model_path: str) -> str:
+    """'lora' (a PEFT adapter), 'ptuning' (a prefix encoder) or 'full' (config.json + weights), by the files in it."""
+    if not os.path.isdir(model_path):
+        raise CheckpointError(f"{model_path}: no such checkpoint directory")
+    names = set(os.listdir(model_path))
+    if "adapter_config.json" in names:
+        return "lora"
+    if "prefix_encoder.safetensors" in names:
+        return "ptuning"
+    if "config.json" in names and any(n.endswith((".safetensors", ".bin")) for n in names):
+        return "full"
+    raise CheckpointError(f"{model_path}: neither a full model (config.json + *.safetensors), a LoRA adapter "
+                          f"(adapter_config.json) nor a P-Tuning prefix (prefix_encoder.safetensors)")
+
+
+def _base_of(mode: str, model_path: str, kind: str, base_model_path: str | None) -> str:
+    """The base checkpoint under an adapter or prefix: the flag, else training_args.json, else adapter_config.json;
+    checked to be a checkpoint directory of `mode`."""
+    from model import check_checkpoint_dir
+
+    where = "--base_model_path"
+    base = base_model_path
+    args_file = os.path.join(model_path, "training_args.json")
+    if base is None and os.path.isfile(args_file):
+        base, where = _read_json(args_file).get("model_name_or_path"), args_file
+    adapter_file = os.path.join(model_path, "adapter_config.json")
+    if base is None and kind == "lora":
+        base, where = _read_json(adapter_file).get("base_model_name_or_path"), adapter_file
+    if not base:
+        raise CheckpointError(f"{model_path}: a {kind} checkpoint needs its base model: pass --base_model_path "
+                              f"(no training_args.json names one)")
+    if not os.path.isdir(base):
+        raise CheckpointError(f"{model_path}: its base model {base} (from {where}) does not exist; "
+                              f"pass --base_model_path")
+    try:
+        check_checkpoint_dir(base, mode)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{model_path}: base model from {where} is unusable: {e}") from None
+    return base
+
+
+def _load_prefix(model, model_path: str, config: dict) -> None:
+    """Copy prefix_encoder.safetensors into the model's prefix encoder; every key and shape must match."""
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    weights_file = os.path.join(model_path, "prefix_encoder.safetensors")
+    try:
+        saved = load_file(weights_file)
+    except (SafetensorsError, OSError) as e:
+        raise CheckpointError(f"{weights_file}: cannot be read ({e})") from None
+    wanted = {name: param for name, param in model.named_parameters() if ".prefix_encoder." in f".{name}"}
+    settings = f"pre_seq_len={config.get('pre_seq_len')}, prefix_projection={config.get('prefix_projection')}"
+    if set(saved) != set(wanted):
+        extra, missing = sorted(set(saved) - set(wanted)), sorted(set(wanted) - set(saved))
+        raise CheckpointError(f"{weights_file}: its keys do not fit config.json ({settings}): "
+                              f"unexpected {extra[:3]}, missing {missing[:3]}")
+    for name, param in wanted.items():
+        if tuple(saved[name].shape) != tuple(param.shape):
+            raise CheckpointError(f"{weights_file}: {name} has shape {tuple(saved[name].shape)}, but config.json "
+                                  f"({settings}) needs {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, param in wanted.items():
+            param.copy_(saved[name].to(param.dtype))
+
+
+def load_for_inference(mode: str, model_path: str, base_model_path: str | None = None, device="cpu",
+                       dtype=None):
+    """(model, tokenizer) ready to generate from a checkpoint directory train.py wrote, or an official one.
+
+    - full model (freeze / all training, merge_lora.py output, official checkpoints): loaded as it is;
+    - LoRA adapter (adapter_config.json): the base, with the adapter on top (a peft model, not merged);
+    - P-Tuning prefix (prefix_encoder.safetensors + config.json): the base built with the saved pre_seq_len and
+      prefix_projection, then the prefix weights.
+    The base is `base_model_path`, else the training_args.json's model_name_or_path, else (LoRA) the
+    adapter_config.json's base_model_name_or_path. dtype None: fp32 on the CPU, bf16 on a GPU that has it, else fp16.
+    The model comes back in eval mode on `device`. Problems raise CheckpointError with one line.
+    """
+    from model import MODE, check_checkpoint_dir
+
+    if mode not in MODE:
+        raise CheckpointError(f"--mode {mode!r}: expected one of {', '.join(sorted(MODE))}")
+    spec = MODE[mode]
+    model_path = str(model_path)
+    kind = checkpoint_kind(model_path)
+    args_file = os.path.join(model_path, "training_args.json")
+    if os.path.isfile(args_file):
+        trained_mode = _read_json(args_file).get("mode")
+        if trained_mode and trained_mode != mode:
+            raise CheckpointError(f"{args_file}: this checkpoint was trained with --mode {trained_mode}, "
+                                  f"but --mode is {mode}")
+    device = inference_device(device)
+    dtype = inference_dtype(dtype, device)
+
+    try:
+        if kind == "full":
+            check_checkpoint_dir(model_path, mode)
+            model = spec.model.from_pretrained(model_path, dtype=dtype)
+            base = model_path
+        elif kind == "ptuning":
+            config = check_checkpoint_dir(model_path, mode)
+            if not config.get("pre_seq_len"):
+                raise CheckpointError(f"{os.path.join(model_path, 'config.json')}: prefix_encoder.safetensors is "
+                                      f"here, but config.json sets no pre_seq_len")
+            base = _base_of(mode, model_path, kind, base_model_path)
+            model = spec.model.from_pretrained(base, dtype=dtype, pre_seq_len=config["pre_seq_len"],
+                                               prefix_projection=bool(config.get("prefix_projection")))
+            _load_prefix(model, model_path, config)
+        else:
+            from peft import PeftModel
+
+            base = _base_of(mode, model_path, kind, base_model_path)
+            model = spec.model.from_pretrained(base, dtype=dtype)
+            try:
+                model = PeftModel.from_pretrained(model, model_path, is_trainable=False)
+            except (RuntimeError, ValueError, KeyError) as e:
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{model_path}: the LoRA adapter does not fit the base {base}: "
+                                      f"{first_line}") from None
+    except CheckpointError:
+        raise
+    except (OSError, ValueError) as e:  # the model layer's own one-line errors
+        raise CheckpointError(str(e)) from None
+
+    # The tokenizer saved with the checkpoint (train.py writes it), else the base's.
+    tokenizer_dir = model_path if os.path.isfile(os.path.join(model_path, spec.tokenizer_file)) else base
+    tokenizer = spec.tokenizer.from_pretrained(tokenizer_dir)
+    model = model.to(device)
+    model.eval()
+    logger.info("loaded %s checkpoint %s (%s, base %s) on %s as %s", mode, model_path, kind, base, device,
+                str(dtype).replace("torch.", ""))
+    return model, tokenizer

@@ -1,0 +1,224 @@
+"""Training speed and memory: our ChatGLM3 through train.py's own step, beside the peer a user would otherwise pick
+(transformers' GlmForCausalLM, the same network, with PEFT LoRA, SDPA and gradient checkpointing).
+
+    python bench/bench.py                          # GPU: ChatGLM3-6B shape in bf16, every case of the table
+    python bench/bench.py --shape tiny --steps 3   # any machine: tiny shape (CPU: fp32, no memory column)
+    python bench/bench.py --cases lora:2048x4:ckpt lora:1560x1:ckpt --output bench/RESULTS.md
+
+Random weights are built directly on the device; batches are random token ids with every position labelled.
+Each case runs train.py's parse_args -> fill_ds_config -> apply_train_type -> deepspeed.initialize -> train_step,
+so what is measured is the training loop itself. The peer runs under the same DeepSpeed config; only the model
+differs. MFU counts model FLOPs only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight
+gradients for the frozen base), plus attention, recomputation not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402  train.py's own functions
+from model import MODE  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = {  # the official chatglm3-6b config.json, and a tiny one for machines without a GPU
+    "chatglm3-6b": dict(num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696,
+                        kv_channels=128, num_attention_heads=32, multi_query_group_num=2, seq_length=8192),
+    "tiny": dict(num_layers=2, padded_vocab_size=1088, hidden_size=64, ffn_hidden_size=128, kv_channels=16,
+                 num_attention_heads=4, multi_query_group_num=2, seq_length=4096),
+}
+DEFAULT_CASES = ["lora:1560x1:ckpt", "lora:1560x1:nockpt", "lora:2048x4:ckpt", "lora:2048x4:nockpt",
+                 "freeze:1560x1:ckpt", "freeze:2048x4:ckpt", "ptuning:1560x1:ckpt", "ptuning:2048x4:ckpt",
+                 "all:1560x1:ckpt"]
+LORA_TARGETS = "query_key_value,dense,dense_h_to_4h,dense_4h_to_h"
+PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def parse_case(case: str):
+    train_type, shape, ckpt = case.split(":")
+    seq, batch = (int(x) for x in shape.split("x"))
+    return train_type, seq, batch, ckpt == "ckpt"
+
+
+def train_args(train_type, batch, ckpt, shape, layers):
+    """The flags a user would pass to train.py for this case."""
+    argv = ["--model_name_or_path", "-", "--mode", "glm3", "--train_type", train_type, "--train_path", "-",
+            "--output_dir", "-", "--per_device_train_batch_size", str(batch), "--learning_rate", "1e-5",
+            "--lora_dim", "16", "--lora_alpha", "32", "--lora_dropout", "0.0", "--lora_module_name", LORA_TARGETS,
+            "--pre_seq_len", "128", "--freeze_module_name", ",".join(f"layers.{layers - i}." for i in range(1, 5)),
+            "--ds_file", os.path.join(ROOT, "ds_zero3_offload.json" if train_type == "all" else
+                                      "ds_zero2_no_offload.json")]
+    if ckpt:
+        argv.append("--gradient_checkpointing")
+    return train.parse_args(argv)
+
+
+def flops_per_token(config, seq, train_type, peer=False):
+    """Model FLOPs per trained token (forward x3 for full training, x2 when only adapters/prefix/some layers train)."""
+    hidden, layers, heads, head_dim = config.hidden_size, config.num_layers, config.num_attention_heads, config.kv_channels
+    groups = config.multi_query_group_num
+    matmul_params = layers * (hidden * (heads + 2 * groups) * head_dim + heads * head_dim * hidden
+                              + 3 * hidden * config.ffn_hidden_size) + hidden * config.padded_vocab_size
+    attention = 2 * 2 * layers * seq * heads * head_dim / 2  # QK^T and AV, causal half
+    forward = 2 * matmul_params + attention
+    return forward * (3 if train_type == "all" else 2)
+
+
+def build_ours(config, dtype, device):
+    with torch.device(device):
+        model = MODE["glm3"].model(config)
+    return model.to(dtype)
+
+
+def build_peer(config, dtype, device):
+    from transformers import GlmConfig, GlmForCausalLM
+    peer_config = GlmConfig(vocab_size=config.padded_vocab_size, hidden_size=config.hidden_size,
+                            intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
+                            num_attention_heads=config.num_attention_heads,
+                            num_key_value_heads=config.multi_query_group_num, head_dim=config.kv_channels,
+                            partial_rotary_factor=0.5, attention_bias=True, rms_norm_eps=1e-5,
+                            max_position_embeddings=config.seq_length, pad_token_id=0)
+    peer_config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = GlmForCausalLM(peer_config)
+    return model.to(dtype)
+
+
+def random_window(vocab, seq, batch, accumulation, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    window = []
+    for _ in range(accumulation):
+        ids = torch.randint(3, vocab, (batch, seq), generator=generator)
+        window.append({"input_ids": ids, "labels": ids.clone()})
+    return window
+
+
+def measure(engine, step_fn, window, steps, warmup, device):
+    for _ in range(warmup):
+        step_fn(engine, window)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step_fn(engine, window)
+    float(loss)  # one host read at the end: waits for the device
+    elapsed = time.perf_counter() - start
+    tokens = steps * sum(b["input_ids"].numel() for b in window)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
+    return tokens / elapsed, peak, float(loss)
+
+
+def our_step(world_size):
+    def step(engine, window):
+        loss_sum, tokens = train.train_step(engine, window, world_size)
+        return loss_sum / tokens
+    return step
+
+
+def peer_step(engine, window):
+    for batch in window:
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+    return loss.detach()
+
+
+def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops):
+    import deepspeed
+
+    train_type, seq, batch, ckpt = parse_case(case)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = MODE["glm3"].config(**SHAPES[shape], pre_seq_len=128 if train_type == "ptuning" else None,
+                                 prefix_projection=False)
+    args = train_args(train_type, batch, ckpt, shape, config.num_layers)
+    args.precision = dtype_name
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[train.pick_precision(dtype_name)]
+    ds_config = train.fill_ds_config(args, 1, total_steps=steps + warmup)
+    window = random_window(config.padded_vocab_size, seq, batch, args.gradient_accumulation_steps)
+    rows = []
+    for who in (["ours", "peer"] if with_peer and train_type == "lora" else ["ours"]):
+        torch.manual_seed(0)
+        if who == "ours":
+            model = train.apply_train_type(build_ours(config, dtype, device), args)
+            step_fn = our_step(1)
+        else:
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(build_peer(config, dtype, device),
+                                   LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PEER_TARGETS))
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            step_fn = peer_step
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
+        try:
+            speed, peak, loss = measure(engine, step_fn, window, steps, warmup, device)
+            mfu = speed * flops_per_token(config, seq, train_type) / (peak_tflops * 1e12) if device == "cuda" else None
+            rows.append((who, speed, mfu, peak, loss))
+        except torch.OutOfMemoryError:
+            rows.append((who, None, None, None, None))
+        del engine, model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="model shape (default: chatglm3-6b on a GPU, tiny otherwise)")
+    parser.add_argument("--cases", nargs="+", default=None,
+                        help="train_type:SEQxBATCH:ckpt|nockpt (default: the issue's table)")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="as train.py: bf16 on a GPU that has it, fp32 on CPU")
+    parser.add_argument("--no_peer", action="store_true", help="skip the transformers + PEFT peer")
+    parser.add_argument("--peak_tflops", type=float, default=790.0,
+                        help="the chip's measured dense bf16 peak, for MFU (H100 SXM: about 790)")
+    parser.add_argument("--output", default=None, help="append the table (with date and device) to this file")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available()
+    shape = args.shape or ("chatglm3-6b" if gpu else "tiny")
+    cases = args.cases or (DEFAULT_CASES if shape != "tiny" else
+                           ["lora:256x2:ckpt", "lora:256x2:nockpt", "freeze:256x2:ckpt", "ptuning:256x2:ckpt",
+                            "all:256x2:nockpt"])
+    train.init_distributed()
+    device_name = torch.cuda.get_device_name() if gpu else "CPU"
+    lines = [f"## {datetime.date.today()} on {device_name}, shape {shape}, precision "
+             f"{train.pick_precision(args.precision)}",
+             "", "| case | ours tokens/s | ours MFU | ours peak GiB | peer tokens/s | peer peak GiB | speed ratio |",
+             "|---|---|---|---|---|---|---|"]
+
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    for case in cases:
+        rows = {who: row for who, *row in
+                [(r[0], *r[1:]) for r in run_case(case, shape, args.precision, args.steps, args.warmup,
+                                                  not args.no_peer, args.peak_tflops)]}
+        ours, peer = rows["ours"], rows.get("peer")
+        ratio = ours[0] / peer[0] if peer and peer[0] and ours[0] else None
+        lines.append(f"| {case} | {fmt(ours[0], '.0f')} | {fmt(ours[1], '.1%')} | {fmt(ours[2], '.1f')} | "
+                     f"{fmt(peer[0] if peer else None, '.0f')} | {fmt(peer[2] if peer else None, '.1f')} | "
+                     f"{fmt(ratio, '.2f')} |")
+        print(lines[-1], flush=True)
+    lines.append("")
+    lines.append(f"Command: `python bench/bench.py {' '.join(sys.argv[1:])}`".rstrip())
+    table = "\n".join(lines)
+    print(table)
+    if args.output:
+        with open(args.output, "a", encoding="utf-8") as f:
+            f.write(table + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
