@@ -130,9 +130,10 @@ def fill_ds_config(args, world_size: int, total_steps: int) -> dict:
     optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     optimizer["params"].update(lr=args.learning_rate, betas=[0.9, 0.95], eps=1e-8, weight_decay=args.weight_decay)
     scheduler = config.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
-    scheduler["params"].update(total_num_steps=max(total_steps, 1), warmup_min_lr=0,
-                               warmup_max_lr=args.learning_rate,
-                               warmup_num_steps=math.ceil(args.warmup_ratio * total_steps))
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    # DeepSpeed wants at least one warmup step; without warmup that step starts at the peak already.
+    scheduler["params"].update(total_num_steps=max(total_steps, 1), warmup_num_steps=max(warmup, 1),
+                               warmup_min_lr=0 if warmup else args.learning_rate, warmup_max_lr=args.learning_rate)
     zero = config.get("zero_optimization", {})
     for key in ("offload_param", "offload_optimizer"):  # "auto" in the seed's JSON means: no offload
         if zero.get(key, {}).get("device") == "auto":
