@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.streamers import BaseStreamer
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from . import template
 from .config import VERSION_KEY, check_checkpoint_dir
@@ -140,6 +140,60 @@ def as_cache(past_key_values) -> Cache | None:
     if past_key_values is None or isinstance(past_key_values, Cache):
         return past_key_values
     return DynamicCache(ddp_cache_data=[(k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)) for k, v in past_key_values])
+
+
+class BodyMixin:
+    """What both model bodies do around their own layers: the KV cache, the P-Tuning prefix, the layer loop.
+
+    The prefix enters the cache once, ahead of the tokens, when generating; without a cache (training) it is handed
+    to every layer, so gradient checkpointing (which drops caches) keeps it."""
+
+    def start_cache(self, past_key_values, use_cache, batch, device, dtype):
+        """(cache, past_len: cached tokens not counting the prefix, prefix: per-layer (k, v) or None)."""
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        cache = as_cache(past_key_values)
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        cached = cache.get_seq_length() if cache is not None else 0
+        prefix = None
+        if self.pre_seq_len and cached == 0:
+            prefix = self.get_prompt(batch, device, dtype)
+            if cache is not None:
+                for i, (k, v) in enumerate(prefix):
+                    cache.update(k, v, i)
+                prefix = None
+        return cache, max(cached - self.pre_seq_len, 0), prefix, use_cache
+
+    def get_prompt(self, batch_size: int, device, dtype):
+        """Per-layer prefix (key, value), each [batch, kv_heads, pre_seq_len, head_dim]; the prefix encoder's output
+        is laid out [pre_seq_len, 2 * layers, kv_heads, head_dim] with keys at 2l and values at 2l + 1."""
+        tokens = torch.arange(self.pre_seq_len, device=device).expand(batch_size, -1)
+        kv = self.prefix_encoder(tokens).to(dtype)
+        kv = self.dropout(kv.view(batch_size, self.pre_seq_len, 2 * self.config.num_layers, self.num_kv_heads,
+                                  self.head_dim))
+        kv = kv.permute(2, 0, 3, 1, 4)  # [2 * layers, batch, kv_heads, pre_seq_len, head_dim]
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.config.num_layers)]
+
+    def prefixed_mask(self, full_mask, total_keys):
+        """An official bool mask (True = masked) as SDPA's allowed-mask, the always visible prefix put in front."""
+        allowed = ~full_mask.bool()
+        if self.pre_seq_len and allowed.shape[-1] < total_keys:
+            allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], self.pre_seq_len), allowed], dim=-1)
+        return allowed
+
+    def run_layers(self, layers, final_norm, hidden, layer_inputs, prefix, cache, use_cache,
+                   output_hidden_states=False):
+        all_hidden = () if output_hidden_states else None
+        for i, layer in enumerate(layers):
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            hidden = layer(hidden, *layer_inputs, prefix[i] if prefix is not None else None, past_key_values=cache)
+        hidden = final_norm(hidden)
+        if output_hidden_states:
+            all_hidden += (hidden,)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
+                                       hidden_states=all_hidden)
 
 
 # ----------------------------------------------------------------------------------------------------------------

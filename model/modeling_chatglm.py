@@ -13,12 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .config import ChatGLMConfig
-from .modeling_base import (ChatGLMPreTrainedBase, LMHead, PrefixEncoder, as_cache, attention_allowed,
+from .modeling_base import (BodyMixin, ChatGLMPreTrainedBase, LMHead, PrefixEncoder, attention_allowed,
                             padding_or_none, sdpa)
 
 # The official GLMBlock is built without num_layers and falls back to its default of 28, so the residual scale is
@@ -97,7 +95,7 @@ class GLMBlock(GradientCheckpointingLayer):
         return normed * RESIDUAL_ALPHA + self.mlp(normed)
 
 
-class ChatGLMModel(nn.Module):
+class ChatGLMModel(BodyMixin, nn.Module):
     """The model body (`model.transformer`). Takes the official keyword arguments: input_ids, position_ids
     ([batch, 2, seq]: positions, block positions), attention_mask (bool [batch, 1, seq, seq] with True = masked, or a
     2-D padding mask with 1 = keep), past_key_values (a Cache, or the official tuples), inputs_embeds, use_cache.
@@ -120,15 +118,7 @@ class ChatGLMModel(nn.Module):
             self.prefix_encoder = PrefixEncoder(self.pre_seq_len, kv_size, config.hidden_size,
                                                 config.prefix_projection, embed_dim=config.hidden_size)
             self.dropout = nn.Dropout(0.1)  # on the prefix, as in the official code
-
-    def get_prompt(self, batch_size: int, device, dtype):
-        """Per-layer prefix (key, value), each [batch, heads, pre_seq_len, head_dim]."""
-        tokens = torch.arange(self.pre_seq_len, device=device).expand(batch_size, -1)
-        kv = self.prefix_encoder(tokens).to(dtype)
-        kv = self.dropout(kv.view(batch_size, self.pre_seq_len, 2 * self.config.num_layers, self.num_heads,
-                                  self.head_dim))
-        kv = kv.permute(2, 0, 3, 1, 4)  # [2 * layers, batch, heads, pre_seq_len, head_dim]
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.config.num_layers)]
+        self.num_kv_heads = self.num_heads
 
     def context_lengths(self, input_ids):
         """Index of the first <sop> in each row (the bidirectional context before it); the row length if none."""
@@ -160,21 +150,7 @@ class ChatGLMModel(nn.Module):
             inputs_embeds = self.word_embeddings(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         device, dtype = inputs_embeds.device, inputs_embeds.dtype
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        cache = as_cache(past_key_values)
-        if cache is None and use_cache:
-            cache = DynamicCache()
-        cached = cache.get_seq_length() if cache is not None else 0
-        past_len = max(cached - self.pre_seq_len, 0)
-
-        prefix = None
-        if self.pre_seq_len and cached == 0:
-            prefix = self.get_prompt(batch, device, dtype)
-            if cache is not None:
-                for i, (k, v) in enumerate(prefix):
-                    cache.update(k, v, i)
-                prefix = None
+        cache, past_len, prefix, use_cache = self.start_cache(past_key_values, use_cache, batch, device, dtype)
 
         mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
@@ -183,9 +159,7 @@ class ChatGLMModel(nn.Module):
                                  "(generate() computes them)")
             position_ids = self.position_ids_for(input_ids, mask_2d)
         if attention_mask is not None and attention_mask.dim() == 4:  # official: True = masked
-            allowed = ~attention_mask.bool()
-            if self.pre_seq_len and allowed.shape[-1] < self.pre_seq_len + past_len + seq:
-                allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], self.pre_seq_len), allowed], dim=-1)
+            allowed = self.prefixed_mask(attention_mask, self.pre_seq_len + past_len + seq)
         else:
             context = self.context_lengths(input_ids) if past_len == 0 and input_ids is not None else None
             allowed = attention_allowed(batch, seq, past_len, self.pre_seq_len, padding_or_none(mask_2d),
@@ -193,17 +167,8 @@ class ChatGLMModel(nn.Module):
         half_dim = self.head_dim // 2
         rope = (rotary_cos_sin(position_ids[:, 0], half_dim, dtype), rotary_cos_sin(position_ids[:, 1], half_dim, dtype))
 
-        hidden = inputs_embeds
-        all_hidden = () if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden += (hidden,)
-            hidden = layer(hidden, rope, allowed, prefix[i] if prefix is not None else None, past_key_values=cache)
-        hidden = self.final_layernorm(hidden)
-        if output_hidden_states:
-            all_hidden += (hidden,)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
-                                       hidden_states=all_hidden)
+        return self.run_layers(self.layers, self.final_layernorm, inputs_embeds, (rope, allowed), prefix, cache,
+                               use_cache, output_hidden_states)
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedBase):

@@ -10,12 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .config import ChatGLM2Config
-from .modeling_base import (ChatGLMPreTrainedBase, LMHead, PrefixEncoder, as_cache, attention_allowed,
+from .modeling_base import (BodyMixin, ChatGLMPreTrainedBase, LMHead, PrefixEncoder, attention_allowed,
                             padding_or_none, sdpa)
 
 
@@ -127,7 +125,7 @@ class Embedding(nn.Module):
         return self.word_embeddings(input_ids)
 
 
-class ChatGLM2Model(nn.Module):
+class ChatGLM2Model(BodyMixin, nn.Module):
     """The model body (`model.transformer`). Takes the official keyword arguments: input_ids, position_ids,
     attention_mask (2-D, 1 = keep), full_attention_mask (bool [b, 1, q, k], True = masked), past_key_values
     (a Cache, or the official tuples), inputs_embeds, use_cache. Returns last_hidden_state [batch, seq, hidden]
@@ -148,15 +146,7 @@ class ChatGLM2Model(nn.Module):
             self.prefix_encoder = PrefixEncoder(self.pre_seq_len, kv_size, config.hidden_size,
                                                 config.prefix_projection, embed_dim=kv_size)
             self.dropout = nn.Dropout(0.1)  # on the prefix, as in the official code
-
-    def get_prompt(self, batch_size: int, device, dtype):
-        """Per-layer prefix (key, value), each [batch, groups, pre_seq_len, head_dim]."""
-        tokens = torch.arange(self.pre_seq_len, device=device).expand(batch_size, -1)
-        kv = self.prefix_encoder(tokens).to(dtype)
-        kv = self.dropout(kv.view(batch_size, self.pre_seq_len, 2 * self.config.num_layers, self.num_groups,
-                                  self.head_dim))
-        kv = kv.permute(2, 0, 3, 1, 4)  # [2 * layers, batch, groups, pre_seq_len, head_dim]
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.config.num_layers)]
+        self.num_kv_heads = self.num_groups
 
     def position_ids_for(self, input_ids, attention_mask=None):
         """Positions 0, 1, 2 ... of the real tokens; left padding does not shift them."""
@@ -171,30 +161,14 @@ class ChatGLM2Model(nn.Module):
             inputs_embeds = self.embedding(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         device, dtype = inputs_embeds.device, inputs_embeds.dtype
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        cache = as_cache(past_key_values)
-        if cache is None and use_cache:
-            cache = DynamicCache()
-        cached = cache.get_seq_length() if cache is not None else 0
-        past_len = max(cached - self.pre_seq_len, 0)  # cached tokens, not counting the prefix
-
-        prefix = None
-        if self.pre_seq_len and cached == 0:
-            prefix = self.get_prompt(batch, device, dtype)
-            if cache is not None:  # the prefix goes into the cache once, ahead of the tokens
-                for i, (k, v) in enumerate(prefix):
-                    cache.update(k, v, i)
-                prefix = None
+        cache, past_len, prefix, use_cache = self.start_cache(past_key_values, use_cache, batch, device, dtype)
 
         if position_ids is None:
             mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             position_ids = self.position_ids_for(torch.empty(batch, past_len + seq, device=device), mask_2d)
             position_ids = position_ids[:, -seq:]
-        if full_attention_mask is not None:
-            allowed = ~full_attention_mask.bool()
-            if self.pre_seq_len and allowed.shape[-1] < self.pre_seq_len + past_len + seq:
-                allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], self.pre_seq_len), allowed], dim=-1)
+        if full_attention_mask is not None:  # official: True = masked
+            allowed = self.prefixed_mask(full_attention_mask, self.pre_seq_len + past_len + seq)
         else:
             allowed = attention_allowed(batch, seq, past_len, self.pre_seq_len, padding_or_none(attention_mask),
                                         device=device)
@@ -202,18 +176,8 @@ class ChatGLM2Model(nn.Module):
         angle_dtype = torch.float32 if self.rotary_fp32 or dtype == torch.float32 else dtype
         cos, sin = rotary_cos_sin(position_ids, self.head_dim, base, angle_dtype, dtype)
 
-        hidden = inputs_embeds
-        all_hidden = () if output_hidden_states else None
-        for i, layer in enumerate(self.encoder.layers):
-            if output_hidden_states:
-                all_hidden += (hidden,)
-            hidden = layer(hidden, cos, sin, allowed, prefix[i] if prefix is not None else None,
-                           past_key_values=cache)
-        hidden = self.encoder.final_layernorm(hidden)
-        if output_hidden_states:
-            all_hidden += (hidden,)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
-                                       hidden_states=all_hidden)
+        return self.run_layers(self.encoder.layers, self.encoder.final_layernorm, inputs_embeds, (cos, sin, allowed),
+                               prefix, cache, use_cache, output_hidden_states)
 
 
 class ChatGLM2ForConditionalGeneration(ChatGLMPreTrainedBase):
