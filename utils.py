@@ -324,13 +324,13 @@ def _base_of(mode: str, model_path: str, kind: str, base_model_path: str | None)
 
 def _load_prefix(model, model_path: str, config: dict) -> None:
     """Copy prefix_encoder.safetensors into the model's prefix encoder; every key and shape must match."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights_file = os.path.join(model_path, "prefix_encoder.safetensors")
     try:
         saved = load_file(weights_file)
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_file}: cannot be read ({e})") from None
     wanted = {name: param for name, param in model.named_parameters() if ".prefix_encoder." in f".{name}"}
     settings = f"pre_seq_len={config.get('pre_seq_len')}, prefix_projection={config.get('prefix_projection')}"
@@ -345,6 +345,33 @@ def _load_prefix(model, model_path: str, config: dict) -> None:
     with torch.no_grad():
         for name, param in wanted.items():
             param.copy_(saved[name].to(param.dtype))
+
+
+def check_adapter_loaded(peft_model, adapter_dir: str) -> None:
+    """Fail unless every weight in the adapter file went into the model and every LoRA weight of the model came
+    from it. peft only warns when the names do not match (an adapter of another model version), and would then
+    answer with the untouched base."""
+    from peft.utils import get_peft_model_state_dict
+
+    weights_file = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if os.path.isfile(weights_file):
+        from safetensors import safe_open
+
+        with safe_open(weights_file, framework="pt") as f:
+            saved = set(f.keys())
+    elif os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin")):
+        weights_file = os.path.join(adapter_dir, "adapter_model.bin")
+        saved = set(torch.load(weights_file, map_location="cpu", weights_only=True))
+    else:
+        raise CheckpointError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
+    # Only the LoRA matrices are compared (an adapter may also carry modules_to_save copies, which peft handles).
+    saved = {key for key in saved if "lora_" in key}
+    expected = {key for key in get_peft_model_state_dict(peft_model, save_embedding_layers=False) if "lora_" in key}
+    if saved != expected:
+        unexpected, missing = sorted(saved - expected), sorted(expected - saved)
+        raise CheckpointError(f"{weights_file}: the adapter does not fit the base model: {len(unexpected)} weights "
+                              f"match no module (e.g. {unexpected[:1]}), {len(missing)} LoRA weights are not in "
+                              f"the file (e.g. {missing[:1]})")
 
 
 def load_for_inference(mode: str, model_path: str, base_model_path: str | None = None, device="cpu",
@@ -390,16 +417,21 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
                                                prefix_projection=bool(config.get("prefix_projection")))
             _load_prefix(model, model_path, config)
         else:
+            import warnings
+
             from peft import PeftModel
 
             base = _base_of(mode, model_path, kind, base_model_path)
             model = spec.model.from_pretrained(base, dtype=dtype)
             try:
-                model = PeftModel.from_pretrained(model, model_path, is_trainable=False)
+                with warnings.catch_warnings():  # names that fit no module: check_adapter_loaded says it in one line
+                    warnings.filterwarnings("ignore", message="Found missing adapter keys")
+                    model = PeftModel.from_pretrained(model, model_path, is_trainable=False)
             except (RuntimeError, ValueError, KeyError) as e:
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise CheckpointError(f"{model_path}: the LoRA adapter does not fit the base {base}: "
                                       f"{first_line}") from None
+            check_adapter_loaded(model, model_path)
     except CheckpointError:
         raise
     except (OSError, ValueError) as e:  # the model layer's own one-line errors

@@ -1,0 +1,253 @@
+"""Merge a LoRA adapter saved by train.py into its base model: a standalone checkpoint that loads without peft.
+
+    python merge_lora.py --mode glm3 --ori_model_dir ChatGLM3-6B/ \\
+        --model_dir output-glm3/epoch-2-step-100 --output_dir ChatGLM3-6B-merged [--dtype auto] [--device cpu]
+
+The output directory holds config.json, *.safetensors under the official weight names, the tokenizer files and
+merge_lora.json (what was merged). `MODE[mode].model.from_pretrained` and predict.py load it like an official model.
+
+Before anything is written, the merged model is checked against base + adapter on a few fixed prompts: the largest
+logit difference must stay within the tolerance of the dtype (fp32: 1e-5, fp16: 1e-2, bf16: 5e-2; multiplied by the
+largest logit where that exceeds 1); otherwise the script fails loudly and writes nothing. The output appears only
+once complete (written to a temporary directory beside it, then renamed). It never writes into the base or the
+adapter directory and refuses an output directory that exists and is not empty.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections import Counter
+
+import torch
+
+from model import MODE, check_checkpoint_dir, template
+from utils import CheckpointError, check_adapter_loaded, inference_device
+
+logger = logging.getLogger("chatglm")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# (query, history as (question, answer) pairs): the prompts on which merged and unmerged logits must agree.
+CHECK_PROMPTS = [
+    ("你好", []),
+    ("你现在是一个信息抽取模型，请你帮我抽取出相关三元组。文本：发动机水温高，风扇低速转动。", []),
+    ("What should I check first when the engine overheats?", []),
+    ("那风扇一直高速转呢？", [("发动机水温高怎么办？", "先停车降温，再检查冷却液液位、风扇和节温器。")]),
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("input")
+    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2 or glm3")
+    group.add_argument("--ori_model_dir", required=True, help="base model directory the adapter was trained on")
+    group.add_argument("--model_dir", required=True,
+                       help="LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
+    group = parser.add_argument_group("output")
+    group.add_argument("--output_dir", required=True, help="new directory for the merged model (absent or empty)")
+    group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                       help="dtype of the merged weights; auto: the base checkpoint's own")
+    group.add_argument("--device", default="cpu", help="where to merge and check: cpu, cuda or cuda:N")
+    group.add_argument("--max_shard_size", default="4GB", help="largest safetensors file written")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# checks on the directories
+# ------------------------------------------------------------------------------------------------------------------
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def check_dirs(args) -> None:
+    """Every problem with the three directories, as one CheckpointError line, before anything loads."""
+    try:
+        check_checkpoint_dir(args.ori_model_dir, args.mode)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--ori_model_dir: {e}") from None
+    adapter_config = os.path.join(args.model_dir, "adapter_config.json")
+    if not os.path.isdir(args.model_dir):
+        raise CheckpointError(f"--model_dir {args.model_dir}: no such directory")
+    if not os.path.isfile(adapter_config):
+        raise CheckpointError(f"--model_dir {args.model_dir}: no adapter_config.json, so this is no LoRA adapter "
+                              f"(P-Tuning and full checkpoints need no merging)")
+    try:
+        with open(adapter_config, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{adapter_config}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise CheckpointError(f"{adapter_config}: peft_type is {config.get('peft_type')!r}, not LORA")
+    args_file = os.path.join(args.model_dir, "training_args.json")
+    if os.path.isfile(args_file):
+        try:
+            with open(args_file, encoding="utf-8") as f:
+                trained_mode = json.load(f).get("mode")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{args_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if trained_mode and trained_mode != args.mode:
+            raise CheckpointError(f"{args_file}: the adapter was trained with --mode {trained_mode}, "
+                                  f"but --mode is {args.mode}")
+    recorded = config.get("base_model_name_or_path")
+    if recorded and os.path.isdir(recorded) and os.path.realpath(recorded) != os.path.realpath(args.ori_model_dir):
+        logger.warning("the adapter was trained on %s, merging it into --ori_model_dir %s", recorded,
+                       args.ori_model_dir)
+
+    output = os.path.realpath(args.output_dir)
+    for flag, directory in (("--ori_model_dir", args.ori_model_dir), ("--model_dir", args.model_dir)):
+        directory = os.path.realpath(directory)
+        if _inside(output, directory):
+            raise CheckpointError(f"--output_dir {args.output_dir} is {flag} or inside it; choose a new directory")
+        if _inside(directory, output):
+            raise CheckpointError(f"--output_dir {args.output_dir} contains {flag}; choose a new directory")
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise CheckpointError(f"--output_dir {args.output_dir} exists and is not empty; choose a new directory")
+
+
+def base_dtype(path: str) -> torch.dtype:
+    """The floating dtype most weights of a checkpoint are stored in (safetensors headers, else config.json)."""
+    from safetensors import safe_open
+
+    counts = Counter()
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                for key in f.keys():
+                    dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+                    if dtype is not None:
+                        counts[dtype] += 1
+    if counts:
+        return counts.most_common(1)[0][0]
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return getattr(torch, name, torch.float32) if isinstance(getattr(torch, name, None), torch.dtype) \
+        else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the merge and its check
+# ------------------------------------------------------------------------------------------------------------------
+def check_prompt_ids(tokenizer, mode: str) -> list[list[int]]:
+    prompts = []
+    for query, pairs in CHECK_PROMPTS:
+        prompts.append(template.encode_prompt(tokenizer, mode, query, pairs))
+    return prompts
+
+
+@torch.inference_mode()
+def prompt_logits(model, prompts: list[list[int]], device) -> list[torch.Tensor]:
+    """fp32 logits of every position of every prompt, each prompt run alone (no padding)."""
+    return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in prompts]
+
+
+def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def merge(args):
+    """(merged model, tokenizer, report dict); raises CheckpointError or, when the check fails, MergeCheckError."""
+    from peft import PeftModel
+
+    spec = MODE[args.mode]
+    device = inference_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else base_dtype(args.ori_model_dir)
+    logger.info("loading %s on %s as %s", args.ori_model_dir, device, str(dtype).replace("torch.", ""))
+    base = spec.model.from_pretrained(args.ori_model_dir, dtype=dtype).to(device).eval()
+    try:
+        with warnings.catch_warnings():  # names that fit no module: check_adapter_loaded says it in one line
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(base, args.model_dir, is_trainable=False,
+                                              autocast_adapter_dtype=False)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"--model_dir {args.model_dir}: the adapter does not fit the base: {first_line}") \
+            from None
+    check_adapter_loaded(model, args.model_dir)
+    model = model.to(device).eval()
+    tokenizer_dir = args.model_dir if os.path.isfile(os.path.join(args.model_dir, spec.tokenizer_file)) \
+        else args.ori_model_dir
+    tokenizer = spec.tokenizer.from_pretrained(tokenizer_dir)
+
+    prompts = check_prompt_ids(tokenizer, args.mode)
+    expected = prompt_logits(model, prompts, device)
+    with model.disable_adapter():
+        plain = prompt_logits(model, prompts, device)
+    adapter_effect = max_difference(expected, plain)
+    merged = model.merge_and_unload(safe_merge=True)
+    got = prompt_logits(merged, prompts, device)
+    difference = max_difference(expected, got)
+    scale = max(x.abs().max().item() for x in expected)
+    tolerance = TOLERANCE[dtype] * max(1.0, scale)
+    report = {"base": os.path.abspath(args.ori_model_dir), "adapter": os.path.abspath(args.model_dir),
+              "dtype": str(dtype).replace("torch.", ""), "check_prompts": len(prompts),
+              "max_abs_logit_difference": difference, "tolerance": tolerance, "adapter_effect": adapter_effect}
+    logger.info("merged vs base+adapter on %d prompts: max abs logit difference %.3e (tolerance %.1e); "
+                "the adapter itself moves the logits by up to %.3e", len(prompts), difference, tolerance,
+                adapter_effect)
+    if adapter_effect == 0.0:
+        logger.warning("the adapter changes no logit on the check prompts: are its lora_B weights all zero?")
+    if not difference <= tolerance:  # also catches NaN
+        raise MergeCheckError(f"MERGE CHECK FAILED: the merged model's logits differ from base+adapter by "
+                              f"{difference:.3e} (tolerance {tolerance:.1e}); nothing was written")
+    return merged, tokenizer, report
+
+
+class MergeCheckError(RuntimeError):
+    pass
+
+
+def save(merged, tokenizer, report, args) -> None:
+    """Write into a temporary directory beside --output_dir, then rename it into place."""
+    output = os.path.abspath(args.output_dir)
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    try:
+        merged.save_pretrained(staging, safe_serialization=True, max_shard_size=args.max_shard_size)
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, "merge_lora.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private
+        if os.path.isdir(output):  # checked empty before the merge; someone may have filled it since
+            os.rmdir(output)
+        os.replace(staging, output)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+    logger.info("wrote the merged model to %s", output)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        check_dirs(args)
+        merged, tokenizer, report = merge(args)
+        save(merged, tokenizer, report, args)
+    except (CheckpointError, OSError) as e:
+        print(f"merge_lora.py: error: {e}", file=sys.stderr)
+        return 2
+    except MergeCheckError as e:
+        logger.error("%s", e)
+        print(f"merge_lora.py: {e}", file=sys.stderr)
+        return 1
+    print(f"max abs logit difference merged vs base+adapter: {report['max_abs_logit_difference']:.3e} "
+          f"(tolerance {report['tolerance']:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

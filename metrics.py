@@ -1,0 +1,177 @@
+"""Evaluation metrics for generated answers, in pure Python.
+
+    from metrics import compute_metrics
+    compute_metrics(predictions, references)
+    # {"samples": 2, "exact_match": 0.5, "triple_precision": ..., "triple_recall": ..., "triple_f1": ...,
+    #  "bleu4": ..., "rouge1": ..., "rouge2": ..., "rougeL": ...}
+
+All scores are fractions in [0, 1].
+
+- exact match: prediction and reference equal once surrounding whitespace is stripped.
+- triples (information extraction answers such as "发动机_部件故障_水温高\\n风扇_部件故障_低速转动"): one triple a
+  line, surrounding whitespace stripped, blank lines ignored, set semantics (a triple written twice counts once).
+  Precision, recall and F1 are micro-averaged: true positives, predicted and reference triples are summed over the
+  corpus first. A sample whose prediction and reference are both empty adds nothing; over a corpus with no predicted
+  triple precision is 1.0 when there is no reference triple either, else 0.0 (recall likewise); F1 is 0.0 when
+  precision + recall is 0.
+- BLEU-4: corpus level (n-gram matches and counts summed over the corpus, one brevity penalty for the corpus), on
+  character tokens, with add-one smoothing of the 2-, 3- and 4-gram precisions (BLEU+1 of Lin and Och, 2004):
+  p_1 = m_1 / c_1, p_n = (m_n + 1) / (c_n + 1) for n > 1, BLEU = BP * exp(mean(log p_n)),
+  BP = 1 if c > r else exp(1 - r / c); 0.0 when no character was predicted or p_1 is 0.
+- ROUGE-1, ROUGE-2 (n-gram overlap) and ROUGE-L (longest common subsequence): the F1 of each sample on character
+  tokens, averaged over the samples. A sample with no n-gram on either side scores 1.0 when the two texts are
+  equal character for character, else 0.0; with n-grams on one side only it scores 0.0.
+
+Character tokens: every non-whitespace character is a token, which is how Chinese text is usually scored without a
+word segmenter (Latin letters count one by one too).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+
+def char_tokens(text: str) -> list[str]:
+    """Every non-whitespace character of `text`, in order."""
+    return [c for c in text if not c.isspace()]
+
+
+def ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _check_pairs(predictions, references) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact match
+# ---------------------------------------------------------------------------------------------------------------
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of samples whose prediction equals the reference (surrounding whitespace ignored); 0.0 for none."""
+    _check_pairs(predictions, references)
+    if not predictions:
+        return 0.0
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(predictions)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# triples
+# ---------------------------------------------------------------------------------------------------------------
+def parse_triples(text: str) -> set[str]:
+    """The set of triples in an extraction answer: one a line, stripped, blank lines dropped."""
+    return {line.strip() for line in text.split("\n") if line.strip()}
+
+
+def triple_counts(prediction: str, reference: str) -> tuple[int, int, int]:
+    """(true positives, predicted triples, reference triples) of one sample, each triple counted once."""
+    predicted, gold = parse_triples(prediction), parse_triples(reference)
+    return len(predicted & gold), len(predicted), len(gold)
+
+
+def _ratio(hits: int, total: int, other_total: int) -> float:
+    """hits / total; with total 0 the score is perfect only when the other side is empty too."""
+    if total == 0:
+        return 1.0 if other_total == 0 else 0.0
+    return hits / total
+
+
+def triple_prf(predictions: list[str], references: list[str]) -> dict:
+    """Micro-averaged triple precision, recall and F1 over a corpus, with the summed counts."""
+    _check_pairs(predictions, references)
+    tp = n_pred = n_gold = 0
+    for prediction, reference in zip(predictions, references):
+        hits, predicted, gold = triple_counts(prediction, reference)
+        tp, n_pred, n_gold = tp + hits, n_pred + predicted, n_gold + gold
+    precision = _ratio(tp, n_pred, n_gold)
+    recall = _ratio(tp, n_gold, n_pred)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "true_positives": tp, "predicted": n_pred,
+            "reference": n_gold}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BLEU-4
+# ---------------------------------------------------------------------------------------------------------------
+def corpus_bleu(predictions: list[str], references: list[str], max_n: int = 4) -> float:
+    """Corpus BLEU on character tokens with add-one smoothing of the n > 1 precisions (see the module doc)."""
+    _check_pairs(predictions, references)
+    matches, counts = [0] * max_n, [0] * max_n
+    pred_len = ref_len = 0
+    for prediction, reference in zip(predictions, references):
+        pred_tokens, ref_tokens = char_tokens(prediction), char_tokens(reference)
+        pred_len, ref_len = pred_len + len(pred_tokens), ref_len + len(ref_tokens)
+        for n in range(1, max_n + 1):
+            pred_grams, ref_grams = ngrams(pred_tokens, n), ngrams(ref_tokens, n)
+            matches[n - 1] += sum(min(count, ref_grams[gram]) for gram, count in pred_grams.items())
+            counts[n - 1] += sum(pred_grams.values())
+    if pred_len == 0 or matches[0] == 0:
+        return 0.0
+    log_precision = math.log(matches[0] / counts[0])
+    for n in range(1, max_n):
+        log_precision += math.log((matches[n] + 1) / (counts[n] + 1))
+    brevity = 1.0 if pred_len > ref_len else math.exp(1 - ref_len / pred_len)
+    return brevity * math.exp(log_precision / max_n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ROUGE
+# ---------------------------------------------------------------------------------------------------------------
+def _f1(overlap: int, predicted: int, reference: int, same_text: bool) -> float:
+    if predicted == 0 and reference == 0:
+        return 1.0 if same_text else 0.0
+    if predicted == 0 or reference == 0 or overlap == 0:
+        return 0.0
+    precision, recall = overlap / predicted, overlap / reference
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_n(prediction: str, reference: str, n: int) -> float:
+    """ROUGE-N F1 of one sample on character tokens (clipped n-gram overlap)."""
+    pred_tokens, ref_tokens = char_tokens(prediction), char_tokens(reference)
+    pred_grams, ref_grams = ngrams(pred_tokens, n), ngrams(ref_tokens, n)
+    overlap = sum(min(count, ref_grams[gram]) for gram, count in pred_grams.items())
+    return _f1(overlap, sum(pred_grams.values()), sum(ref_grams.values()), pred_tokens == ref_tokens)
+
+
+def lcs_length(a: list, b: list) -> int:
+    """Length of the longest common subsequence (O(len(a) * len(b)) time, O(len(b)) memory)."""
+    if not a or not b:
+        return 0
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 of one sample on character tokens."""
+    pred_tokens, ref_tokens = char_tokens(prediction), char_tokens(reference)
+    return _f1(lcs_length(pred_tokens, ref_tokens), len(pred_tokens), len(ref_tokens), pred_tokens == ref_tokens)
+
+
+def corpus_rouge(predictions: list[str], references: list[str]) -> dict:
+    """ROUGE-1/2/L F1 averaged over the samples (0.0 for an empty corpus)."""
+    _check_pairs(predictions, references)
+    if not predictions:
+        return {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    pairs = list(zip(predictions, references))
+    return {"rouge1": sum(rouge_n(p, r, 1) for p, r in pairs) / len(pairs),
+            "rouge2": sum(rouge_n(p, r, 2) for p, r in pairs) / len(pairs),
+            "rougeL": sum(rouge_l(p, r) for p, r in pairs) / len(pairs)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# everything at once
+# ---------------------------------------------------------------------------------------------------------------
+def compute_metrics(predictions: list[str], references: list[str]) -> dict:
+    """All metrics of predict.py as one flat dict of numbers."""
+    triples = triple_prf(predictions, references)
+    return {"samples": len(predictions), "exact_match": exact_match(predictions, references),
+            "triple_precision": triples["precision"], "triple_recall": triples["recall"],
+            "triple_f1": triples["f1"], "bleu4": corpus_bleu(predictions, references),
+            **corpus_rouge(predictions, references)}
