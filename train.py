@@ -365,12 +365,12 @@ def train(args):
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
 
-    step, start_epoch, skip_batches = 0, 0, 0
+    step, start_epoch, skip_batches, pending_rng = 0, 0, 0, None
     if resume_tag:
         path = os.path.join(args.output_dir, resume_tag, "deepspeed")
         _, client = engine.load_checkpoint(path, tag="state", load_module_strict=False)
         step, start_epoch, skip_batches = client["step"], client["epoch"], client["batches_in_epoch"]
-        set_rng_state(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False))
+        pending_rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
         logger.info("resumed from %s at step %d", resume_tag, step)
 
     writer = None
@@ -396,6 +396,9 @@ def train(args):
         batches = iter(train_loader)
         for _ in range(skip_batches):  # resuming mid-epoch: the same order, minus what was already seen
             next(batches)
+        if pending_rng:  # after the iterator, which draws its seed from the global generator
+            set_rng_state(pending_rng)
+            pending_rng = None
         batch_index, skip_batches = skip_batches, 0
         while step < total_steps:
             window = [b for _, b in zip(range(accumulation), batches)]
