@@ -243,3 +243,21 @@ def test_no_weight_files(tiny_dirs, tmp_path):
     os.remove(tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         MODE["glm2"].model.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("name,mode,wrong", [("THUDM/chatglm2-6b", "glm2", "glm3"), ("THUDM/chatglm3-6b", "glm3", "glm2")])
+def test_official_glm2_glm3_configs_are_told_apart(name, mode, wrong, tiny_dirs, tmp_path):
+    """An official config.json (all its fields, auto_map included, no marker of ours) loads; its _name_or_path
+    tells ChatGLM2 from ChatGLM3, which share the network."""
+    shutil.copytree(tiny_dirs[mode], tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["chatglm_version"]
+    config.update({"_name_or_path": name, "architectures": ["ChatGLMModel"], "torch_dtype": "float16",
+                   "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"}, "original_rope": True,
+                   "bias_dropout_fusion": True, "quantization_bit": 0, "some_future_field": 7})
+    config_file.write_text(json.dumps(config))
+    model = MODE[mode].model.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert model.config.some_future_field == 7  # unknown fields are kept
+    with pytest.raises(ValueError, match=f"{mode} checkpoint, but --mode is {wrong}"):
+        MODE[wrong].model.from_pretrained(tmp_path / "ckpt")

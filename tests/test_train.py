@@ -277,3 +277,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dirs, tmp_path):
     assert "step 2: loss is nan" in output or "step 2: loss is inf" in output
     assert (out / "epoch-1-step-1" / "model.safetensors").exists()
     assert not (out / "epoch-1-step-2").exists()
+
+
+def test_every_epoch_a_new_order_the_same_on_every_rank(tiny_dirs):
+    import train
+    tokenizer = MODE["glm3"].tokenizer.from_pretrained(tiny_dirs["glm3"])
+    args = train.parse_args(["--model_name_or_path", "-", "--mode", "glm3", "--train_path",
+                             str(ROOT / "data/train.jsonl"), "--output_dir", "-", "--max_len", "256",
+                             "--max_src_len", "200", "--per_device_train_batch_size", "2"])
+    dataset, _ = train.build_data(args, tokenizer)
+    for group_by_length in (False, True):
+        args.group_by_length = group_by_length
+        orders = {}
+        for rank in (0, 1):
+            loader = train.make_loader(dataset, args, rank, 2, True, tokenizer.pad_token_id)
+            for epoch in (0, 1):
+                loader.sampler.set_epoch(epoch)
+                orders[rank, epoch] = [tuple(ids) for b in loader for ids in b["input_ids"].tolist()]
+        for epoch in (0, 1):  # the ranks split the data between them
+            assert not set(orders[0, epoch]) & set(orders[1, epoch])
+            assert len(orders[0, epoch]) + len(orders[1, epoch]) == len(dataset)
+        assert orders[0, 0] != orders[0, 1]  # and see it in a new order every epoch
