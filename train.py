@@ -372,6 +372,9 @@ def train(args):
         step, start_epoch, skip_batches = client["step"], client["epoch"], client["batches_in_epoch"]
         pending_rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
         logger.info("resumed from %s at step %d", resume_tag, step)
+        if step >= total_steps:
+            logger.info("%s already reached step %d of %d: nothing to do", resume_tag, step, total_steps)
+            return os.path.join(args.output_dir, resume_tag)
 
     writer = None
     if rank == 0:

@@ -65,8 +65,8 @@ def history_to_messages(mode: str, query: str | None, history=None, role: str = 
     return messages
 
 
-def _rounds(messages: list[dict], mode: str) -> tuple[list[tuple[str, str | None]]]:
-    """(query, answer) rounds of a glm/glm2 conversation; a system message is put before the first query."""
+def _rounds(messages: list[dict], mode: str) -> list[list]:
+    """[query, answer or None] rounds of a glm/glm2 conversation; a system message goes before the next query."""
     rounds, system = [], ""
     for message in messages:
         role, content = message["role"], message["content"]
