@@ -50,6 +50,9 @@ def parse_args(argv=None):
     group.add_argument("--prefix_projection", type=str2bool, default=False,
                        help="ptuning: True/False, encode the prefix through a two-layer MLP")
     group.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    group.add_argument("--checkpoint_every_n_layers", type=int, default=1,
+                       help="with --gradient_checkpointing: checkpoint only every N-th layer (less recomputation, "
+                            "more memory)")
 
     group = parser.add_argument_group("data")
     group.add_argument("--train_path", required=True, help="training data: JSONL or JSON array")
@@ -175,7 +178,8 @@ def apply_train_type(model, args):
             raise SystemExit(f"--freeze_module_name {args.freeze_module_name!r} matches no parameter of the model")
     if args.gradient_checkpointing:
         # also makes the embeddings' output require grad, so a frozen base still back-propagates into LoRA/prefix
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=args.checkpoint_every_n_layers)
         model.config.use_cache = False
     trainable, total = count_parameters(model)
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,

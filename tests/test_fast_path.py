@@ -96,3 +96,19 @@ def test_length_grouped_sampler_sees_every_sample_once_per_epoch():
                             for j in range(0, len(order), batch))
         assert padded < 0.5 * random_padded
     assert per_rank[0] != list(LengthGroupedSampler(lengths, batch, world, 0, seed=3, mega=5))  # epoch changes order
+
+
+def test_checkpoint_every_n_layers_recomputes_only_those_layers(tiny_dirs):
+    import train
+
+    args = train.parse_args(["--model_name_or_path", "-", "--mode", "glm3", "--train_path", "-", "--output_dir", "-",
+                             "--train_type", "lora", "--lora_module_name", "query_key_value",
+                             "--gradient_checkpointing", "--checkpoint_every_n_layers", "2"])
+    model = train.apply_train_type(MODE["glm3"].model.from_pretrained(tiny_dirs["glm3"]), args)
+    layers = model.base_model.model.transformer.encoder.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    model.train()
+    ids = torch.randint(5, 200, (2, 16))
+    model(ids, labels=ids).loss.backward()  # a frozen base still back-propagates into LoRA through the checkpoint
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # (A's is 0 while B is 0)
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
