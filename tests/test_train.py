@@ -73,6 +73,55 @@ def common_args(mode, train_type, epochs=2, lr=None):
     return args
 
 
+def first_window_loss(mode, base_dir, model, tokenizer, data, batch_size):
+    import train
+    args = train.parse_args(["--model_name_or_path", str(base_dir), "--mode", mode, "--train_path", str(data),
+                             "--output_dir", "-", "--max_len", "256", "--max_src_len", "200",
+                             "--per_device_train_batch_size", str(batch_size)])
+    dataset, _ = train.build_data(args, tokenizer)
+    loader = train.make_loader(dataset, args, 0, 1, True, tokenizer.pad_token_id)
+    loader.sampler.set_epoch(0)
+    batches = iter(loader)
+    window = [next(batches), next(batches)]
+    with torch.no_grad():
+        total = sum(model(**b, reduction="sum").loss.item() for b in window)
+    tokens = sum((b["labels"][:, 1:] != -100).sum().item() for b in window)
+    per_batch_means = [model(**b).loss.item() for b in window]
+    return total / tokens, sum(per_batch_means) / len(per_batch_means)
+
+
+def test_loss_is_the_token_mean_of_the_whole_window(tiny_dirs, tmp_path):
+    """LoRA starts as the base model (B = 0), so step 1's logged loss is the base model's on the first window: the
+    mean over every labelled token of its 2 micro-batches, not the mean of the two batch means."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dirs["glm2"], base)
+    weights = load_file(base / "model.safetensors")
+    weights["transformer.output_layer.weight"] *= 60  # confident predictions: per-token losses differ widely
+    from safetensors.torch import save_file
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    data = tmp_path / "two.jsonl"  # one long and one short answer in the same accumulation window
+    data.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in [
+        {"instruction": "抽取三元组：", "input": "发动机水温高", "output": "发动机_部件故障_水温高\n" * 8},
+        {"instruction": "抽取三元组：", "input": "风扇低速转动", "output": "风扇"}]))
+    out = tmp_path / "out"
+    run_train(base, out, *common_args("glm2", "lora", epochs=1), "--train_path", data,
+              "--per_device_train_batch_size", 1)
+    losses, _ = read_log(out)
+    model, tokenizer = load_for_inference("glm2", str(base))
+    token_mean, batch_mean = first_window_loss("glm2", base, model, tokenizer, data, 1)
+    assert abs(token_mean - batch_mean) > 1e-2  # the two weightings differ on this data
+    assert abs(losses[1] - token_mean) < 1e-4 * token_mean
+
+
+def assert_tensorboard_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/grad_norm", "eval/loss"} <= tags
+    assert len(events.Scalars("train/loss")) == 6
+
+
 def check_merge(mode, base, adapter, unmerged, tokenizer, merged_dir):
     """merge_lora.py on the adapter train.py wrote: the merged model (no PEFT) is base + adapter."""
     result = subprocess.run([sys.executable, str(ROOT / "merge_lora.py"), "--mode", mode, "--ori_model_dir", base,
@@ -93,7 +142,8 @@ def check_merge(mode, base, adapter, unmerged, tokenizer, merged_dir):
 def test_train_matrix(mode, train_type, tiny_dirs, tmp_path):
     out = tmp_path / "out"
     extra = ["--gradient_checkpointing"] if train_type in ("lora", "ptuning") else []
-    run_train(tiny_dirs[mode], out, *common_args(mode, train_type), *extra)
+    result = run_train(tiny_dirs[mode], out, *common_args(mode, train_type), *extra)
+    assert "trainable params: " in result.stdout + result.stderr and " || all params: " in result.stdout + result.stderr
     losses, evals = read_log(out)
     steps = sorted(losses)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) == 6
@@ -124,6 +174,7 @@ def test_train_matrix(mode, train_type, tiny_dirs, tmp_path):
                 key = name.replace("base_model.model.", "").replace(".base_layer", "")
                 assert torch.equal(param.detach(), base[key]), key
         check_merge(mode, tiny_dirs[mode], last, model, tokenizer, tmp_path / "merged")
+        assert_tensorboard_scalars(out / "runs")
     else:
         assert set(load_file(last / "prefix_encoder.safetensors")) == {
             "transformer.prefix_encoder.embedding.weight", "transformer.prefix_encoder.trans.0.weight",
