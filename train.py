@@ -223,8 +223,9 @@ def train_step(engine, window, world_size: int):
     torch.distributed.all_reduce(tokens)
     loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for batch in window:
-        batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-        loss_sum = engine(**batch, reduction="sum").loss
+        # labels stay on the host: the loss finds the labelled positions there without waiting for the device
+        loss_sum = engine(input_ids=batch["input_ids"].to(engine.device, non_blocking=True), labels=batch["labels"],
+                          reduction="sum").loss
         # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
         engine.backward(loss_sum * (len(window) * world_size) / tokens)
         engine.step()

@@ -77,16 +77,20 @@ class LMHead(nn.Linear):
 def labelled_loss(head: LMHead, hidden_states, labels, reduction: str = "mean"):
     """Causal-LM loss: position t predicts labels[t + 1]; only labels != -100 count.
 
-    reduction "mean" (over the labelled tokens) or "sum" (train.py divides by the token count of the whole
-    accumulation window, so every labelled token weighs the same)."""
-    targets = labels[:, 1:]
-    selected = targets != IGNORE_INDEX
-    # Boolean indexing syncs with the host once; it pays for itself by skipping the prompt positions' logits.
-    hidden = hidden_states[:, :-1][selected]
-    loss = head(hidden, targets=targets[selected])
+    The labelled positions are found where the labels live: train.py leaves them on the host, so finding them costs
+    the accelerator no sync, and only those rows of the hidden states reach the LM head (prompt tokens cost no
+    logits). reduction "mean" (over the labelled tokens) or "sum" (train.py divides by the token count of the
+    whole accumulation window, so every labelled token weighs the same)."""
+    batch, seq = labels.shape
+    targets = labels[:, 1:].reshape(-1)
+    positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # flat index over [batch, seq - 1]
+    rows = positions // (seq - 1) * seq + positions % (seq - 1)  # the same positions in [batch, seq]
+    device = hidden_states.device
+    hidden = hidden_states.reshape(batch * seq, -1).index_select(0, rows.to(device, non_blocking=True))
+    loss = head(hidden, targets=targets[positions].to(device, non_blocking=True))
     if reduction == "sum":
         return loss
-    return loss / selected.sum().clamp(min=1)
+    return loss / max(positions.numel(), 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,7 +288,7 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state  # [batch, seq, hidden]
         loss = None
         if labels is not None:
-            loss = labelled_loss(self.output_head, hidden, labels.to(hidden.device), reduction)
+            loss = labelled_loss(self.output_head, hidden, labels, reduction)
         logits = None
         if labels is None or return_logits:
             if logits_to_keep:
