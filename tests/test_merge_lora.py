@@ -17,13 +17,7 @@ LORA_MODULES = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 PROMPTS = [("你好", []), ("发动机水温高，风扇低速转动。", []), ("喷油嘴堵塞。", [("你好", "你好！")])]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU a second OpenMP thread makes training ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_lora_adapter(mode: str, base: str, output_dir, seed: int = 1) -> str:

@@ -32,13 +32,7 @@ QUERIES = [("你好", []), ("发动机水温高，风扇低速转动。请抽取
            ("What should I check first?", [])]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU a second OpenMP thread makes training ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path, records) -> str:
