@@ -128,21 +128,15 @@ def generate_batch(model, tokenizer, mode: str, prompts: list[list[int]], gen_kw
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-    stops = set(template.stop_token_ids(tokenizer, mode))
-    results = []
-    for row in output[:, input_ids.shape[1]:].tolist():
-        cut = next((i for i, token in enumerate(row) if token in stops), len(row))
-        results.append(row[:cut])
-    return results
+    return [template.cut_at_stop(tokenizer, mode, row) for row in output[:, input_ids.shape[1]:].tolist()]
 
 
 def decode_answer(tokenizer, mode: str, new_ids: list[int], history) -> str:
     """The answer text as chat() returns it (the official post-processing of each version)."""
-    text = tokenizer.decode(new_ids)
     if mode == "glm3":
-        response, _ = template.process_response(mode, text, list(history))
+        response, _ = template.decode_response(tokenizer, mode, new_ids, list(history))
         return answer_text(response)
-    return template.process_response(mode, text)
+    return template.decode_response(tokenizer, mode, new_ids)
 
 
 def _write_atomically(path: str, text: str) -> None:

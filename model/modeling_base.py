@@ -139,6 +139,43 @@ def unmask_empty_rows(allowed: torch.Tensor) -> torch.Tensor:
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
+def attention_allowed(batch: int, q_len: int, past_len: int, prefix_len: int, padding_mask, context_lengths=None,
+                      device=None):
+    """Which keys each new query may see, as bool [batch, 1, q_len, prefix_len + past_len + q_len] (True = attend),
+    or None where plain SDPA causal (or, for one new token, no mask) is exact.
+
+    past_len counts cached tokens (not the prefix); padding_mask [batch, past_len + q_len] is 1 for real tokens;
+    context_lengths (ChatGLM-6B) are the lengths of the bidirectional context that every token sees."""
+    if padding_mask is None and context_lengths is None and prefix_len == 0 and (past_len == 0 or q_len == 1):
+        return None
+    q_index = torch.arange(past_len, past_len + q_len, device=device)
+    k_index = torch.arange(past_len + q_len, device=device)
+    allowed = (k_index[None, :] <= q_index[:, None]).expand(batch, q_len, past_len + q_len)
+    if context_lengths is not None:
+        allowed = allowed | (k_index[None, None, :] < context_lengths[:, None, None])
+    if padding_mask is not None:
+        allowed = allowed & padding_mask[:, None, :].bool()
+    allowed = unmask_empty_rows(allowed)
+    if prefix_len:  # the P-Tuning prefix is visible to every token
+        allowed = torch.cat([allowed.new_ones(batch, q_len, prefix_len), allowed], dim=-1)
+    return allowed[:, None]
+
+
+def sdpa(query, key, value, allowed):
+    """[batch, heads, q, dim] attention; key/value may have fewer (grouped) heads. `allowed` None means causal when
+    queries and keys are the same tokens, else every key is visible."""
+    causal = allowed is None and query.shape[2] == key.shape[2] and query.shape[2] > 1
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, is_causal=causal,
+                                          enable_gqa=key.shape[1] != query.shape[1])
+
+
+def padding_or_none(attention_mask):
+    """A 2-D padding mask, or None when it masks nothing (lets SDPA take its causal fast path)."""
+    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
 def as_cache(past_key_values) -> Cache | None:
     """Accept the official tuple layout ((key [seq, batch, heads, dim], value), ...) as well as a Cache."""
     if past_key_values is None or isinstance(past_key_values, Cache):
@@ -256,7 +293,7 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
             raise FileNotFoundError(f"{path}: no *.safetensors or *.bin weight files in this checkpoint directory")
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
-        missing = [k for k in info.get("missing_keys", []) if "inv_freq" not in k]
+        missing = info.get("missing_keys", [])
         if model.config.pre_seq_len:
             missing = [k for k in missing if ".prefix_encoder." not in f".{k}"]
         problems = []
@@ -324,14 +361,10 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
         return torch.tensor([ids], device=self.device)
 
     def _finish(self, tokenizer, query, history, role, new_ids):
-        stops = set(template.stop_token_ids(tokenizer, self.mode))
-        while new_ids and new_ids[-1] in stops:
-            new_ids = new_ids[:-1]
-        response = tokenizer.decode(new_ids)
         if self.mode == "glm3":
             history = list(history or []) + [{"role": role, "content": query}]
-            return template.process_response(self.mode, response, history)
-        response = template.process_response(self.mode, response)
+            return template.decode_response(tokenizer, self.mode, new_ids, history)
+        response = template.decode_response(tokenizer, self.mode, new_ids)
         return response, list(history or []) + [(query, response)]
 
     @torch.inference_mode()
@@ -372,39 +405,3 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
             raise errors[0]
         yield self._finish(tokenizer, query, history, role, list(new_ids))
 
-
-def attention_allowed(batch: int, q_len: int, past_len: int, prefix_len: int, padding_mask, context_lengths=None,
-                      device=None):
-    """Which keys each new query may see, as bool [batch, 1, q_len, prefix_len + past_len + q_len] (True = attend),
-    or None where plain SDPA causal (or, for one new token, no mask) is exact.
-
-    past_len counts cached tokens (not the prefix); padding_mask [batch, past_len + q_len] is 1 for real tokens;
-    context_lengths (ChatGLM-6B) are the lengths of the bidirectional context that every token sees."""
-    if padding_mask is None and context_lengths is None and prefix_len == 0 and (past_len == 0 or q_len == 1):
-        return None
-    q_index = torch.arange(past_len, past_len + q_len, device=device)
-    k_index = torch.arange(past_len + q_len, device=device)
-    allowed = (k_index[None, :] <= q_index[:, None]).expand(batch, q_len, past_len + q_len)
-    if context_lengths is not None:
-        allowed = allowed | (k_index[None, None, :] < context_lengths[:, None, None])
-    if padding_mask is not None:
-        allowed = allowed & padding_mask[:, None, :].bool()
-    allowed = unmask_empty_rows(allowed)
-    if prefix_len:  # the P-Tuning prefix is visible to every token
-        allowed = torch.cat([allowed.new_ones(batch, q_len, prefix_len), allowed], dim=-1)
-    return allowed[:, None]
-
-
-def sdpa(query, key, value, allowed, scale=None):
-    """[batch, heads, q, dim] attention; key/value may have fewer (grouped) heads. `allowed` None means causal when
-    queries and keys are the same tokens, else every key is visible."""
-    causal = allowed is None and query.shape[2] == key.shape[2] and query.shape[2] > 1
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, is_causal=causal, scale=scale,
-                                          enable_gqa=key.shape[1] != query.shape[1])
-
-
-def padding_or_none(attention_mask):
-    """A 2-D padding mask, or None when it masks nothing (lets SDPA take its causal fast path)."""
-    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
-        return None
-    return attention_mask

@@ -107,7 +107,7 @@ class ChatGLMModel(BodyMixin, nn.Module):
         if not config.position_encoding_2d:
             raise ValueError("config.json: position_encoding_2d false is not a ChatGLM-6B network")
         self.config = config
-        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_attention_heads  # no grouped heads in ChatGLM-6B
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
@@ -118,7 +118,6 @@ class ChatGLMModel(BodyMixin, nn.Module):
             self.prefix_encoder = PrefixEncoder(self.pre_seq_len, kv_size, config.hidden_size,
                                                 config.prefix_projection, embed_dim=config.hidden_size)
             self.dropout = nn.Dropout(0.1)  # on the prefix, as in the official code
-        self.num_kv_heads = self.num_heads
 
     def context_lengths(self, input_ids):
         """Index of the first <sop> in each row (the bidirectional context before it); the row length if none."""

@@ -136,22 +136,26 @@ class ChatGLM2Model(BodyMixin, nn.Module):
         self.config = config
         self.rotary_fp32 = rotary_fp32
         self.head_dim = config.kv_channels
-        self.num_groups = config.multi_query_group_num if config.multi_query_attention else config.num_attention_heads
+        self.num_kv_heads = config.multi_query_group_num if config.multi_query_attention else config.num_attention_heads
         self.embedding = Embedding(config)
         self.encoder = GLMTransformer(config)
         self.output_layer = LMHead(config.hidden_size, config.padded_vocab_size, bias=False)
         self.pre_seq_len = config.pre_seq_len or 0
         if self.pre_seq_len:
-            kv_size = config.num_layers * 2 * self.num_groups * self.head_dim
+            kv_size = config.num_layers * 2 * self.num_kv_heads * self.head_dim
             self.prefix_encoder = PrefixEncoder(self.pre_seq_len, kv_size, config.hidden_size,
                                                 config.prefix_projection, embed_dim=kv_size)
             self.dropout = nn.Dropout(0.1)  # on the prefix, as in the official code
-        self.num_kv_heads = self.num_groups
 
     def position_ids_for(self, input_ids, attention_mask=None):
         """Positions 0, 1, 2 ... of the real tokens; left padding does not shift them."""
+        return self.positions(*input_ids.shape, input_ids.device, attention_mask)
+
+    @staticmethod
+    def positions(batch: int, length: int, device, attention_mask=None):
+        """[batch, length] positions of a sequence whose 2-D padding mask (if any) is `attention_mask`."""
         if attention_mask is None:
-            return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+            return torch.arange(length, device=device).expand(batch, -1)
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, full_attention_mask=None,
@@ -165,8 +169,7 @@ class ChatGLM2Model(BodyMixin, nn.Module):
 
         if position_ids is None:
             mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            position_ids = self.position_ids_for(torch.empty(batch, past_len + seq, device=device), mask_2d)
-            position_ids = position_ids[:, -seq:]
+            position_ids = self.positions(batch, past_len + seq, device, mask_2d)[:, -seq:]
         if full_attention_mask is not None:  # official: True = masked
             allowed = self.prefixed_mask(full_attention_mask, self.pre_seq_len + past_len + seq)
         else:

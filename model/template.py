@@ -198,6 +198,18 @@ def answer_cue_length(tokenizer, mode: str) -> int:
     return 1
 
 
+def cut_at_stop(tokenizer, mode: str, new_ids: list[int]) -> list[int]:
+    """Generated ids up to the first stop token (batched generation pads the rows that stopped early)."""
+    stops = set(stop_token_ids(tokenizer, mode))
+    return new_ids[:next((i for i, token in enumerate(new_ids) if token in stops), len(new_ids))]
+
+
+def decode_response(tokenizer, mode: str, new_ids: list[int], history=None):
+    """What the official chat() returns for generated ids: cut at the first stop token, decoded and
+    post-processed. glm/glm2: the text; glm3: (content, history)."""
+    return process_response(mode, tokenizer.decode(cut_at_stop(tokenizer, mode, new_ids)), history)
+
+
 def process_response(mode: str, response: str, history=None):
     """The official post-processing of a decoded answer. glm/glm2: the text; glm3: (content, history) where a
     metadata line before the first newline names a tool call."""
