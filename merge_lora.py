@@ -21,17 +21,16 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from collections import Counter
 
 import torch
 
 from model import MODE, check_checkpoint_dir, template
-from utils import CheckpointError, check_adapter_loaded, inference_device
+from utils import (DTYPES, CheckpointError, attach_lora, check_trained_mode, inference_device, load_tokenizer,
+                   read_json)
 
 logger = logging.getLogger("chatglm")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 # (query, history as (question, answer) pairs): the prompts on which merged and unmerged logits must agree.
@@ -78,23 +77,10 @@ def check_dirs(args) -> None:
     if not os.path.isfile(adapter_config):
         raise CheckpointError(f"--model_dir {args.model_dir}: no adapter_config.json, so this is no LoRA adapter "
                               f"(P-Tuning and full checkpoints need no merging)")
-    try:
-        with open(adapter_config, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{adapter_config}:{e.lineno}: not valid JSON ({e.msg})") from None
+    config = read_json(adapter_config)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise CheckpointError(f"{adapter_config}: peft_type is {config.get('peft_type')!r}, not LORA")
-    args_file = os.path.join(args.model_dir, "training_args.json")
-    if os.path.isfile(args_file):
-        try:
-            with open(args_file, encoding="utf-8") as f:
-                trained_mode = json.load(f).get("mode")
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{args_file}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if trained_mode and trained_mode != args.mode:
-            raise CheckpointError(f"{args_file}: the adapter was trained with --mode {trained_mode}, "
-                                  f"but --mode is {args.mode}")
+    check_trained_mode(args.model_dir, args.mode)
     recorded = config.get("base_model_name_or_path")
     if recorded and os.path.isdir(recorded) and os.path.realpath(recorded) != os.path.realpath(args.ori_model_dir):
         logger.warning("the adapter was trained on %s, merging it into --ori_model_dir %s", recorded,
@@ -154,27 +140,14 @@ def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def merge(args):
     """(merged model, tokenizer, report dict); raises CheckpointError or, when the check fails, MergeCheckError."""
-    from peft import PeftModel
-
     spec = MODE[args.mode]
     device = inference_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else base_dtype(args.ori_model_dir)
     logger.info("loading %s on %s as %s", args.ori_model_dir, device, str(dtype).replace("torch.", ""))
     base = spec.model.from_pretrained(args.ori_model_dir, dtype=dtype).to(device).eval()
-    try:
-        with warnings.catch_warnings():  # names that fit no module: check_adapter_loaded says it in one line
-            warnings.filterwarnings("ignore", message="Found missing adapter keys")
-            model = PeftModel.from_pretrained(base, args.model_dir, is_trainable=False,
-                                              autocast_adapter_dtype=False)
-    except (RuntimeError, ValueError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"--model_dir {args.model_dir}: the adapter does not fit the base: {first_line}") \
-            from None
-    check_adapter_loaded(model, args.model_dir)
+    model = attach_lora(base, args.model_dir, f"--model_dir {args.model_dir}", autocast_adapter_dtype=False)
     model = model.to(device).eval()
-    tokenizer_dir = args.model_dir if os.path.isfile(os.path.join(args.model_dir, spec.tokenizer_file)) \
-        else args.ori_model_dir
-    tokenizer = spec.tokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(spec, args.model_dir, args.ori_model_dir)
 
     prompts = check_prompt_ids(tokenizer, args.mode)
     expected = prompt_logits(model, prompts, device)

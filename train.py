@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from model import MODE
-from utils import DataCollator, DataError, InstructionDataset, count_parameters, setup_logging, str2bool
+from utils import (DTYPES, DataCollator, DataError, InstructionDataset, auto_precision, count_parameters,
+                   setup_logging, str2bool)
 
 logger = logging.getLogger("chatglm")
 TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
@@ -111,11 +112,7 @@ def init_distributed():
 
 
 def pick_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    if not torch.cuda.is_available():
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return choice if choice != "auto" else auto_precision("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def fill_ds_config(args, world_size: int, total_steps: int) -> dict:
@@ -146,8 +143,7 @@ def fill_ds_config(args, world_size: int, total_steps: int) -> dict:
 
 def build_model(args, ds_config):
     """Load the checkpoint (under deepspeed.zero.Init for ZeRO-3) and decide what trains."""
-    spec = MODE[args.mode]
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[pick_precision(args.precision)]
+    dtype = DTYPES[pick_precision(args.precision)]
     extra = {"pre_seq_len": args.pre_seq_len, "prefix_projection": args.prefix_projection} \
         if args.train_type == "ptuning" else {}
     zero3_context = None
@@ -155,10 +151,9 @@ def build_model(args, ds_config):
         # Lets from_pretrained build the model under deepspeed.zero.Init: each rank only holds its shard.
         from transformers.integrations import HfDeepSpeedConfig
         zero3_context = HfDeepSpeedConfig(ds_config)  # must stay alive while loading
-    model = spec.model.from_pretrained(args.model_name_or_path, dtype=dtype, **extra)
+    model = MODE[args.mode].model.from_pretrained(args.model_name_or_path, dtype=dtype, **extra)
     del zero3_context
-    tokenizer = spec.tokenizer.from_pretrained(args.model_name_or_path)
-    return apply_train_type(model, args), tokenizer
+    return apply_train_type(model, args)
 
 
 def apply_train_type(model, args):
@@ -210,22 +205,31 @@ def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# one optimizer step, evaluation and saving
+# one optimizer step
 # ------------------------------------------------------------------------------------------------------------------
+def labelled_tokens(batch) -> int:
+    """Tokens that carry a label (each position predicts the next token's label), counted on the host."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def batch_loss(engine, batch):
+    """Summed loss of a host batch. Labels stay on the host: the loss finds the labelled positions there without
+    waiting for the device."""
+    return engine(input_ids=batch["input_ids"].to(engine.device, non_blocking=True), labels=batch["labels"],
+                  reduction="sum").loss
+
+
 def train_step(engine, window, world_size: int):
     """One optimizer step over the accumulation window (a list of micro-batches on the host).
 
     The gradient is the mean over every labelled token of the window on all ranks, so long and short answers
     weigh per token. Returns (summed loss of this rank, labelled tokens of all ranks), both on the device: nothing
     is read back to the host here."""
-    tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)),
-                          device=engine.device)  # counted on the host from the labels: no device sync
+    tokens = torch.tensor(float(sum(labelled_tokens(b) for b in window)), device=engine.device)
     torch.distributed.all_reduce(tokens)
     loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for batch in window:
-        # labels stay on the host: the loss finds the labelled positions there without waiting for the device
-        loss_sum = engine(input_ids=batch["input_ids"].to(engine.device, non_blocking=True), labels=batch["labels"],
-                          reduction="sum").loss
+        loss_sum = batch_loss(engine, batch)
         # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
         engine.backward(loss_sum * (len(window) * world_size) / tokens)
         engine.step()
@@ -242,9 +246,8 @@ def evaluate(engine, loader) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)
     with torch.no_grad():
         for batch in loader:
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            total[0] += engine(**batch, reduction="sum").loss.double()
-            total[1] += (batch["labels"][:, 1:] != -100).sum()
+            total[0] += batch_loss(engine, batch).double()
+            total[1] += labelled_tokens(batch)
     torch.distributed.all_reduce(total)
     engine.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -366,7 +369,7 @@ def train(args):
         total_steps = min(total_steps, args.max_steps)
 
     ds_config = fill_ds_config(args, world_size, total_steps)
-    model, tokenizer = build_model(args, ds_config)
+    model = build_model(args, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
 

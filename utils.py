@@ -251,26 +251,31 @@ def inference_device(device=None) -> "torch.device":
     return resolved
 
 
-_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-                "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {**DTYPES, "float32": torch.float32, "float16": torch.float16, "half": torch.float16,
+                "bfloat16": torch.bfloat16}
+
+
+def auto_precision(device_type: str) -> str:
+    """What "auto" means for training and inference alike: fp32 on the CPU; bf16 on a GPU that has it, else fp16."""
+    if device_type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def inference_dtype(dtype, device) -> "torch.dtype":
-    """A torch dtype from None/'auto' (fp32 on the CPU; bf16 on a GPU that supports it, else fp16), a name
-    (fp32, fp16, bf16) or a torch.dtype."""
+    """A torch dtype from None/'auto' (see auto_precision), a name (fp32, fp16, bf16) or a torch.dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or str(dtype).lower() == "auto":
-        if torch.device(device).type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return DTYPES[auto_precision(torch.device(device).type)]
     try:
         return _DTYPE_NAMES[str(dtype).lower()]
     except KeyError:
         raise CheckpointError(f"dtype {dtype!r}: expected auto, fp32, fp16 or bf16") from None
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
@@ -305,10 +310,10 @@ def _base_of(mode: str, model_path: str, kind: str, base_model_path: str | None)
     base = base_model_path
     args_file = os.path.join(model_path, "training_args.json")
     if base is None and os.path.isfile(args_file):
-        base, where = _read_json(args_file).get("model_name_or_path"), args_file
+        base, where = read_json(args_file).get("model_name_or_path"), args_file
     adapter_file = os.path.join(model_path, "adapter_config.json")
     if base is None and kind == "lora":
-        base, where = _read_json(adapter_file).get("base_model_name_or_path"), adapter_file
+        base, where = read_json(adapter_file).get("base_model_name_or_path"), adapter_file
     if not base:
         raise CheckpointError(f"{model_path}: a {kind} checkpoint needs its base model: pass --base_model_path "
                               f"(no training_args.json names one)")
@@ -374,6 +379,40 @@ def check_adapter_loaded(peft_model, adapter_dir: str) -> None:
                               f"the file (e.g. {missing[:1]})")
 
 
+def check_trained_mode(checkpoint_dir: str, mode: str) -> None:
+    """A checkpoint train.py wrote records its --mode in training_args.json: it must be `mode`."""
+    args_file = os.path.join(checkpoint_dir, "training_args.json")
+    if os.path.isfile(args_file):
+        trained_mode = read_json(args_file).get("mode")
+        if trained_mode and trained_mode != mode:
+            raise CheckpointError(f"{args_file}: this checkpoint was trained with --mode {trained_mode}, "
+                                  f"but --mode is {mode}")
+
+
+def attach_lora(model, adapter_dir: str, where: str, **peft_kwargs):
+    """The PEFT adapter in `adapter_dir` on top of `model` (not merged), every weight checked to fit; `where`
+    starts the one-line error."""
+    import warnings
+
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings():  # names that fit no module: check_adapter_loaded says it in one line
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, **peft_kwargs)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{where}: the adapter does not fit the base: {first_line}") from None
+    check_adapter_loaded(peft_model, adapter_dir)
+    return peft_model
+
+
+def load_tokenizer(spec, checkpoint_dir: str, base_dir: str):
+    """The tokenizer saved with the checkpoint (train.py writes it), else the base's."""
+    has_own = os.path.isfile(os.path.join(checkpoint_dir, spec.tokenizer_file))
+    return spec.tokenizer.from_pretrained(checkpoint_dir if has_own else base_dir)
+
+
 def load_for_inference(mode: str, model_path: str, base_model_path: str | None = None, device="cpu",
                        dtype=None):
     """(model, tokenizer) ready to generate from a checkpoint directory train.py wrote, or an official one.
@@ -393,12 +432,7 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
     spec = MODE[mode]
     model_path = str(model_path)
     kind = checkpoint_kind(model_path)
-    args_file = os.path.join(model_path, "training_args.json")
-    if os.path.isfile(args_file):
-        trained_mode = _read_json(args_file).get("mode")
-        if trained_mode and trained_mode != mode:
-            raise CheckpointError(f"{args_file}: this checkpoint was trained with --mode {trained_mode}, "
-                                  f"but --mode is {mode}")
+    check_trained_mode(model_path, mode)
     device = inference_device(device)
     dtype = inference_dtype(dtype, device)
 
@@ -417,29 +451,15 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
                                                prefix_projection=bool(config.get("prefix_projection")))
             _load_prefix(model, model_path, config)
         else:
-            import warnings
-
-            from peft import PeftModel
-
             base = _base_of(mode, model_path, kind, base_model_path)
-            model = spec.model.from_pretrained(base, dtype=dtype)
-            try:
-                with warnings.catch_warnings():  # names that fit no module: check_adapter_loaded says it in one line
-                    warnings.filterwarnings("ignore", message="Found missing adapter keys")
-                    model = PeftModel.from_pretrained(model, model_path, is_trainable=False)
-            except (RuntimeError, ValueError, KeyError) as e:
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CheckpointError(f"{model_path}: the LoRA adapter does not fit the base {base}: "
-                                      f"{first_line}") from None
-            check_adapter_loaded(model, model_path)
+            model = attach_lora(spec.model.from_pretrained(base, dtype=dtype), model_path,
+                                f"{model_path} (on {base})")
     except CheckpointError:
         raise
     except (OSError, ValueError) as e:  # the model layer's own one-line errors
         raise CheckpointError(str(e)) from None
 
-    # The tokenizer saved with the checkpoint (train.py writes it), else the base's.
-    tokenizer_dir = model_path if os.path.isfile(os.path.join(model_path, spec.tokenizer_file)) else base
-    tokenizer = spec.tokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(spec, model_path, base)
     model = model.to(device)
     model.eval()
     logger.info("loaded %s checkpoint %s (%s, base %s) on %s as %s", mode, model_path, kind, base, device,

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402  train.py's own functions
 from model import MODE  # noqa: E402
+from utils import DTYPES  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # the official chatglm3-6b config.json, and a tiny one for machines without a GPU
@@ -140,7 +141,7 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops):
                                  prefix_projection=False)
     args = train_args(train_type, batch, ckpt, shape, config.num_layers)
     args.precision = dtype_name
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[train.pick_precision(dtype_name)]
+    dtype = DTYPES[train.pick_precision(dtype_name)]
     ds_config = train.fill_ds_config(args, 1, total_steps=steps + warmup)
     window = random_window(config.padded_vocab_size, seq, batch, args.gradient_accumulation_steps)
     rows = []
