@@ -183,11 +183,11 @@ def apply_train_type(model, args):
 
 
 def build_data(args, tokenizer):
-    train_set = InstructionDataset(args.train_path, tokenizer, args.mode, args.max_len, args.max_src_len,
-                                   args.is_skip, learn_all_turns=not args.last_turn_only)
-    dev_set = InstructionDataset(args.dev_path, tokenizer, args.mode, args.max_len, args.max_src_len,
-                                 args.is_skip) if args.dev_path else None
-    return train_set, dev_set
+    """Training and dev sets, labelled alike (the dev loss measures what training learns)."""
+    def load(path):
+        return InstructionDataset(path, tokenizer, args.mode, args.max_len, args.max_src_len, args.is_skip,
+                                  learn_all_turns=not args.last_turn_only)
+    return load(args.train_path), load(args.dev_path) if args.dev_path else None
 
 
 def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):

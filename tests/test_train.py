@@ -349,3 +349,14 @@ def test_every_epoch_a_new_order_the_same_on_every_rank(tiny_dirs):
             assert not set(orders[0, epoch]) & set(orders[1, epoch])
             assert len(orders[0, epoch]) + len(orders[1, epoch]) == len(dataset)
         assert orders[0, 0] != orders[0, 1]  # and see it in a new order every epoch
+
+
+def test_dev_set_is_labelled_like_the_training_set(tiny_dirs):
+    import train
+    tokenizer = MODE["glm3"].tokenizer.from_pretrained(tiny_dirs["glm3"])
+    path = str(ROOT / "data/multiturn.jsonl")
+    for last_only in (False, True):
+        argv = ["--model_name_or_path", "-", "--mode", "glm3", "--train_path", path, "--dev_path", path,
+                "--output_dir", "-", "--max_len", "512", "--max_src_len", "400"] + (["--last_turn_only"] * last_only)
+        train_set, dev_set = train.build_data(train.parse_args(argv), tokenizer)
+        assert [e["labels"] for e in dev_set.examples] == [e["labels"] for e in train_set.examples]
