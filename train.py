@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from model import MODE
+from model.compat import enable_activation_checkpointing
 from utils import (DTYPES, DataCollator, DataError, InstructionDataset, auto_precision, count_parameters,
                    setup_logging, str2bool)
 
@@ -173,8 +174,7 @@ def apply_train_type(model, args):
             raise SystemExit(f"--freeze_module_name {args.freeze_module_name!r} matches no parameter of the model")
     if args.gradient_checkpointing:
         # also makes the embeddings' output require grad, so a frozen base still back-propagates into LoRA/prefix
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                              every_n_layers=args.checkpoint_every_n_layers)
+        enable_activation_checkpointing(model, args.checkpoint_every_n_layers)
         model.config.use_cache = False
     trainable, total = count_parameters(model)
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,

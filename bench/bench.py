@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402  train.py's own functions
 from model import MODE  # noqa: E402
+from model.compat import enable_activation_checkpointing  # noqa: E402
 from utils import DTYPES  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +156,7 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops):
             model = get_peft_model(build_peer(config, dtype, device),
                                    LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PEER_TARGETS))
             if ckpt:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(model)
             step_fn = peer_step
         engine, *_ = deepspeed.initialize(model=model, config=ds_config,
                                           model_parameters=[p for p in model.parameters() if p.requires_grad])

@@ -15,6 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from . import template
+from .compat import CACHE_NAME, given_cache, output_cache
 from .config import VERSION_KEY, check_checkpoint_dir
 
 IGNORE_INDEX = -100
@@ -176,11 +177,11 @@ def padding_or_none(attention_mask):
     return attention_mask
 
 
-def as_cache(past_key_values) -> Cache | None:
+def as_cache(cache) -> Cache | None:
     """Accept the official tuple layout ((key [seq, batch, heads, dim], value), ...) as well as a Cache."""
-    if past_key_values is None or isinstance(past_key_values, Cache):
-        return past_key_values
-    return DynamicCache(ddp_cache_data=[(k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)) for k, v in past_key_values])
+    if cache is None or isinstance(cache, Cache):
+        return cache
+    return DynamicCache(ddp_cache_data=[(k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)) for k, v in cache])
 
 
 class BodyMixin:
@@ -189,11 +190,11 @@ class BodyMixin:
     The prefix enters the cache once, ahead of the tokens, when generating; without a cache (training) it is handed
     to every layer, so gradient checkpointing (which drops caches) keeps it."""
 
-    def start_cache(self, past_key_values, use_cache, batch, device, dtype):
+    def start_cache(self, cache, use_cache, batch, device, dtype):
         """(cache, past_len: cached tokens not counting the prefix, prefix: per-layer (k, v) or None)."""
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        cache = as_cache(past_key_values)
+        cache = as_cache(cache)
         if cache is None and use_cache:
             cache = DynamicCache()
         cached = cache.get_seq_length() if cache is not None else 0
@@ -229,12 +230,12 @@ class BodyMixin:
         for i, layer in enumerate(layers):
             if output_hidden_states:
                 all_hidden += (hidden,)
-            hidden = layer(hidden, *layer_inputs, prefix[i] if prefix is not None else None, past_key_values=cache)
+            hidden = layer(hidden, *layer_inputs, prefix[i] if prefix is not None else None, cache=cache)
         hidden = final_norm(hidden)
         if output_hidden_states:
             all_hidden += (hidden,)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
-                                       hidden_states=all_hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=all_hidden,
+                                       **{CACHE_NAME: cache if use_cache else None})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,14 +314,16 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.output_head
 
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, return_dict=None, reduction="mean",
-                return_logits=None, logits_to_keep=0, **kwargs):
+                return_logits=None, logits_to_keep=0, past_key_values=None, **kwargs):
         """Logits, and with `labels` the causal-LM loss over positions whose label is not -100.
 
-        With labels, logits are only computed when `return_logits=True` (training never needs them)."""
+        The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older releases) and goes back
+        in the output under the installed release's field name. With labels, logits are only computed when
+        `return_logits=True` (training never needs them)."""
         outputs = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                   cache=given_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
                                    use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state  # [batch, seq, hidden]
         loss = None
@@ -331,16 +334,17 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
             if logits_to_keep:
                 hidden = hidden[:, -logits_to_keep:]
             logits = self.output_head(hidden)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: output_cache(outputs)})
 
     # -- generation ----------------------------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, past_key_values=None,
+                                      **kwargs):
         """Positions (and for ChatGLM-6B the prefix-LM mask) depend on the whole sequence, so they are computed
         here from all ids so far, before generate() keeps only the new ones."""
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = self.transformer.position_ids_for(input_ids, attention_mask)
-        return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values,
-                                                     attention_mask=attention_mask, **kwargs)
+        kwargs[CACHE_NAME] = given_cache(cache, past_key_values)
+        return super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         # generate() would build 1-D positions once and count them up; ChatGLM-6B's are 2-D and its first row stays

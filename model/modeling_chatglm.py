@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .compat import given_cache
 from .config import ChatGLMConfig
 from .modeling_base import (BodyMixin, ChatGLMPreTrainedBase, LMHead, PrefixEncoder, attention_allowed,
                             padding_or_none, sdpa)
@@ -55,13 +56,13 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states, rope, allowed, prefix_kv=None, past_key_values=None):
+    def forward(self, hidden_states, rope, allowed, prefix_kv=None, cache=None):
         batch, seq, _ = hidden_states.shape
         qkv = self.query_key_value(hidden_states).view(batch, seq, self.num_heads, 3 * self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))  # [b, heads, s, d]
         q, k = apply_rotary_2d(q, rope), apply_rotary_2d(k, rope)  # prefix keys are never rotated
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         elif prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
         context = sdpa(q, k, v, allowed)
@@ -87,10 +88,10 @@ class GLMBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = GLU(config)
 
-    def forward(self, hidden_states, rope, allowed, prefix_kv=None, past_key_values=None):
+    def forward(self, hidden_states, rope, allowed, prefix_kv=None, cache=None):
         normed = self.input_layernorm(hidden_states)
         hidden_states = normed * RESIDUAL_ALPHA + self.attention(normed, rope, allowed, prefix_kv,
-                                                                 past_key_values=past_key_values)
+                                                                 cache=cache)
         normed = self.post_attention_layernorm(hidden_states)
         return normed * RESIDUAL_ALPHA + self.mlp(normed)
 
@@ -98,9 +99,9 @@ class GLMBlock(GradientCheckpointingLayer):
 class ChatGLMModel(BodyMixin, nn.Module):
     """The model body (`model.transformer`). Takes the official keyword arguments: input_ids, position_ids
     ([batch, 2, seq]: positions, block positions), attention_mask (bool [batch, 1, seq, seq] with True = masked, or a
-    2-D padding mask with 1 = keep), past_key_values (a Cache, or the official tuples), inputs_embeds, use_cache.
-    Masks and positions not given are derived from input_ids as the official code does. Returns last_hidden_state
-    [batch, seq, hidden] (batch first) after the final LayerNorm, and past_key_values."""
+    2-D padding mask with 1 = keep), cache (a Cache, or the official tuples; also accepted as past_key_values),
+    inputs_embeds, use_cache. Masks and positions not given are derived from input_ids as the official code does.
+    Returns last_hidden_state [batch, seq, hidden] (batch first) after the final LayerNorm, and the cache."""
 
     def __init__(self, config: ChatGLMConfig):
         super().__init__()
@@ -143,13 +144,14 @@ class ChatGLMModel(BodyMixin, nn.Module):
         is_pad = index < pads[:, None]
         return torch.stack([positions.masked_fill(is_pad, 0), block.masked_fill(is_pad, 0)], dim=1)
 
-    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=None, return_dict=None, past_key_values=None, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         device, dtype = inputs_embeds.device, inputs_embeds.dtype
-        cache, past_len, prefix, use_cache = self.start_cache(past_key_values, use_cache, batch, device, dtype)
+        cache = given_cache(cache, past_key_values)
+        cache, past_len, prefix, use_cache = self.start_cache(cache, use_cache, batch, device, dtype)
 
         mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:

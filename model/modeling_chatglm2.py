@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .compat import given_cache
 from .config import ChatGLM2Config
 from .modeling_base import (BodyMixin, ChatGLMPreTrainedBase, LMHead, PrefixEncoder, attention_allowed,
                             padding_or_none, sdpa)
@@ -60,7 +61,7 @@ class SelfAttention(nn.Module):
                                          bias=config.add_bias_linear or config.add_qkv_bias)
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
-    def forward(self, hidden_states, cos, sin, allowed, prefix_kv=None, past_key_values=None):
+    def forward(self, hidden_states, cos, sin, allowed, prefix_kv=None, cache=None):
         batch, seq, _ = hidden_states.shape
         q, k, v = self.query_key_value(hidden_states).split(
             [self.num_heads * self.head_dim, self.num_groups * self.head_dim, self.num_groups * self.head_dim], -1)
@@ -68,8 +69,8 @@ class SelfAttention(nn.Module):
         k = k.view(batch, seq, self.num_groups, self.head_dim).transpose(1, 2)  # [b, groups, s, d]
         v = v.view(batch, seq, self.num_groups, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # prefix keys are never rotated
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         elif prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
         context = sdpa(q, k, v, allowed)  # [b, heads, s, d]
@@ -97,9 +98,9 @@ class GLMBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = norm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, hidden_states, cos, sin, allowed, prefix_kv=None, past_key_values=None):
+    def forward(self, hidden_states, cos, sin, allowed, prefix_kv=None, cache=None):
         normed = self.input_layernorm(hidden_states)
-        attention = self.self_attention(normed, cos, sin, allowed, prefix_kv, past_key_values=past_key_values)
+        attention = self.self_attention(normed, cos, sin, allowed, prefix_kv, cache=cache)
         hidden_states = (normed if self.post_norm_residual else hidden_states) + attention
         normed = self.post_attention_layernorm(hidden_states)
         return (normed if self.post_norm_residual else hidden_states) + self.mlp(normed)
@@ -127,9 +128,9 @@ class Embedding(nn.Module):
 
 class ChatGLM2Model(BodyMixin, nn.Module):
     """The model body (`model.transformer`). Takes the official keyword arguments: input_ids, position_ids,
-    attention_mask (2-D, 1 = keep), full_attention_mask (bool [b, 1, q, k], True = masked), past_key_values
-    (a Cache, or the official tuples), inputs_embeds, use_cache. Returns last_hidden_state [batch, seq, hidden]
-    (batch first) after the final norm, without the LM head, and past_key_values."""
+    attention_mask (2-D, 1 = keep), full_attention_mask (bool [b, 1, q, k], True = masked), cache (a Cache, or the
+    official tuples; also accepted as past_key_values), inputs_embeds, use_cache. Returns last_hidden_state
+    [batch, seq, hidden] (batch first) after the final norm, without the LM head, and the cache."""
 
     def __init__(self, config: ChatGLM2Config, rotary_fp32: bool):
         super().__init__()
@@ -159,13 +160,14 @@ class ChatGLM2Model(BodyMixin, nn.Module):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, full_attention_mask=None,
-                past_key_values=None, inputs_embeds=None, use_cache=None, output_hidden_states=None,
-                return_dict=None, **kwargs):
+                cache=None, inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None,
+                past_key_values=None, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.embedding(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         device, dtype = inputs_embeds.device, inputs_embeds.dtype
-        cache, past_len, prefix, use_cache = self.start_cache(past_key_values, use_cache, batch, device, dtype)
+        cache = given_cache(cache, past_key_values)
+        cache, past_len, prefix, use_cache = self.start_cache(cache, use_cache, batch, device, dtype)
 
         if position_ids is None:
             mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None

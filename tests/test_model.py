@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model import MODE, template
+from model.compat import enable_activation_checkpointing
 
 MODES = ("glm", "glm2", "glm3")
 
@@ -75,6 +76,37 @@ def test_generate_with_cache_equals_recomputation(mode, pre_seq_len, tiny_dirs):
     assert len(set(sequence[0, ids.shape[1]:].tolist())) > 1  # not a degenerate constant answer
 
 
+@pytest.mark.newest
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pre_seq_len", [None, 4])
+def test_generate_feeds_one_new_token_and_a_growing_cache(mode, pre_seq_len, tiny_dirs):
+    """Inside generate(), after the prompt, every forward call gets one new token per row and the cache of all
+    tokens so far (prefix included). A model that silently ignores the cache (e.g. a renamed argument swallowed by
+    **kwargs) leaves the cache empty and fails here, even where its recomputed answers would still be right."""
+    kwargs = {"pre_seq_len": pre_seq_len, "prefix_projection": False} if pre_seq_len else {}
+    model, tokenizer = load(mode, tiny_dirs[mode], **kwargs)
+    prompts = [template.encode_prompt(tokenizer, mode, q) for q in ("你好", "发动机水温高，风扇低速转动。")]
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")  # left padding
+    assert (batch["attention_mask"] == 0).any()
+    calls = []
+
+    def record(module, args, call_kwargs):
+        cache = call_kwargs.get("cache", call_kwargs.get("past_key_values"))
+        calls.append((tuple(call_kwargs["input_ids"].shape), cache.get_seq_length() if cache is not None else 0))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+    finally:
+        handle.remove()
+    rows, prompt_len = batch["input_ids"].shape
+    prefix = pre_seq_len or 0
+    assert calls[0] == ((rows, prompt_len), 0)
+    assert calls[1:] == [((rows, 1), prefix + prompt_len + step) for step in range(4)]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_labels_loss_equals_hand_computed_cross_entropy(mode, tiny_dirs):
     model, tokenizer = load(mode, tiny_dirs[mode])
@@ -131,7 +163,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode, tiny_dirs):
         return model.transformer.prefix_encoder.embedding.weight.grad.clone()
 
     plain = grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     checkpointed = grads()
     assert plain.abs().sum() > 0
     assert torch.allclose(plain, checkpointed, atol=1e-6)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import shared_path
 from model import MODE
+from model.compat import output_cache
 
 GLM_LAYOUT = [  # name, shape (ChatGLM-6B, 1 layer, hidden 32, 8 heads)
     ("word_embeddings.weight", (5, 32)),
@@ -80,20 +81,20 @@ def run_three_steps(mode, body, tail):
                        attention_mask=torch.tensor([[[[0, 0, 1], [0, 0, 1], [0, 0, 0]]]]).bool(), use_cache=True)
             y1 = out.last_hidden_state
             out = body(input_ids=tail["x2"].long(), position_ids=torch.tensor([[[1], [2]]]),
-                       past_key_values=out.past_key_values, use_cache=True)
+                       cache=output_cache(out), use_cache=True)
             y2 = out.last_hidden_state
             out = body(input_ids=tail["x3"].long(), position_ids=torch.tensor([[[1], [3]]]),
-                       past_key_values=out.past_key_values, use_cache=True)
+                       cache=output_cache(out), use_cache=True)
         else:
             out = body(input_ids=tail["x1"].long(), position_ids=torch.tensor([[0, 1, 2]]),
                        attention_mask=torch.ones(1, 3, dtype=torch.long), use_cache=True)
             y1 = out.last_hidden_state
             out = body(input_ids=tail["x2"].long(), position_ids=torch.tensor([[3]]),
-                       attention_mask=torch.ones(1, 4, dtype=torch.long), past_key_values=out.past_key_values,
+                       attention_mask=torch.ones(1, 4, dtype=torch.long), cache=output_cache(out),
                        use_cache=True)
             y2 = out.last_hidden_state
             out = body(input_ids=tail["x3"].long(), position_ids=torch.tensor([[4]]),
-                       attention_mask=torch.ones(1, 5, dtype=torch.long), past_key_values=out.past_key_values,
+                       attention_mask=torch.ones(1, 5, dtype=torch.long), cache=output_cache(out),
                        use_cache=True)
         y3 = out.last_hidden_state
     # Ours is batch-first [1, seq, 32], the reference seq-first [seq, 1, 32]: identical for batch 1.
