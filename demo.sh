@@ -19,4 +19,5 @@ deepspeed --num_gpus 1 train.py --mode "$MODE" --model_name_or_path "$WORK/base"
 CHECKPOINT="$(ls -d "$WORK"/output/epoch-* | sort -t- -k4 -n | tail -1)"
 python predict.py --mode "$MODE" --model_path "$CHECKPOINT" --test_path data/test.jsonl \
   --output_path "$WORK/predictions.jsonl" --max_new_tokens 48 --batch_size 6
+echo "checkpoint:  $CHECKPOINT"
 echo "predictions: $WORK/predictions.jsonl"
