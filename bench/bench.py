@@ -173,6 +173,32 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops):
     return rows
 
 
+def sdpa_backends(dtype, device) -> str:
+    """Which SDPA kernels take training's attention at ChatGLM3 head shape, grouped KV heads as they are: causal
+    without a mask (lora, freeze, all) and with an explicit mask (P-Tuning's always-visible prefix)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 32, 512, 128, device=device, dtype=dtype)
+    kv = torch.randn(1, 2, 512, 128, device=device, dtype=dtype)
+    kv_prefix = torch.randn(1, 2, 512 + 128, 128, device=device, dtype=dtype)
+    allowed = torch.ones(512, 512 + 128, device=device, dtype=torch.bool).tril(128)[None, None]
+    cases = {"causal": (q, kv, kv, dict(is_causal=True)),
+             "prefix-mask": (q, kv_prefix, kv_prefix, dict(attn_mask=allowed))}
+    report = []
+    for name, (query, key, value, extra) in cases.items():
+        accepted = []
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH):
+            try:
+                with sdpa_kernel(backend):
+                    torch.nn.functional.scaled_dot_product_attention(query, key, value, enable_gqa=True, **extra)
+                accepted.append(backend.name.lower())
+            except RuntimeError:
+                pass
+        report.append(f"{name}: {', '.join(accepted) or 'none'}")
+    return "SDPA kernels that accept it (GQA): " + "; ".join(report)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
@@ -195,6 +221,8 @@ def main():
                             "all:256x2:nockpt"])
     train.init_distributed()
     device_name = torch.cuda.get_device_name() if gpu else "CPU"
+    if gpu:
+        print(sdpa_backends(DTYPES[train.pick_precision(args.precision)], "cuda"), flush=True)
     lines = [f"## {datetime.date.today()} on {device_name}, shape {shape}, precision "
              f"{train.pick_precision(args.precision)}",
              "", "| case | ours tokens/s | ours MFU | ours peak GiB | peer tokens/s | peer peak GiB | speed ratio |",
