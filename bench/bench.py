@@ -117,6 +117,35 @@ def measure(engine, step_fn, window, steps, warmup, device):
     return tokens / elapsed, peak, float(loss)
 
 
+def memory_trace(engine, step_fn, window) -> str:
+    """One more step with the allocator's figures around its phases (GiB now / peak since the step began), to see
+    whether the peak comes from the forward, the backward or the optimizer step."""
+    marks = []
+
+    def mark(name):
+        torch.cuda.synchronize()
+        marks.append(f"{name} {torch.cuda.memory_allocated() / 2 ** 30:.1f}/{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}")
+
+    forward, backward, step = engine.forward, engine.backward, engine.step
+
+    def traced(name, function):
+        def call(*args, **kwargs):
+            mark(f"before {name}")
+            result = function(*args, **kwargs)
+            mark(f"after {name}")
+            return result
+        return call
+
+    engine.forward, engine.backward, engine.step = (traced("forward", forward), traced("backward", backward),
+                                                    traced("step", step))
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        step_fn(engine, window)
+    finally:
+        engine.forward, engine.backward, engine.step = forward, backward, step
+    return "memory GiB (now/peak): " + "; ".join(marks)
+
+
 def our_step(world_size):
     def step(engine, window):
         loss_sum, tokens = train.train_step(engine, window, world_size)
@@ -133,7 +162,7 @@ def peer_step(engine, window):
     return loss.detach()
 
 
-def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops):
+def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, trace=False):
     import deepspeed
 
     train_type, seq, batch, ckpt = parse_case(case)
@@ -162,6 +191,8 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops):
                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
         try:
             speed, peak, loss = measure(engine, step_fn, window, steps, warmup, device)
+            if trace and device == "cuda":
+                print(f"{case} {who}: {memory_trace(engine, step_fn, window)}", flush=True)
             mfu = speed * flops_per_token(config, seq, train_type) / (peak_tflops * 1e12) if device == "cuda" else None
             rows.append((who, speed, mfu, peak, loss))
         except torch.OutOfMemoryError:
@@ -213,6 +244,8 @@ def main():
     parser.add_argument("--peak_tflops", type=float, default=790.0,
                         help="the chip's measured dense bf16 peak, for MFU (H100 SXM: about 790)")
     parser.add_argument("--output", default=None, help="append the table (with date and device) to this file")
+    parser.add_argument("--memory_trace", action="store_true",
+                        help="GPU: after timing, print allocated/peak memory around forward, backward and step")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     shape = args.shape or ("chatglm3-6b" if gpu else "tiny")
@@ -234,7 +267,7 @@ def main():
     for case in cases:
         rows = {who: row for who, *row in
                 [(r[0], *r[1:]) for r in run_case(case, shape, args.precision, args.steps, args.warmup,
-                                                  not args.no_peer, args.peak_tflops)]}
+                                                  not args.no_peer, args.peak_tflops, args.memory_trace)]}
         ours, peer = rows["ours"], rows.get("peer")
         ratio = ours[0] / peer[0] if peer and peer[0] and ours[0] else None
         lines.append(f"| {case} | {fmt(ours[0], '.0f')} | {fmt(ours[1], '.1%')} | {fmt(ours[2], '.1f')} | "
