@@ -63,7 +63,13 @@ def assert_dropin(base, out, extras: set, changed_config_fields: dict | None = N
     sharded = any(name in INDEXES for name in os.listdir(base))
     if sharded:
         index = json.loads((out / "model.safetensors.index.json").read_text())
+        base_index = next(json.loads((base / name).read_text()) for name in INDEXES if (base / name).exists())
         assert set(index["weight_map"]) == set(base_names)
+        # sharded like the base: as many shards, each tensor in the shard of the same number
+        assert len(set(index["weight_map"].values())) == len(set(base_index["weight_map"].values()))
+        shard_number = {file: i for i, file in enumerate(sorted(set(base_index["weight_map"].values())))}
+        out_number = {file: i for i, file in enumerate(sorted(set(index["weight_map"].values())))}
+        assert all(out_number[index["weight_map"][k]] == shard_number[f] for k, f in base_index["weight_map"].items())
         assert set(index["weight_map"].values()) == {n for n in out_weights if n.endswith(".safetensors")}
         for key, file in index["weight_map"].items():
             with safe_open(str(out / file), framework="pt") as f:

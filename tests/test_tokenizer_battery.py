@@ -168,3 +168,13 @@ def test_chat_answer_text_is_the_official_decode(mode, tokenizers):
     assert got == template.process_response(mode, cleaned, [])
     if mode == "glm":
         assert got == "好， 的！ ok."
+
+
+def test_glm3_answer_cut_by_max_new_tokens_keeps_its_last_token(tokenizers):
+    """Generation that ends at max_new_tokens has no stop token: the last generated token is part of the answer."""
+    tok, _ = tokenizers["glm3"]
+    answer = tok.encode_text("\n发动机水温高")
+    content, _ = template.decode_response(tok, "glm3", answer, [])
+    assert content == "发动机水温高"
+    stopped, _ = template.decode_response(tok, "glm3", answer + [tok.get_command("<|user|>")] + answer, [])
+    assert stopped == "发动机水温高"

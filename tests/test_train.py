@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, shared_path
+from dropin_checks import TRAIN_EXTRAS, assert_dropin
 from model import MODE, template
 from utils import InstructionDataset, load_for_inference
 
@@ -159,6 +160,7 @@ def test_train_matrix(mode, train_type, tiny_dirs, tmp_path):
     assert abs(dev_loss(model, tokenizer, mode, ROOT / "data/dev.jsonl", 4) - evals[-1]) < 1e-4
     base = load_file(Path(tiny_dirs[mode], "model.safetensors"))
     if train_type in ("freeze", "all"):
+        assert_dropin(tiny_dirs[mode], last, TRAIN_EXTRAS)  # the base directory with the trained weights
         saved = load_file(last / "model.safetensors")
         assert set(saved) == set(base)
         changed = {k for k in base if not torch.equal(saved[k], base[k])}
