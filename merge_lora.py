@@ -3,8 +3,11 @@
     python merge_lora.py --mode glm3 --ori_model_dir ChatGLM3-6B/ \\
         --model_dir output-glm3/epoch-2-step-100 --output_dir ChatGLM3-6B-merged [--dtype auto] [--device cpu]
 
-The output directory holds config.json, *.safetensors under the official weight names, the tokenizer files and
-merge_lora.json (what was merged). `MODE[mode].model.from_pretrained` and predict.py load it like an official model.
+The output directory is the base directory with the merged weights (model.export.write_full_checkpoint): every
+non-weight file of --ori_model_dir (THUDM's .py files, tokenizer files, generation_config.json ...) byte for byte,
+its config.json unchanged except `torch_dtype` when --dtype differs from the base's, the weights under the base's
+names, in its dtype, sharded like the base; plus merge_lora.json (what was merged). Whatever loaded the base loads
+it: THUDM's code with trust_remote_code, vLLM, `MODE[mode].model.from_pretrained`, predict.py.
 
 Before anything is written, the merged model is checked against base + adapter on a few fixed prompts: the largest
 logit difference must stay within the tolerance of the dtype (fp32: 1e-5, fp16: 1e-2, bf16: 5e-2; multiplied by the
@@ -18,14 +21,13 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 
 import torch
 
 from model import MODE, check_checkpoint_dir, template
+from model.export import ExportError, atomic_directory, write_full_checkpoint
 from utils import (DTYPES, CheckpointError, attach_lora, check_trained_mode, inference_device, load_tokenizer,
                    read_json)
 
@@ -54,7 +56,6 @@ def parse_args(argv=None):
     group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="dtype of the merged weights; auto: the base checkpoint's own")
     group.add_argument("--device", default="cpu", help="where to merge and check: cpu, cuda or cuda:N")
-    group.add_argument("--max_shard_size", default="4GB", help="largest safetensors file written")
     return parser.parse_args(argv)
 
 
@@ -177,27 +178,19 @@ class MergeCheckError(RuntimeError):
     pass
 
 
-def save(merged, tokenizer, report, args) -> None:
-    """Write into a temporary directory beside --output_dir, then rename it into place."""
-    output = os.path.abspath(args.output_dir)
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+def save(merged, report, args) -> None:
+    """Write the base directory with the merged weights into a temporary directory beside --output_dir, then rename
+    it into place."""
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else None  # auto: each tensor as the base stores it
+    state = {name: tensor for name, tensor in merged.state_dict().items()}
     try:
-        merged.save_pretrained(staging, safe_serialization=True, max_shard_size=args.max_shard_size)
-        tokenizer.save_pretrained(staging)
-        with open(os.path.join(staging, "merge_lora.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private
-        if os.path.isdir(output):  # checked empty before the merge; someone may have filled it since
-            os.rmdir(output)
-        os.replace(staging, output)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
-    logger.info("wrote the merged model to %s", output)
+        with atomic_directory(os.path.abspath(args.output_dir)) as staging:
+            changed = write_full_checkpoint(state, args.ori_model_dir, staging, dtype=dtype)
+            with open(os.path.join(staging, "merge_lora.json"), "w", encoding="utf-8") as f:
+                json.dump({**report, "config_fields_changed": changed}, f, indent=2)
+    except (ExportError, FileExistsError) as e:
+        raise CheckpointError(str(e)) from None
+    logger.info("wrote the merged model to %s", os.path.abspath(args.output_dir))
 
 
 def main(argv=None) -> int:
@@ -208,8 +201,8 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     try:
         check_dirs(args)
-        merged, tokenizer, report = merge(args)
-        save(merged, tokenizer, report, args)
+        merged, _, report = merge(args)
+        save(merged, report, args)
     except (CheckpointError, OSError) as e:
         print(f"merge_lora.py: error: {e}", file=sys.stderr)
         return 2

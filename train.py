@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 
 import numpy as np
@@ -269,28 +268,30 @@ def gathered_state_dict(engine, only_trainable: bool) -> dict:
 
 
 def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
-    """Write output_dir/<tag>/ under a temporary name and rename it once complete: an interrupted save never leaves
-    a directory that looks whole. Holds the model in the form predict.py loads (LoRA adapter, P-Tuning prefix, or
-    the full model with official names) plus DeepSpeed's resumable state."""
+    """Write output_dir/<tag>/ under a temporary name and rename it once complete (model.export's `begin_staging` /
+    `publish`): an interrupted save never leaves a directory that looks whole. Holds the model in the form predict.py
+    loads (LoRA adapter, P-Tuning prefix, or for freeze/all the base directory with the new weights:
+    `model.export.write_full_checkpoint`) plus DeepSpeed's resumable state."""
     from safetensors.torch import save_file
 
+    from model.export import begin_staging, publish, staging_path, write_full_checkpoint
+
     rank = torch.distributed.get_rank()
-    final, staging = os.path.join(args.output_dir, tag), os.path.join(args.output_dir, f".tmp-{tag}")
-    if rank == 0 and os.path.exists(staging):
-        shutil.rmtree(staging)
+    final = os.path.join(args.output_dir, tag)
+    staging = begin_staging(final) if rank == 0 else staging_path(final)
     torch.distributed.barrier()
     state = gathered_state_dict(engine, only_trainable=args.train_type in ("lora", "ptuning"))
     if rank == 0:
         model = engine.module
         if args.train_type == "lora":
             model.save_pretrained(staging, state_dict=state)
+            tokenizer.save_pretrained(staging)
         elif args.train_type == "ptuning":
-            os.makedirs(staging)
             model.config.save_pretrained(staging)
             save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(staging, "prefix_encoder.safetensors"))
-        else:
-            model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        else:  # the base's files (tokenizer included) with the new weights in the base's dtype
+            write_full_checkpoint(state, args.model_name_or_path, staging)
         with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
             json.dump({**vars(args), "model_name_or_path": os.path.abspath(args.model_name_or_path)}, f, indent=2)
     torch.distributed.barrier()
@@ -299,7 +300,7 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
     torch.save(rng_state(), os.path.join(staging, "deepspeed", f"rng_rank{rank}.pt"))
     torch.distributed.barrier()
     if rank == 0:
-        os.replace(staging, final)
+        publish(staging, final)
         logger.info("saved %s", final)
     torch.distributed.barrier()
     return final

@@ -206,7 +206,11 @@ def cut_at_stop(tokenizer, mode: str, new_ids: list[int]) -> list[int]:
 
 def decode_response(tokenizer, mode: str, new_ids: list[int], history=None):
     """What the official chat() returns for generated ids: cut at the first stop token, decoded and
-    post-processed. glm/glm2: the text; glm3: (content, history)."""
+    post-processed. glm/glm2: the text; glm3: (content, history).
+
+    When generation stopped at max_new_tokens / max_length rather than on a stop token, every generated id is a
+    real token of the answer and all are kept. (THUDM's ChatGLM3 chat() always drops the last generated token,
+    assuming it is a stop token, and so loses a real one in that case; we deliberately do not.)"""
     return process_response(mode, tokenizer.decode(cut_at_stop(tokenizer, mode, new_ids)), history)
 
 

@@ -2,20 +2,28 @@
 
     python -m model.tiny --mode glm3 --output_dir tiny-glm3
 
-The directory holds config.json, model.safetensors, the sentencepiece file of that version (ice_text.model or
-tokenizer.model: a real, small model trained on model/tiny_corpus.txt) and tokenizer_config.json. It trains on a CPU
-in seconds.
+The directory looks like THUDM's: config.json with the official fields (`model_type` chatglm, `architectures`
+["ChatGLMModel"], the official `auto_map`, `torch_dtype`) plus our `chatglm_version` marker, model.safetensors under
+the official weight names, the sentencepiece file of that version (ice_text.model or tokenizer.model: a real, small
+model trained on model/tiny_corpus.txt) and the official tokenizer_config.json of that version (which THUDM's
+tokenizer class reads). THUDM's .py files are not included (they are not ours to ship): copy them in to load the
+directory with `trust_remote_code`. It trains on a CPU in seconds.
+
+The weights are drawn like the official reference tensors (uniform in [-0.5, 0.5], norm weights in [0.5, 1.5])
+rather than a training initialisation (std 0.02), so that every part of the network moves the logits: a wrong
+residual scale or a rotary base off by one changes them by more than 1e-3 (tests/test_parity.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
-import tempfile
 
 import torch
 
 from . import MODE
+from .config import VERSION_KEY
+from .export import atomic_directory
 from .sp_build import build_tokenizer_file
 
 TINY_SIZES = {"hidden_size": 64, "num_attention_heads": 4, "num_layers": 2}
@@ -34,25 +42,80 @@ def tiny_config(mode: str, tokenizer):
                        chatglm_version=mode, **TINY_SIZES)
 
 
+# What THUDM's config.json files declare beside the network's fields (chatglm-6b, chatglm2-6b, chatglm3-6b).
+_AUTO_MAP = {
+    "glm": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+    "glm2": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+             "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+             "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+             "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+             "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification"},
+    "glm3": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+             "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+             "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+}
+_GLM_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "layernorm_epsilon", "inner_hidden_size",
+               "max_sequence_length", "position_encoding_2d", "bos_token_id", "eos_token_id", "mask_token_id",
+               "gmask_token_id", "pad_token_id", "use_cache")
+_GLM2_FIELDS = ("num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels", "num_attention_heads",
+                "seq_length", "hidden_dropout", "attention_dropout", "layernorm_epsilon", "rmsnorm",
+                "apply_residual_connection_post_layernorm", "post_layer_norm", "add_bias_linear", "add_qkv_bias",
+                "bias_dropout_fusion", "multi_query_attention", "multi_query_group_num", "apply_query_key_layer_scaling",
+                "attention_softmax_in_fp32", "fp32_residual_connection", "original_rope", "use_cache", "eos_token_id",
+                "pad_token_id", "tie_word_embeddings")
+# THUDM's tokenizer_config.json of each version (without its hub name_or_path).
+OFFICIAL_TOKENIZER_CONFIGS = {
+    "glm": {"bos_token": "<sop>", "eos_token": "<eop>", "end_token": "</s>", "gmask_token": "[gMASK]",
+            "mask_token": "[MASK]", "pad_token": "<pad>", "unk_token": "<unk>", "remove_space": False,
+            "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer", "num_image_tokens": 0,
+            "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}},
+    "glm2": {"remove_space": False, "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
+             "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}},
+    "glm3": {"remove_space": False, "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
+             "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}},
+}
+
+
+def official_config_dict(mode: str, config) -> dict:
+    """config.json of `config` as THUDM writes it: the network's fields, `model_type`, `architectures`, `auto_map`,
+    `torch_dtype` (fp32 here), plus our version marker."""
+    fields = _GLM_FIELDS if mode == "glm" else _GLM2_FIELDS
+    values = {"architectures": ["ChatGLMModel"], "auto_map": _AUTO_MAP[mode], "model_type": "chatglm"}
+    values.update({name: getattr(config, name) for name in fields})
+    values.update({"torch_dtype": "float32", VERSION_KEY: mode})
+    return dict(sorted(values.items()))
+
+
+def draw_strong_weights(model, seed: int) -> None:
+    """Every weight matrix and bias uniform in [-0.5, 0.5], norm weights in [0.5, 1.5] (see the module doc)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.dim() > 1 or name.endswith(".bias"):
+                param.uniform_(-0.5, 0.5, generator=generator)
+            else:
+                param.uniform_(0.5, 1.5, generator=generator)
+
+
 def write_tiny_checkpoint(mode: str, output_dir: str, seed: int = 0) -> str:
-    """Build the tokenizer and a randomly initialised model of `mode`; save both into output_dir (replaced whole)."""
+    """Build the tokenizer and a random model of `mode`; write both into output_dir (replaced whole)."""
+    from safetensors.torch import save_file
+
     spec = MODE[mode]
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
-    try:
+    with atomic_directory(output_dir, replace=True) as staging:
         build_tokenizer_file(mode, os.path.join(staging, spec.tokenizer_file))
         tokenizer = spec.tokenizer.from_pretrained(staging)
         torch.manual_seed(seed)
         model = spec.model(tiny_config(mode, tokenizer))
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)  # appears only once complete
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
+        draw_strong_weights(model, seed)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        for name, content in (("config.json", official_config_dict(mode, model.config)),
+                              ("tokenizer_config.json", OFFICIAL_TOKENIZER_CONFIGS[mode])):
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+                f.write(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
     return output_dir
 
 

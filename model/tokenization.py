@@ -18,6 +18,20 @@ No special id is written in this module: they are looked up in the vocabulary fi
 
 All three pad on the left, return a 2-D attention mask (1 = real token) and offer `encode_text(text)`, the ids of
 plain text without any special token, which the chat templates of `model/template.py` are built from.
+
+Plain text is plain text: no string inside it ("[gMASK]", "<sop>", "</s>", "<|user|>" ...) ever becomes a special
+id, in any mode and through any entry point (`tokenizer(text)`, `encode`, `tokenize`, `encode_text`). Special ids
+come only from `build_inputs_with_special_tokens` and the templates (`get_command`). This is what THUDM's ChatGLM2/3
+tokenizers do; THUDM's ChatGLM-6B tokenizer (under the transformers 4.x it was written for) splits the text of its
+registered special tokens [MASK], <sop>, <eop>, <unk>, <pad> out of the input, which lets user text inject control
+tokens; we deliberately keep those strings plain text too. ChatGLM-6B's whitespace pieces are not control tokens:
+the text "<n>" or "<|blank_4|>" encodes to the same piece as a newline or four spaces, exactly as THUDM's.
+
+Decoding follows the official tokenizers (see `_decode`): every id becomes its piece (ChatGLM2: '' for the appended
+tokens and for bos/eos/pad; ChatGLM3: the appended tokens by name, '' for bos/eos/pad) and the whole list goes through
+one sentencepiece `decode_pieces` call, so a token after a special one keeps its leading space ("[gMASK]sop 你好");
+ChatGLM-6B and ChatGLM2-6B then apply transformers 4.x's default `clean_up_tokenization_spaces` (" ." -> "." ...),
+which THUDM's configs leave on; ChatGLM3's turns it off.
 """
 from __future__ import annotations
 
@@ -81,6 +95,16 @@ def glm_postprocess(text: str, max_blank_length: int = GLM_MAX_BLANK_LENGTH) -> 
     return text
 
 
+def clean_up_spaces(text: str) -> str:
+    """transformers 4.x's `clean_up_tokenization`, which THUDM's ChatGLM-6B and ChatGLM2-6B tokenizers apply when
+    decoding (their configs leave `clean_up_tokenization_spaces` at its 4.x default, True): the space before
+    . ? ! , and before the English contractions goes. Written out here so that it cannot change under us."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
 def load_sentencepiece(path: str, checkpoint: str) -> SentencePieceProcessor:
     """Load a sentencepiece model, with one-line errors instead of sentencepiece's own.
 
@@ -100,7 +124,8 @@ class _SentencePieceTokenizer(PreTrainedTokenizer):
     """What the three ChatGLM tokenizers share: the vocabulary file, loading, saving, left padding and decoding.
 
     Subclasses set `vocab_files_names` and `checkpoint_kind` and implement the id <-> piece mapping, `encode_text`,
-    `build_inputs_with_special_tokens` and the decode hooks `_sp_index`, `_special_text` and `_dropped_ids`.
+    `build_inputs_with_special_tokens` and the decode hooks `_sp_index`, `_decode_piece`, `_skipped_ids` and
+    `_pieces_to_text`.
     """
 
     model_input_names = ["input_ids", "attention_mask"]
@@ -147,12 +172,20 @@ class _SentencePieceTokenizer(PreTrainedTokenizer):
         return (target,)
 
     # -------------------------------------------------------------------------------------------- encoding
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        """Pieces of `text`, which is always plain text: transformers would first split out the text of registered
+        special and added tokens ("<sop>", "</s>" ...) and so let user text inject control tokens; we never do."""
+        kwargs.pop("split_special_tokens", None)
+        text, kwargs = self.prepare_for_tokenization(text, **kwargs)
+        return self._tokenize(text)
+
     def encode_text(self, text: str) -> list[int]:
         """Ids of plain `text`, without special tokens; special-token strings inside it are not recognised."""
         raise NotImplementedError
 
     def _special_ids(self) -> set[int]:
-        """Every id this tokenizer treats as special (skipped by `decode(..., skip_special_tokens=True)`)."""
+        """Every id that is a control token rather than text (marked 1 by `get_special_tokens_mask` on an already
+        formatted sequence)."""
         return set(self.all_special_ids)
 
     def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False) -> list[int]:
@@ -174,43 +207,29 @@ class _SentencePieceTokenizer(PreTrainedTokenizer):
         """The sentencepiece id behind token id `index`, or None when it is not a piece of the file."""
         raise NotImplementedError
 
-    def _special_text(self, index: int) -> str:
-        """Text of a token id that is not a sentencepiece piece (appended special, image or added token)."""
-        token = self._added_tokens_decoder.get(index)
-        return token.content if token is not None else ""
+    def _decode_piece(self, index: int) -> str:
+        """What the official tokenizer hands sentencepiece for token id `index` when decoding."""
+        raise NotImplementedError
 
-    def _dropped_ids(self) -> set[int]:
-        """Ids that decoding always leaves out, as the official tokenizers do."""
+    def _skipped_ids(self, skip_special_tokens: bool) -> set[int]:
+        """Ids that decoding leaves out."""
         return set()
 
-    def _decode_pieces_run(self, sp_ids: list[int]) -> str:
-        """Decode consecutive sentencepiece ids."""
-        return self.sp_model.decode(sp_ids)
+    def _pieces_to_text(self, pieces: list[str]) -> str:
+        return self.sp_model.decode_pieces(pieces)
 
     def _decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None, **kwargs):
-        """Decode ids straight through sentencepiece (exact byte-fallback handling), rendering the ids that are not
-        pieces of the file with `_special_text`; ids out of the vocabulary (e.g. from a padded embedding) yield ''."""
+        """Decode as the official tokenizers do: each id to its piece, all pieces through ONE sentencepiece
+        `decode_pieces` call (only the very first piece loses its leading "▁"; byte-fallback pieces join into
+        characters), then the optional clean-up of spaces before punctuation."""
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        skipped = self._dropped_ids() | (self._special_ids() if skip_special_tokens else set())
-        parts, run = [], []
-        for index in map(int, token_ids):
-            if index in skipped:
-                continue
-            sp_index = self._sp_index(index)
-            if sp_index is not None:
-                run.append(sp_index)
-                continue
-            if run:
-                parts.append(self._decode_pieces_run(run))
-                run = []
-            parts.append(self._special_text(index))
-        if run:
-            parts.append(self._decode_pieces_run(run))
-        text = "".join(parts)
+        skipped = self._skipped_ids(skip_special_tokens)
+        pieces = [self._decode_piece(index) for index in map(int, token_ids) if index not in skipped]
+        text = self._pieces_to_text(pieces)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
-        return self.clean_up_tokenization(text) if clean_up_tokenization_spaces else text
+        return clean_up_spaces(text) if clean_up_tokenization_spaces else text
 
 
 class ChatGLMTokenizer(_SentencePieceTokenizer):
@@ -241,6 +260,7 @@ class ChatGLMTokenizer(_SentencePieceTokenizer):
         unk_token="<unk>",
         num_image_tokens=0,
         max_blank_length=GLM_MAX_BLANK_LENGTH,
+        clean_up_tokenization_spaces=True,
         **kwargs,
     ):
         self._load_vocab_file(vocab_file, kwargs)
@@ -261,6 +281,7 @@ class ChatGLMTokenizer(_SentencePieceTokenizer):
             unk_token=unk_token,
             num_image_tokens=num_image_tokens,
             max_blank_length=max_blank_length,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
             **kwargs,
         )
 
@@ -347,12 +368,20 @@ class ChatGLMTokenizer(_SentencePieceTokenizer):
         sp_index = index - self.num_image_tokens
         return sp_index if 0 <= sp_index < self.sp_model.get_piece_size() else None
 
-    def _dropped_ids(self) -> set[int]:
-        # The official decoder removes padding. (Image tokens have no text either: `_special_text` gives ''.)
-        return {self.pad_token_id}
+    def _decode_piece(self, index: int) -> str:
+        return self._convert_id_to_token(index)
 
-    def _decode_pieces_run(self, sp_ids: list[int]) -> str:
-        return glm_postprocess(self.sp_model.decode(sp_ids), self.max_blank_length)
+    def _skipped_ids(self, skip_special_tokens: bool) -> set[int]:
+        # The official decoder always removes padding; skip_special_tokens drops the tokens it registers as special
+        # (bos <sop>, eos <eop>, unk, pad, mask [MASK]). [gMASK] and the other specials of the file are control
+        # pieces, which sentencepiece decodes to '' anyway.
+        skipped = {self.pad_token_id}
+        if skip_special_tokens:
+            skipped |= {self.bos_token_id, self.eos_token_id, self.unk_token_id, self.mask_token_id}
+        return skipped
+
+    def _pieces_to_text(self, pieces: list[str]) -> str:
+        return glm_postprocess(self.sp_model.decode_pieces(pieces), self.max_blank_length)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return glm_postprocess(self.sp_model.decode_pieces(tokens), self.max_blank_length)
@@ -362,7 +391,8 @@ class ChatGLM2Tokenizer(_SentencePieceTokenizer):
     """Tokenizer of ChatGLM2-6B, reading `tokenizer.model` (n pieces, official n = 64789).
 
     Appended after the file's pieces: [MASK] n, [gMASK] n+1, [sMASK] n+2, sop n+3, eop n+4 (official 64789 to
-    64793). bos/eos are the file's <s> (1) and </s> (2); pad is its <unk> (0), as in the official tokenizer.
+    64793). eos is the file's </s> (2) and pad its <unk> (0), as in the official tokenizer; like there, no bos or unk
+    token is registered (`bos_token_id` and `unk_token_id` are None; `get_command("<bos>")` gives the file's <s>, 1).
     `tokenizer(text)` gives `[gMASK] sop + text ids` (a pair: `+ second ids + eos`).
 
     The appended tokens are not registered as transformers special tokens, so text such as "sop" or "[gMASK]" is
@@ -375,23 +405,27 @@ class ChatGLM2Tokenizer(_SentencePieceTokenizer):
     # ChatGLM2's decoder renders the appended tokens as '', ChatGLM3's as their names.
     render_appended_tokens = False
 
-    def __init__(self, vocab_file=None, padding_side="left", **kwargs):
+    def __init__(self, vocab_file=None, padding_side="left", clean_up_tokenization_spaces=True, **kwargs):
         self._load_vocab_file(vocab_file, kwargs)
         sp = self.sp_model
         self.n_words = sp.get_piece_size()
         self.special_tokens = {token: self.n_words + i for i, token in enumerate(self.appended_tokens)}
         self.index_special_tokens = {index: token for token, index in self.special_tokens.items()}
         self._warn_on_shadowed_pieces()
-        # bos, eos, pad and unk are fixed by the file, whatever a tokenizer_config.json says.
-        pad_id = sp.unk_id() if sp.pad_id() < 0 else sp.pad_id()
-        fixed = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id(), "pad_token": pad_id}
+        # eos and pad are fixed by the file, whatever a tokenizer_config.json says (ours of earlier versions wrote
+        # all four); bos and unk stay unregistered, as in the official tokenizer.
+        self._bos_id = sp.bos_id()
+        self._pad_id = sp.unk_id() if sp.pad_id() < 0 else sp.pad_id()
+        fixed = {"eos_token": sp.eos_id(), "pad_token": self._pad_id, "bos_token": None, "unk_token": None}
         for name, index in fixed.items():
-            piece = sp.id_to_piece(index)
+            piece = sp.id_to_piece(index) if index is not None else None
             given = kwargs.pop(name, None)
-            if given is not None and str(given) != piece:
+            if given is not None and index is not None and str(given) != piece:
                 logger.warning(f"{name}={given!r} ignored: {self.vocab_file} defines it as {piece!r}")
-            kwargs[name] = piece
-        super().__init__(padding_side=padding_side, **kwargs)
+            if piece is not None:
+                kwargs[name] = piece
+        super().__init__(padding_side=padding_side, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+                         **kwargs)
 
     def _warn_on_shadowed_pieces(self) -> None:
         """The official tokenizers look special names up before pieces; say so if a file piece gets hidden."""
@@ -414,7 +448,7 @@ class ChatGLM2Tokenizer(_SentencePieceTokenizer):
 
     def get_command(self, token: str) -> int:
         """Id of a special token: "<bos>", "<eos>", "<pad>" or one of the appended tokens ("[gMASK]", "sop" ...)."""
-        commands = {"<bos>": self.bos_token_id, "<eos>": self.eos_token_id, "<pad>": self.pad_token_id}
+        commands = {"<bos>": self._bos_id, "<eos>": self.eos_token_id, "<pad>": self.pad_token_id}
         if token in commands:
             return commands[token]
         if token not in self.special_tokens:
@@ -448,7 +482,7 @@ class ChatGLM2Tokenizer(_SentencePieceTokenizer):
         return self.sp_model.id_to_piece(index) if 0 <= index < self.n_words else ""
 
     def _special_ids(self) -> set[int]:
-        return set(self.all_special_ids) | set(self.index_special_tokens)
+        return {self._bos_id, self.eos_token_id, self._pad_id} | set(self.index_special_tokens)
 
     # ------------------------------------------------------------------------------------------- encoding
     def _tokenize(self, text: str, **kwargs) -> list[str]:
@@ -473,35 +507,29 @@ class ChatGLM2Tokenizer(_SentencePieceTokenizer):
     def _sp_index(self, index: int) -> int | None:
         return index if 0 <= index < self.n_words else None
 
-    def _dropped_ids(self) -> set[int]:
-        # The official tokenizer maps bos, eos and pad to '' when decoding.
-        return {self.bos_token_id, self.eos_token_id, self.pad_token_id}
-
-    def _special_text(self, index: int) -> str:
+    def _decode_piece(self, index: int) -> str:
+        # Official: the appended tokens are '' (ChatGLM2) or their names (ChatGLM3); bos, eos and pad are ''. Ids
+        # outside the vocabulary (a padded embedding row) give '' too.
         if index in self.index_special_tokens:
             return self.index_special_tokens[index] if self.render_appended_tokens else ""
-        return super()._special_text(index)
+        if index in (self._bos_id, self.eos_token_id, self._pad_id) or not 0 <= index < self.n_words:
+            return ""
+        return self.sp_model.id_to_piece(index)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        parts, run = [], []
-        for token in tokens:
-            if token in self.special_tokens:
-                if run:
-                    parts.append(self.sp_model.decode_pieces(run))
-                    run = []
-                parts.append(self._special_text(self.special_tokens[token]))
-            else:
-                run.append(token)
-        if run:
-            parts.append(self.sp_model.decode_pieces(run))
-        return "".join(parts)
+        # The official decode of tokens: one sentencepiece call; appended names pass through as text (ChatGLM3) or
+        # vanish (ChatGLM2), as `_decode_piece` renders them.
+        if not self.render_appended_tokens:
+            tokens = ["" if token in self.special_tokens else token for token in tokens]
+        return self.sp_model.decode_pieces(tokens)
 
 
 class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
     """Tokenizer of ChatGLM3-6B: ChatGLM2Tokenizer plus the role tokens <|system|> n+5, <|user|> n+6,
     <|assistant|> n+7 and <|observation|> n+8 (official 64794 to 64797).
 
-    Decoding renders the appended tokens as their text (skip them with `skip_special_tokens=True`).
+    Decoding renders the appended tokens as their text, also with `skip_special_tokens=True`: as in the official
+    tokenizer they are not registered special tokens (chat() cuts the answer at its stop tokens instead).
     With `encode_special_tokens=True` (off by default, as official), role names written in the text are encoded
     as the role tokens; `encode_text` never does.
     """

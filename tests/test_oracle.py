@@ -21,8 +21,10 @@ def glm_oracle_pair(mode):
                                       num_key_value_heads=groups, head_dim=head_dim, partial_rotary_factor=0.5,
                                       attention_bias=True, rms_norm_eps=1e-5, max_position_embeddings=4096,
                                       pad_token_id=0)).eval()
-    for p in oracle.parameters():  # make every weight matter (norm weights included)
-        torch.nn.init.uniform_(p, -0.1, 0.1) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
+    # Large enough that every weight matters (norm weights included) and that a rotary base of 10001 instead of
+    # 10000 moves the logits by more than 1e-3 (test_oracle_rejects_rotary_base_10001); at +-0.1 it moved them 7e-5.
+    for p in oracle.parameters():
+        torch.nn.init.uniform_(p, -0.3, 0.3) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
     config = MODE[mode].config(padded_vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads,
                                kv_channels=head_dim, multi_query_attention=True, multi_query_group_num=groups,
                                ffn_hidden_size=ffn, num_layers=layers, layernorm_epsilon=1e-5)
@@ -45,19 +47,41 @@ def glm_oracle_pair(mode):
     return oracle, ours
 
 
-@pytest.mark.parametrize("mode", ["glm2", "glm3"])
-def test_matches_transformers_glm(mode):
+def oracle_and_ours_logits(mode):
     oracle, ours = glm_oracle_pair(mode)
     ids = torch.randint(1, 300, (2, 40))
     positions = torch.arange(1000, 1040).expand(2, -1)  # far positions: a wrong base or pairing shows at once
     with torch.no_grad():
         expected = oracle(input_ids=ids, position_ids=positions).logits
         got = ours(input_ids=ids, position_ids=positions).logits
-    assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
+    return ours, ids, positions, expected, got
+
+
+def oracle_tolerance(expected):
+    return 1e-4 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("mode", ["glm2", "glm3"])
+def test_matches_transformers_glm(mode):
+    ours, ids, positions, expected, got = oracle_and_ours_logits(mode)
+    assert (got - expected).abs().max().item() < oracle_tolerance(expected)
     # the comparison can fail: other relative distances (rotary is relative, so scale rather than shift) differ
     with torch.no_grad():
         stretched = ours(input_ids=ids, position_ids=positions * 2).logits
     assert (stretched - expected).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["glm2", "glm3"])
+def test_oracle_rejects_rotary_base_10001(mode, monkeypatch):
+    from model import modeling_chatglm2
+
+    original = modeling_chatglm2.rotary_cos_sin
+    monkeypatch.setattr(modeling_chatglm2, "rotary_cos_sin",
+                        lambda positions, head_dim, base, angle_dtype, out_dtype:
+                        original(positions, head_dim, base * 1.0001, angle_dtype, out_dtype))
+    _, _, _, expected, got = oracle_and_ours_logits(mode)
+    error = (got - expected).abs().max().item()
+    assert error > 1e-3 and error > oracle_tolerance(expected)
 
 
 def official_glm_attention_scores(q, k, positions, block_positions):
@@ -80,7 +104,7 @@ def official_glm_attention_scores(q, k, positions, block_positions):
     return torch.einsum("shd,thd->hst", q, k) / math.sqrt(q.shape[-1])
 
 
-def test_glm_2d_rotary_at_full_head_size():
+def glm_2d_rotary_error():
     from model.modeling_chatglm import apply_rotary_2d, rotary_cos_sin
 
     torch.manual_seed(0)
@@ -95,4 +119,9 @@ def test_glm_2d_rotary_at_full_head_size():
     q_ours = apply_rotary_2d(q.permute(1, 0, 2)[None], rope)[0]  # [heads, seq, dim]
     k_ours = apply_rotary_2d(k.permute(1, 0, 2)[None], rope)[0]
     got = q_ours @ k_ours.transpose(-1, -2) / math.sqrt(head_dim)
-    assert (got - expected).abs().max().item() < 1e-4
+    return (got - expected).abs().max().item()
+
+
+def test_glm_2d_rotary_at_full_head_size():
+    assert glm_2d_rotary_error() < 1e-4
+

@@ -1,12 +1,14 @@
 """Parity with THUDM's official ChatGLMModel: ../shared/reference/*.data hold weights and outputs of the official
 code on tiny configs (format in ../shared/reference/README.md). A 3-token prompt, then two decode steps through the
 KV cache; our body must reproduce y1, y2, y3."""
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import shared_path
-from model import MODE
+from model import MODE, modeling_chatglm, modeling_chatglm2
 from model.compat import output_cache
 
 GLM_LAYOUT = [  # name, shape (ChatGLM-6B, 1 layer, hidden 32, 8 heads)
@@ -129,3 +131,48 @@ def test_reference_rejects_wrong_network():
         out = body(input_ids=tail["x1"].long(), position_ids=torch.tensor([[0, 1, 2]]),
                    full_attention_mask=torch.zeros(1, 1, 3, 3, dtype=torch.bool), use_cache=False)
     assert (out.last_hidden_state.transpose(0, 1) - tail["y1"]).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ the checks have teeth
+def max_reference_error(name, mode, layout):
+    weights, tail = read_reference(name, layout)
+    body = build_body(mode, weights)
+    return max((ours - expected).abs().max().item()
+               for ours, expected in zip(run_three_steps(mode, body, tail), (tail["y1"], tail["y2"], tail["y3"])))
+
+
+def test_reference_rejects_a_wrong_residual_scale(monkeypatch):
+    """sqrt(2 * 27) instead of sqrt(2 * 28) (an off-by-one layer count) must fail the ChatGLM-6B reference."""
+    monkeypatch.setattr(modeling_chatglm, "RESIDUAL_ALPHA", math.sqrt(2 * 27))
+    assert max_reference_error("glm_model", "glm", GLM_LAYOUT) > 1e-3
+
+
+def glm2_rotary_base_10001(monkeypatch):
+    original = modeling_chatglm2.rotary_cos_sin
+    monkeypatch.setattr(modeling_chatglm2, "rotary_cos_sin",
+                        lambda positions, head_dim, base, angle_dtype, out_dtype:
+                        original(positions, head_dim, base * 1.0001, angle_dtype, out_dtype))
+
+
+def tiny_logits(directory, mode):
+    from model import template
+
+    model = MODE[mode].model.from_pretrained(str(directory)).eval()
+    tokenizer = MODE[mode].tokenizer.from_pretrained(str(directory))
+    ids = template.encode_prompt(tokenizer, mode, "发动机水温高，风扇低速转动。What should I check first? " * 3,
+                                 [("你好", "你好！")])
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits
+
+
+@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3"])
+def test_tiny_checkpoints_show_a_wrong_constant(mode, tiny_dirs, monkeypatch, one_thread):
+    """The tiny checkpoints that the train/merge/predict tests compare logits on are strong enough that a wrong
+    residual scale (ChatGLM-6B) or a rotary base of 10001 (ChatGLM2/3) moves their logits by more than 1e-3.
+    (ChatGLM-6B rounds its inv_freq to fp16, which absorbs a base of 10001: the official code cannot tell either.)"""
+    expected = tiny_logits(tiny_dirs[mode], mode)
+    if mode == "glm":
+        monkeypatch.setattr(modeling_chatglm, "RESIDUAL_ALPHA", math.sqrt(2 * 27))
+    else:
+        glm2_rotary_base_10001(monkeypatch)
+    assert (tiny_logits(tiny_dirs[mode], mode) - expected).abs().max().item() > 1e-3
