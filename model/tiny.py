@@ -2,9 +2,9 @@
 
     python -m model.tiny --mode glm3 --output_dir tiny-glm3
 
-The directory holds config.json, model.safetensors, the sentencepiece file of that version (ice_text.model or
-tokenizer.model: a real, small model trained on model/tiny_corpus.txt) and tokenizer_config.json. It trains on a CPU
-in seconds.
+The directory holds config.json, model.safetensors, the tokenizer file of that version (ice_text.model or
+tokenizer.model: a real, small sentencepiece model trained on model/tiny_corpus.txt; for glm4 a tiktoken ranks file
+trained on the same corpus by model.tiktoken_build) and tokenizer_config.json. It trains on a CPU in seconds.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import tempfile
 
 import torch
 
-from . import MODE
+from . import MODE, template
 from .sp_build import build_tokenizer_file
+from .tiktoken_build import build_ranks_file
 
 TINY_SIZES = {"hidden_size": 64, "num_attention_heads": 4, "num_layers": 2}
 
@@ -29,6 +30,10 @@ def tiny_config(mode: str, tokenizer):
                            mask_token_id=tokenizer.mask_token_id, gmask_token_id=tokenizer.gmask_token_id,
                            pad_token_id=tokenizer.pad_token_id, chatglm_version=mode, **TINY_SIZES)
     padded = (len(tokenizer) + 63) // 64 * 64  # the official vocabulary is padded too (65024)
+    if mode == "glm4":  # GLM-4's own defaults (rope_ratio, eps) stay; the eos list is the tiny tokenizer's stop ids
+        return spec.config(padded_vocab_size=padded, kv_channels=16, multi_query_group_num=2, ffn_hidden_size=128,
+                           seq_length=2048, eos_token_id=template.stop_token_ids(tokenizer, mode),
+                           pad_token_id=tokenizer.pad_token_id, chatglm_version=mode, **TINY_SIZES)
     return spec.config(padded_vocab_size=padded, kv_channels=16, multi_query_group_num=2, ffn_hidden_size=128,
                        seq_length=2048, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        chatglm_version=mode, **TINY_SIZES)
@@ -41,7 +46,8 @@ def write_tiny_checkpoint(mode: str, output_dir: str, seed: int = 0) -> str:
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
     try:
-        build_tokenizer_file(mode, os.path.join(staging, spec.tokenizer_file))
+        build = build_ranks_file if mode == "glm4" else lambda path: build_tokenizer_file(mode, path)
+        build(os.path.join(staging, spec.tokenizer_file))
         tokenizer = spec.tokenizer.from_pretrained(staging)
         torch.manual_seed(seed)
         model = spec.model(tiny_config(mode, tokenizer))
