@@ -21,7 +21,7 @@ from model import MODE, template
 from test_merge_lora import make_lora_adapter
 from utils import CheckpointError, load_for_inference, sample_to_messages
 
-MODES = ["glm", "glm2", "glm3"]
+MODES = ["glm", "glm2", "glm3", "glm4"]
 INSTRUCTION = "抽取三元组："
 FIT_SAMPLES = [
     {"instruction": INSTRUCTION, "input": "发动机水温高，风扇低速转动。", "output": "发动机_部件故障_水温高\n风扇_部件故障_低速转动"},
