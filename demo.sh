@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the built-in default: a tiny ChatGLM3 checkpoint, the sample data in data/,
 # LoRA training under the deepspeed launcher (on the CPU when there is no GPU), then batch prediction with metrics.
-#   bash demo.sh            (MODE=glm or MODE=glm2 bash demo.sh for the other versions)
+#   bash demo.sh            (MODE=glm, MODE=glm2 or MODE=glm4 bash demo.sh for the other versions)
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE="${MODE:-glm3}"

@@ -47,7 +47,7 @@ CHECK_PROMPTS = [
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input")
-    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2 or glm3")
+    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2, glm3 or glm4")
     group.add_argument("--ori_model_dir", required=True, help="base model directory the adapter was trained on")
     group.add_argument("--model_dir", required=True,
                        help="LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")

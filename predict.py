@@ -40,7 +40,7 @@ logger = logging.getLogger("chatglm")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("model")
-    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2 or glm3")
+    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2, glm3 or glm4")
     group.add_argument("--model_path", required=True,
                        help="checkpoint directory: full model, LoRA adapter or P-Tuning prefix")
     group.add_argument("--base_model_path", default=None,
@@ -92,7 +92,7 @@ def generation_kwargs(args, tokenizer, mode: str) -> dict:
 
 
 def answer_text(response) -> str:
-    """A glm3 tool call comes back from process_response as {"name", "content"}: score it as JSON text."""
+    """A glm3/glm4 tool call comes back from process_response as {"name", "content"}: score it as JSON text."""
     return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
 
 
@@ -109,7 +109,7 @@ def read_test_set(path: str, mode: str) -> list[dict]:
         if not prompt_messages:
             raise DataError(f"{where}: nothing to answer before the reference (the conversation is one answer)")
         last = prompt_messages[-1]
-        if last["role"] == "assistant" or (mode != "glm3" and last["role"] != "user"):
+        if last["role"] == "assistant" or (mode not in template.MESSAGE_MODES and last["role"] != "user"):
             raise DataError(f"{where}: the message before the reference must come from the user, "
                             f"not {last['role']!r}")
         samples.append({"query": last["content"], "role": last["role"], "history": prompt_messages[:-1],
@@ -133,7 +133,7 @@ def generate_batch(model, tokenizer, mode: str, prompts: list[list[int]], gen_kw
 
 def decode_answer(tokenizer, mode: str, new_ids: list[int], history) -> str:
     """The answer text as chat() returns it (the official post-processing of each version)."""
-    if mode == "glm3":
+    if mode in template.MESSAGE_MODES:
         response, _ = template.decode_response(tokenizer, mode, new_ids, list(history))
         return answer_text(response)
     return template.decode_response(tokenizer, mode, new_ids)

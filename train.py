@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("model")
     group.add_argument("--model_name_or_path", required=True, help="official ChatGLM checkpoint directory")
-    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2 or glm3")
+    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2, glm3 or glm4")
     group.add_argument("--train_type", default="lora", choices=TRAIN_TYPES, help="what trains")
     group.add_argument("--freeze_module_name", default="layers.27.,layers.26.,layers.25.,layers.24.",
                        help="freeze: comma-separated name parts; only parameters containing one of them train")

@@ -1,7 +1,8 @@
-"""Training speed and memory: our ChatGLM3 through train.py's own step, beside the peer a user would otherwise pick
-(transformers' GlmForCausalLM, the same network, with PEFT LoRA, SDPA and gradient checkpointing).
+"""Training speed and memory: our ChatGLM3 (or GLM-4) through train.py's own step, beside the peer a user would
+otherwise pick (transformers' GlmForCausalLM, the same network, with PEFT LoRA, SDPA and gradient checkpointing).
 
     python bench/bench.py                          # GPU: ChatGLM3-6B shape in bf16, every case of the table
+    python bench/bench.py --shape glm-4-9b         # GPU: GLM-4-9B shape, --mode glm4 (rope_ratio 500)
     python bench/bench.py --shape tiny --steps 3   # any machine: tiny shape (CPU: fp32, no memory column)
     python bench/bench.py --cases lora:2048x4:ckpt lora:1560x1:ckpt --output bench/RESULTS.md
 
@@ -29,12 +30,15 @@ from model.compat import enable_activation_checkpointing  # noqa: E402
 from utils import DTYPES  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = {  # the official chatglm3-6b config.json, and a tiny one for machines without a GPU
+SHAPES = {  # the official chatglm3-6b and glm-4-9b-chat config.json, and a tiny one for machines without a GPU
     "chatglm3-6b": dict(num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696,
                         kv_channels=128, num_attention_heads=32, multi_query_group_num=2, seq_length=8192),
+    "glm-4-9b": dict(num_layers=40, padded_vocab_size=151552, hidden_size=4096, ffn_hidden_size=13696,
+                     kv_channels=128, num_attention_heads=32, multi_query_group_num=2, seq_length=131072),
     "tiny": dict(num_layers=2, padded_vocab_size=1088, hidden_size=64, ffn_hidden_size=128, kv_channels=16,
                  num_attention_heads=4, multi_query_group_num=2, seq_length=4096),
 }
+SHAPE_MODES = {"chatglm3-6b": "glm3", "glm-4-9b": "glm4", "tiny": "glm3"}  # --mode unless given
 DEFAULT_CASES = ["lora:1560x1:ckpt", "lora:1560x1:nockpt", "lora:2048x4:ckpt", "lora:2048x4:nockpt",
                  "freeze:1560x1:ckpt", "freeze:2048x4:ckpt", "ptuning:1560x1:ckpt", "ptuning:2048x4:ckpt",
                  "all:1560x1:ckpt"]
@@ -48,9 +52,9 @@ def parse_case(case: str):
     return train_type, seq, batch, ckpt == "ckpt"
 
 
-def train_args(train_type, batch, ckpt, shape, layers):
+def train_args(train_type, batch, ckpt, shape, layers, mode="glm3"):
     """The flags a user would pass to train.py for this case."""
-    argv = ["--model_name_or_path", "-", "--mode", "glm3", "--train_type", train_type, "--train_path", "-",
+    argv = ["--model_name_or_path", "-", "--mode", mode, "--train_type", train_type, "--train_path", "-",
             "--output_dir", "-", "--per_device_train_batch_size", str(batch), "--learning_rate", "1e-5",
             "--lora_dim", "16", "--lora_alpha", "32", "--lora_dropout", "0.0", "--lora_module_name", LORA_TARGETS,
             "--pre_seq_len", "128", "--freeze_module_name", ",".join(f"layers.{layers - i}." for i in range(1, 5)),
@@ -72,9 +76,9 @@ def flops_per_token(config, seq, train_type, peer=False):
     return forward * (3 if train_type == "all" else 2)
 
 
-def build_ours(config, dtype, device):
+def build_ours(config, dtype, device, mode="glm3"):
     with torch.device(device):
-        model = MODE["glm3"].model(config)
+        model = MODE[mode].model(config)
     return model.to(dtype)
 
 
@@ -84,7 +88,9 @@ def build_peer(config, dtype, device):
                             intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
                             num_attention_heads=config.num_attention_heads,
                             num_key_value_heads=config.multi_query_group_num, head_dim=config.kv_channels,
-                            partial_rotary_factor=0.5, attention_bias=True, rms_norm_eps=1e-5,
+                            rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5,
+                                             "rope_theta": 10000.0 * config.rope_ratio},
+                            attention_bias=True, rms_norm_eps=config.layernorm_epsilon,
                             max_position_embeddings=config.seq_length, pad_token_id=0)
     peer_config._attn_implementation = "sdpa"
     with torch.device(device):
@@ -162,14 +168,14 @@ def peer_step(engine, window):
     return loss.detach()
 
 
-def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, trace=False):
+def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mode="glm3", trace=False):
     import deepspeed
 
     train_type, seq, batch, ckpt = parse_case(case)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = MODE["glm3"].config(**SHAPES[shape], pre_seq_len=128 if train_type == "ptuning" else None,
-                                 prefix_projection=False)
-    args = train_args(train_type, batch, ckpt, shape, config.num_layers)
+    config = MODE[mode].config(**SHAPES[shape], pre_seq_len=128 if train_type == "ptuning" else None,
+                               prefix_projection=False)
+    args = train_args(train_type, batch, ckpt, shape, config.num_layers, mode)
     args.precision = dtype_name
     dtype = DTYPES[train.pick_precision(dtype_name)]
     ds_config = train.fill_ds_config(args, 1, total_steps=steps + warmup)
@@ -178,7 +184,7 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, tra
     for who in (["ours", "peer"] if with_peer and train_type == "lora" else ["ours"]):
         torch.manual_seed(0)
         if who == "ours":
-            model = train.apply_train_type(build_ours(config, dtype, device), args)
+            model = train.apply_train_type(build_ours(config, dtype, device, mode), args)
             step_fn = our_step(1)
         else:
             from peft import LoraConfig, get_peft_model
@@ -234,6 +240,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
                         help="model shape (default: chatglm3-6b on a GPU, tiny otherwise)")
+    parser.add_argument("--mode", choices=("glm2", "glm3", "glm4"), default=None,
+                        help="our model class and config defaults (default: glm4 for glm-4-9b, else glm3)")
     parser.add_argument("--cases", nargs="+", default=None,
                         help="train_type:SEQxBATCH:ckpt|nockpt (default: the issue's table)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case")
@@ -249,6 +257,7 @@ def main():
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     shape = args.shape or ("chatglm3-6b" if gpu else "tiny")
+    mode = args.mode or SHAPE_MODES[shape]
     cases = args.cases or (DEFAULT_CASES if shape != "tiny" else
                            ["lora:256x2:ckpt", "lora:256x2:nockpt", "freeze:256x2:ckpt", "ptuning:256x2:ckpt",
                             "all:256x2:nockpt"])
@@ -256,7 +265,7 @@ def main():
     device_name = torch.cuda.get_device_name() if gpu else "CPU"
     if gpu:
         print(sdpa_backends(DTYPES[train.pick_precision(args.precision)], "cuda"), flush=True)
-    lines = [f"## {datetime.date.today()} on {device_name}, shape {shape}, precision "
+    lines = [f"## {datetime.date.today()} on {device_name}, shape {shape} (--mode {mode}), precision "
              f"{train.pick_precision(args.precision)}",
              "", "| case | ours tokens/s | ours MFU | ours peak GiB | peer tokens/s | peer peak GiB | speed ratio |",
              "|---|---|---|---|---|---|---|"]
@@ -267,7 +276,7 @@ def main():
     for case in cases:
         rows = {who: row for who, *row in
                 [(r[0], *r[1:]) for r in run_case(case, shape, args.precision, args.steps, args.warmup,
-                                                  not args.no_peer, args.peak_tflops, args.memory_trace)]}
+                                                  not args.no_peer, args.peak_tflops, mode, args.memory_trace)]}
         ours, peer = rows["ours"], rows.get("peer")
         ratio = ours[0] / peer[0] if peer and peer[0] and ours[0] else None
         lines.append(f"| {case} | {fmt(ours[0], '.0f')} | {fmt(ours[1], '.1%')} | {fmt(ours[2], '.1f')} | "

@@ -1,8 +1,9 @@
 """Configurations of the two ChatGLM networks, with the field names of the official config.json files.
 
-ChatGLM-6B (`glm`) and ChatGLM2-6B / ChatGLM3-6B (`glm2`, `glm3`) both declare `model_type: "chatglm"` in their
-config.json, so the version is told apart by the fields that only one network has (see `detect_version`). Fields
-we do not use (`auto_map`, `quantization_bit`, dropout switches ...) are kept on the object and written back on save.
+ChatGLM-6B (`glm`) and ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B (`glm2`, `glm3`, `glm4`) all declare
+`model_type: "chatglm"` in their config.json, so the version is told apart by the fields that only one network has
+(see `detect_version`). Fields we do not use (`auto_map`, `quantization_bit`, dropout switches ...) are kept on the
+object and written back on save.
 """
 from __future__ import annotations
 
@@ -136,23 +137,50 @@ class ChatGLM2Config(PreTrainedConfig):
         super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
 
+class ChatGLM4Config(ChatGLM2Config):
+    """GLM-4-9B / GLM-4-9B-Chat (mode `glm4`): the ChatGLM2/3 network; defaults are the official glm-4-9b-chat
+    config.json (rope base 10000 * rope_ratio 500, RMSNorm eps 1.5625e-7, vocabulary padded to 151552, eos the
+    three ids that end a turn: <|endoftext|>, <|user|>, <|observation|>)."""
+
+    def __init__(self, num_layers=40, padded_vocab_size=151552, seq_length=131072, layernorm_epsilon=1.5625e-7,
+                 rope_ratio=500, eos_token_id=(151329, 151336, 151338), pad_token_id=151329, **kwargs):
+        kwargs.setdefault(VERSION_KEY, "glm4")
+        super().__init__(num_layers=num_layers, padded_vocab_size=padded_vocab_size, seq_length=seq_length,
+                         layernorm_epsilon=layernorm_epsilon, rope_ratio=rope_ratio,
+                         eos_token_id=list(eos_token_id) if isinstance(eos_token_id, tuple) else eos_token_id,
+                         pad_token_id=pad_token_id, **kwargs)
+
+
 # Fields that only one of the two networks has: enough to tell an official config.json apart.
 _GLM_ONLY = {"inner_hidden_size", "position_encoding_2d", "max_sequence_length", "gmask_token_id"}
 _GLM2_ONLY = {"padded_vocab_size", "multi_query_attention", "kv_channels", "ffn_hidden_size", "seq_length"}
 
 
+def _is_glm4(config_dict: dict) -> bool:
+    """An official GLM-4 config.json: its 151552-token vocabulary, its list of eos ids (151329 <|endoftext|> first)
+    or its name (THUDM/glm-4-9b-chat, glm-4-9b, glm-4-9b-chat-1m). ChatGLM3-6B-32k/128k also have rope_ratio, so
+    rope_ratio alone tells nothing."""
+    eos = config_dict.get("eos_token_id")
+    name = str(config_dict.get("_name_or_path", "")).lower().replace("_", "-")
+    return (config_dict.get("padded_vocab_size", 0) >= 151552 or (isinstance(eos, list) and 151329 in eos)
+            or "glm-4" in name or "glm4" in name)
+
+
 def detect_version(config_dict: dict) -> str | None:
-    """'glm', 'glm2' or 'glm3' as far as a config.json tells; None when it is no ChatGLM config.
+    """'glm', 'glm2', 'glm3' or 'glm4' as far as a config.json tells; None when it is no ChatGLM config.
 
     Our own saves carry `chatglm_version`. An official glm2/glm3 config differs only in `_name_or_path`
     ("THUDM/chatglm2-6b" vs "THUDM/chatglm3-6b"); without either hint a ChatGLM2-style config reads as 'glm2/3'.
+    GLM-4 is told by its vocabulary, eos list or name (`_is_glm4`).
     """
-    if config_dict.get(VERSION_KEY) in ("glm", "glm2", "glm3"):
+    if config_dict.get(VERSION_KEY) in ("glm", "glm2", "glm3", "glm4"):
         return config_dict[VERSION_KEY]
     keys = set(config_dict)
     if keys & _GLM_ONLY and not keys & _GLM2_ONLY:
         return "glm"
     if keys & _GLM2_ONLY:
+        if _is_glm4(config_dict):
+            return "glm4"
         name = str(config_dict.get("_name_or_path", "")).lower()
         if "chatglm3" in name:
             return "glm3"
@@ -179,6 +207,8 @@ def check_checkpoint_dir(path: str, mode: str) -> dict:
         raise ValueError(f"{config_file}: not a ChatGLM config (model_type={config_dict.get('model_type')!r})")
     family = "glm" if mode == "glm" else "glm2/3"
     found_family = "glm" if version == "glm" else "glm2/3"
-    if family != found_family or (version != "glm2/3" and version != mode):
+    # 'glm2/3' (an official config without a name) fits glm2 and glm3, never glm4 (told apart by _is_glm4).
+    if family != found_family or (version != "glm2/3" and version != mode) or \
+            (version == "glm2/3" and mode == "glm4"):
         raise ValueError(f"{config_file}: this is a {version} checkpoint, but --mode is {mode}")
     return config_dict

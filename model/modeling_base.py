@@ -365,7 +365,7 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
         return torch.tensor([ids], device=self.device)
 
     def _finish(self, tokenizer, query, history, role, new_ids):
-        if self.mode == "glm3":
+        if self.mode in template.MESSAGE_MODES:
             history = list(history or []) + [{"role": role, "content": query}]
             return template.decode_response(tokenizer, self.mode, new_ids, history)
         response = template.decode_response(tokenizer, self.mode, new_ids)

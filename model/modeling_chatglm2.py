@@ -1,9 +1,11 @@
-"""ChatGLM2-6B and ChatGLM3-6B (modes `glm2`, `glm3`): one network.
+"""ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B (modes `glm2`, `glm3`, `glm4`): one network.
 
 Pre-norm decoder with RMSNorm, multi-query (grouped) attention whose query_key_value rows are [q heads | k groups |
 v groups], rotary embedding on the first half of each head's dimensions with interleaved pairs (2i, 2i+1), SwiGLU MLP
-([gate | up] in dense_h_to_4h). Module names are the official checkpoint keys. The two versions differ here only in
-the dtype of the rotary angles: ChatGLM2's code computes them in the model's dtype, ChatGLM3's in fp32.
+([gate | up] in dense_h_to_4h). Module names are the official checkpoint keys. The versions differ here only in the
+dtype of the rotary angles (ChatGLM2's code computes them in the model's dtype, ChatGLM3's and GLM-4's in fp32, the
+cos/sin table then rounded to the model's half dtype) and in config values (GLM-4: rotary base 10000 * rope_ratio 500,
+RMSNorm eps 1.5625e-7).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .compat import given_cache
-from .config import ChatGLM2Config
+from .config import ChatGLM2Config, ChatGLM4Config
 from .modeling_base import (BodyMixin, ChatGLMPreTrainedBase, LMHead, PrefixEncoder, attention_allowed,
                             padding_or_none, sdpa)
 
@@ -215,3 +217,12 @@ class ChatGLM3ForConditionalGeneration(ChatGLM2ForConditionalGeneration):
 
     mode = "glm3"
     rotary_fp32 = True
+
+
+class ChatGLM4ForConditionalGeneration(ChatGLM3ForConditionalGeneration):
+    """GLM-4-9B / GLM-4-9B-Chat: the same network and rotary arithmetic as ChatGLM3 (the official GLM-4 code also
+    builds the cos/sin table in fp32 and casts it to bf16/fp16 in half precision); its own config, tokenizer
+    (tiktoken) and chat template."""
+
+    config_class = ChatGLM4Config
+    mode = "glm4"

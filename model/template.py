@@ -10,6 +10,13 @@ format of each version, so that it behaves the same under THUDM's own `chat()`:
   answer ends with eos.
 - glm3 (ChatGLM3-6B): [gMASK] sop, then per message <|role|> + "{metadata}\\n" + content; the prompt ends with
   <|assistant|>, the model writes "\\n" + answer and then eos (or <|user|> / <|observation|>).
+- glm4 (GLM-4-9B-Chat): [gMASK] <sop>, then per message <|role|> + "{metadata}\\n{content}" (one text, as the official
+  chat template renders it; messages with empty content are left out as there); the prompt ends with <|assistant|>,
+  the model writes "\\n" + answer and stops on <|endoftext|>, <|user|> or <|observation|> (there is no end-of-turn
+  token: the next role token ends a turn). A system message with `tools` first renders the official tool system
+  prompt of GLM-4 with one section per function (`glm4_tool_prompt`). A tool call is an assistant message whose
+  metadata is the function name and whose content is the JSON arguments (<|assistant|>get_weather\\n{"city": ...});
+  the tool's result comes back as an `observation` message.
 
 A conversation is a list of messages {"role": "system"|"user"|"assistant"|"observation", "content": str}. Pieces are
 text (encoded with `tokenizer.encode_text`) or special ids, each flagged as learned or not. For glm and glm2, adjacent
@@ -18,6 +25,12 @@ official `build_chat_input` does.
 
 Why glm learns only the last answer: ChatGLM-6B attends bidirectionally over everything before [gMASK] <sop>, so the
 answers of earlier rounds sit in the bidirectional context and cannot be trained as next-token targets.
+
+What an answer learns (labels): glm its text and <eop>; glm2 its text and eos; glm3 "\\n" + its text, then eos at the
+end of the sample or, for an earlier turn, the role token that follows it. glm4 follows THUDM's GLM-4 finetune_demo,
+the official reference: an assistant message learns everything after its <|assistant|> ("{metadata}\\n" + content,
+so a tool call's name and arguments too) and the role token that follows it (<|user|>, <|observation|> ...);
+after the last answer <|user|> is appended and learned, where glm3 puts eos. Both stop tokens end generation.
 """
 from __future__ import annotations
 
@@ -26,7 +39,15 @@ import re
 from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant", "observation")
+MESSAGE_MODES = ("glm3", "glm4")  # modes whose chat history is a list of message dicts (roles, tools, metadata)
 IGNORE_INDEX = -100
+
+# The official tool system prompt of GLM-4: the fixed text that the chat template of THUDM/glm-4-9b-chat
+# (tokenizer_config.json) puts after <|system|> when a message has `tools`, then one section per function tool. The
+# model was trained on exactly this text, so it is reproduced as data here; only function tools are supported.
+GLM4_TOOL_SYSTEM_PROMPT = ("\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+                           "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具")
+GLM4_TOOL_SECTION = "\n\n## {name}\n\n{description}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
 
 
 @dataclass
@@ -45,14 +66,16 @@ def special(tokenizer, name: str) -> int:
 
 
 def stop_token_ids(tokenizer, mode: str) -> list[int]:
-    """Tokens that end an answer in generation (glm: <eop>; glm2: eos; glm3: eos, <|user|>, <|observation|>)."""
-    if mode == "glm3":
+    """Tokens that end an answer in generation (glm: <eop>; glm2: eos; glm3, glm4: eos, <|user|>, <|observation|>;
+    for glm4 that is the official [151329, 151336, 151338])."""
+    if mode in MESSAGE_MODES:
         return [tokenizer.eos_token_id, special(tokenizer, "<|user|>"), special(tokenizer, "<|observation|>")]
     return [tokenizer.eos_token_id]
 
 
 def history_to_messages(mode: str, query: str | None, history=None, role: str = "user") -> list[dict]:
-    """The official `chat()` arguments as a message list: history is [(q, a), ...] for glm/glm2, message dicts for glm3."""
+    """The official `chat()` arguments as a message list: history is [(q, a), ...] for glm/glm2, message dicts for
+    glm3/glm4 (pairs are accepted there too)."""
     messages = []
     for item in history or []:
         if isinstance(item, dict):
@@ -80,7 +103,7 @@ def _rounds(messages: list[dict], mode: str) -> list[list]:
                 raise ValueError(f"{mode}: an assistant message must follow a user message")
             rounds[-1][1] = content
         else:
-            raise ValueError(f"{mode}: role {role!r} is only supported by glm3")
+            raise ValueError(f"{mode}: role {role!r} is only supported by glm3 and glm4")
     return rounds
 
 
@@ -113,6 +136,8 @@ def _pieces(tokenizer, mode: str, messages: list[dict], learn_all_turns: bool) -
             pieces.append(Piece(ids=(tokenizer.eos_token_id,), learned=True))
         return pieces
 
+    if mode == "glm4":
+        return _glm4_pieces(tokenizer, messages, learn_all_turns)
     if mode != "glm3":
         raise ValueError(f"unknown mode {mode!r}")
     last = len(messages) - 1
@@ -132,6 +157,51 @@ def _pieces(tokenizer, mode: str, messages: list[dict], learn_all_turns: bool) -
                    Piece(text=content, learned=learned_turn[index])]
     if ends_with_answer:
         pieces.append(Piece(ids=(tokenizer.eos_token_id,), learned=True))
+    else:
+        pieces.append(Piece(ids=(special(tokenizer, "<|assistant|>"),)))
+    return pieces
+
+
+def glm4_tool_prompt(tools) -> str:
+    """The text after <|system|> for a GLM-4 system message with `tools` (OpenAI-style function tools:
+    {"type": "function", "function": {"name": ..., "description": ..., "parameters": ...}})."""
+    if not isinstance(tools, list):
+        raise ValueError(f"glm4: 'tools' must be a list of function tools, got {type(tools).__name__}")
+    text = GLM4_TOOL_SYSTEM_PROMPT
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict) \
+                or not isinstance(function.get("name"), str):
+            raise ValueError(f"glm4: every tool must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, "
+                             f"got {json.dumps(tool, ensure_ascii=False)[:80]}")
+        # json.dumps as the template's tojson(indent=4) renders it: keys in their order, non-ASCII kept.
+        text += GLM4_TOOL_SECTION.format(name=function["name"],
+                                         description=json.dumps(function, ensure_ascii=False, indent=4))
+    return text
+
+
+def _glm4_pieces(tokenizer, messages: list[dict], learn_all_turns: bool) -> list[Piece]:
+    """GLM-4's chat template (see the module docstring), labelled as THUDM's GLM-4 finetune_demo does."""
+    last = len(messages) - 1
+    pieces = [Piece(ids=(special(tokenizer, "[gMASK]"), special(tokenizer, "<sop>")))]
+    learn_role_token = False  # the role token right after a learned answer is learned too
+    for index, message in enumerate(messages):
+        role = message["role"]
+        if role not in ROLES:
+            raise ValueError(f"glm4: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        learned = role == "assistant" and (index == last or learn_all_turns)
+        blocks = []  # (role, text) rendered for this message
+        if role == "system" and "tools" in message:
+            blocks.append(("system", glm4_tool_prompt(message["tools"])))
+        if message.get("content"):  # the official template leaves out messages with empty content
+            blocks.append((role, f"{message.get('metadata') or ''}\n{message['content']}"))
+        for block_role, text in blocks:
+            pieces += [Piece(ids=(special(tokenizer, f"<|{block_role}|>"),), learned=learn_role_token),
+                       Piece(text=text, learned=learned)]
+            learn_role_token = learned
+    if messages and messages[-1]["role"] == "assistant":
+        # The official finetune_demo appends <|user|> after the last answer: where the answer ends, as in chat.
+        pieces.append(Piece(ids=(special(tokenizer, "<|user|>"),), learned=learn_role_token))
     else:
         pieces.append(Piece(ids=(special(tokenizer, "<|assistant|>"),)))
     return pieces
@@ -190,7 +260,7 @@ def _last_answer_start(learned: list[bool]) -> int:
 
 def answer_cue_length(tokenizer, mode: str) -> int:
     """How many tokens at the end of a prompt form the answer cue that truncation must keep
-    ("\\n答：" + [gMASK] <sop> for glm, "\\n\\n答：" for glm2, <|assistant|> for glm3)."""
+    ("\\n答：" + [gMASK] <sop> for glm, "\\n\\n答：" for glm2, <|assistant|> for glm3 and glm4)."""
     if mode == "glm":
         return len(tokenizer.encode_text("\n答：")) + 2
     if mode == "glm2":
@@ -206,7 +276,7 @@ def cut_at_stop(tokenizer, mode: str, new_ids: list[int]) -> list[int]:
 
 def decode_response(tokenizer, mode: str, new_ids: list[int], history=None):
     """What the official chat() returns for generated ids: cut at the first stop token, decoded and
-    post-processed. glm/glm2: the text; glm3: (content, history).
+    post-processed. glm/glm2: the text; glm3/glm4: (content, history).
 
     When generation stopped at max_new_tokens / max_length rather than on a stop token, every generated id is a
     real token of the answer and all are kept. (THUDM's ChatGLM3 chat() always drops the last generated token,
@@ -215,8 +285,8 @@ def decode_response(tokenizer, mode: str, new_ids: list[int], history=None):
 
 
 def process_response(mode: str, response: str, history=None):
-    """The official post-processing of a decoded answer. glm/glm2: the text; glm3: (content, history) where a
-    metadata line before the first newline names a tool call."""
+    """The official post-processing of a decoded answer. glm/glm2: the text; glm3/glm4: (content, history) where a
+    metadata line before the first newline names a tool call ({"name": metadata, "content": the arguments})."""
     if mode in ("glm", "glm2"):
         response = response.strip().replace("[[训练时间]]", "2023年")
         if mode == "glm":

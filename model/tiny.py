@@ -4,8 +4,9 @@
 
 The directory looks like THUDM's: config.json with the official fields (`model_type` chatglm, `architectures`
 ["ChatGLMModel"], the official `auto_map`, `torch_dtype`) plus our `chatglm_version` marker, model.safetensors under
-the official weight names, the sentencepiece file of that version (ice_text.model or tokenizer.model: a real, small
-model trained on model/tiny_corpus.txt) and the official tokenizer_config.json of that version (which THUDM's
+the official weight names, the tokenizer file of that version (ice_text.model or tokenizer.model: a real, small
+sentencepiece model trained on model/tiny_corpus.txt; for glm4 a tiktoken ranks file trained on the same corpus by
+model.tiktoken_build) and the official tokenizer_config.json of that version (which THUDM's
 tokenizer class reads). THUDM's .py files are not included (they are not ours to ship): copy them in to load the
 directory with `trust_remote_code`. It trains on a CPU in seconds.
 
@@ -21,10 +22,11 @@ import os
 
 import torch
 
-from . import MODE
+from . import MODE, template
 from .config import VERSION_KEY
 from .export import atomic_directory
 from .sp_build import build_tokenizer_file
+from .tiktoken_build import build_ranks_file
 
 TINY_SIZES = {"hidden_size": 64, "num_attention_heads": 4, "num_layers": 2}
 
@@ -37,12 +39,17 @@ def tiny_config(mode: str, tokenizer):
                            mask_token_id=tokenizer.mask_token_id, gmask_token_id=tokenizer.gmask_token_id,
                            pad_token_id=tokenizer.pad_token_id, chatglm_version=mode, **TINY_SIZES)
     padded = (len(tokenizer) + 63) // 64 * 64  # the official vocabulary is padded too (65024)
+    if mode == "glm4":  # GLM-4's own defaults (rope_ratio, eps) stay; the eos list is the tiny tokenizer's stop ids
+        return spec.config(padded_vocab_size=padded, kv_channels=16, multi_query_group_num=2, ffn_hidden_size=128,
+                           seq_length=2048, eos_token_id=template.stop_token_ids(tokenizer, mode),
+                           pad_token_id=tokenizer.pad_token_id, chatglm_version=mode, **TINY_SIZES)
     return spec.config(padded_vocab_size=padded, kv_channels=16, multi_query_group_num=2, ffn_hidden_size=128,
                        seq_length=2048, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        chatglm_version=mode, **TINY_SIZES)
 
 
-# What THUDM's config.json files declare beside the network's fields (chatglm-6b, chatglm2-6b, chatglm3-6b).
+# What THUDM's config.json files declare beside the network's fields (chatglm-6b, chatglm2-6b, chatglm3-6b,
+# glm-4-9b-chat).
 _AUTO_MAP = {
     "glm": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
             "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
@@ -55,6 +62,11 @@ _AUTO_MAP = {
     "glm3": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
              "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
              "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+    "glm4": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+             "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+             "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+             "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+             "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification"},
 }
 _GLM_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "layernorm_epsilon", "inner_hidden_size",
                "max_sequence_length", "position_encoding_2d", "bos_token_id", "eos_token_id", "mask_token_id",
@@ -75,13 +87,17 @@ OFFICIAL_TOKENIZER_CONFIGS = {
              "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}},
     "glm3": {"remove_space": False, "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
              "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}},
+    "glm4": {"remove_space": False, "do_lower_case": False, "clean_up_tokenization_spaces": False,
+             "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "padding_side": "left",
+             "tokenizer_class": "ChatGLM4Tokenizer",
+             "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]}},
 }
 
 
 def official_config_dict(mode: str, config) -> dict:
     """config.json of `config` as THUDM writes it: the network's fields, `model_type`, `architectures`, `auto_map`,
     `torch_dtype` (fp32 here), plus our version marker."""
-    fields = _GLM_FIELDS if mode == "glm" else _GLM2_FIELDS
+    fields = _GLM_FIELDS if mode == "glm" else _GLM2_FIELDS + (("rope_ratio",) if mode == "glm4" else ())
     values = {"architectures": ["ChatGLMModel"], "auto_map": _AUTO_MAP[mode], "model_type": "chatglm"}
     values.update({name: getattr(config, name) for name in fields})
     values.update({"torch_dtype": "float32", VERSION_KEY: mode})
@@ -105,7 +121,8 @@ def write_tiny_checkpoint(mode: str, output_dir: str, seed: int = 0) -> str:
 
     spec = MODE[mode]
     with atomic_directory(output_dir, replace=True) as staging:
-        build_tokenizer_file(mode, os.path.join(staging, spec.tokenizer_file))
+        tokenizer_file = os.path.join(staging, spec.tokenizer_file)
+        build_ranks_file(tokenizer_file) if mode == "glm4" else build_tokenizer_file(mode, tokenizer_file)
         tokenizer = spec.tokenizer.from_pretrained(staging)
         torch.manual_seed(seed)
         model = spec.model(tiny_config(mode, tokenizer))

@@ -70,4 +70,4 @@ def tiny_dirs(tmp_path_factory):
     from model.tiny import write_tiny_checkpoint
 
     base = tmp_path_factory.mktemp("tiny")
-    return {mode: write_tiny_checkpoint(mode, str(base / mode)) for mode in ("glm", "glm2", "glm3")}
+    return {mode: write_tiny_checkpoint(mode, str(base / mode)) for mode in ("glm", "glm2", "glm3", "glm4")}

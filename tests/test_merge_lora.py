@@ -84,10 +84,10 @@ def merge_in_process(*args) -> int:
 @pytest.fixture(scope="module")
 def adapters(tiny_dirs, tmp_path_factory):
     base = tmp_path_factory.mktemp("adapters")
-    return {mode: make_lora_adapter(mode, tiny_dirs[mode], base / mode) for mode in ("glm", "glm2", "glm3")}
+    return {mode: make_lora_adapter(mode, tiny_dirs[mode], base / mode) for mode in ("glm", "glm2", "glm3", "glm4")}
 
 
-@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3"])
+@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3", "glm4"])
 def test_merged_model_is_base_plus_adapter(mode, tiny_dirs, adapters, tmp_path):
     base, adapter = tiny_dirs[mode], adapters[mode]
     before = (snapshot(base), snapshot(adapter))
@@ -175,6 +175,9 @@ def test_bad_inputs(tiny_dirs, adapters, tmp_path, capsys):
     err = bad_merge(capsys, "--mode", "glm3", "--ori_model_dir", tiny_dirs["glm2"], "--model_dir",
                     adapters["glm3"], "--output_dir", out)
     assert "this is a glm2 checkpoint, but --mode is glm3" in err
+    err = bad_merge(capsys, "--mode", "glm4", "--ori_model_dir", tiny_dirs["glm3"], "--model_dir",
+                    adapters["glm4"], "--output_dir", out)
+    assert "this is a glm3 checkpoint, but --mode is glm4" in err
     # the adapter was trained for another version
     err = bad_merge(capsys, "--mode", "glm2", "--ori_model_dir", tiny_dirs["glm2"], "--model_dir",
                     adapters["glm3"], "--output_dir", out)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from model import MODE, template
 from model.compat import enable_activation_checkpointing
 
-MODES = ("glm", "glm2", "glm3")
+MODES = ("glm", "glm2", "glm3", "glm4")
 
 
 def load(mode, path, **kwargs):
@@ -37,7 +37,7 @@ OFFICIAL_KEYS = {
              "transformer.encoder.layers.1.mlp.dense_4h_to_h.weight",
              "transformer.encoder.final_layernorm.weight", "transformer.output_layer.weight"],
 }
-OFFICIAL_KEYS["glm3"] = OFFICIAL_KEYS["glm2"]
+OFFICIAL_KEYS["glm3"] = OFFICIAL_KEYS["glm4"] = OFFICIAL_KEYS["glm2"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -188,7 +188,7 @@ def test_half_precision_forward_backward(mode, dtype, tiny_dirs):
 
 
 def test_chat_prompts_follow_the_official_formats(tiny_dirs):
-    tokenizers = {m: MODE[m].tokenizer.from_pretrained(tiny_dirs[m]) for m in MODES}
+    tokenizers = {m: MODE[m].tokenizer.from_pretrained(tiny_dirs[m]) for m in ("glm", "glm2", "glm3")}
     glm, glm2, glm3 = tokenizers["glm"], tokenizers["glm2"], tokenizers["glm3"]
     g = template.special
     # glm: the raw query without history; rounds from 0 with it; then [gMASK] <sop>
@@ -217,7 +217,7 @@ def test_chat_and_stream_chat(mode, tiny_dirs):
     response, history = model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=8)
     streamed = list(model.stream_chat(tokenizer, "你好", do_sample=False, max_new_tokens=8))
     assert streamed[-1][0] == response
-    if mode == "glm3":
+    if mode in ("glm3", "glm4"):
         assert history[0] == {"role": "user", "content": "你好"} and history[-1]["role"] == "assistant"
     else:
         assert history == [("你好", response)]
@@ -293,3 +293,53 @@ def test_official_glm2_glm3_configs_are_told_apart(name, mode, wrong, tiny_dirs,
     assert model.config.some_future_field == 7  # unknown fields are kept
     with pytest.raises(ValueError, match=f"{mode} checkpoint, but --mode is {wrong}"):
         MODE[wrong].model.from_pretrained(tmp_path / "ckpt")
+
+
+# GLM-4-9B-Chat's config.json as published (all its fields; no marker of ours), with the tiny sizes swapped in.
+OFFICIAL_GLM4_CONFIG = {
+    "_name_or_path": "THUDM/glm-4-9b-chat", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+    "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"}, "add_bias_linear": False,
+    "add_qkv_bias": True, "apply_query_key_layer_scaling": True, "apply_residual_connection_post_layernorm": False,
+    "attention_dropout": 0.0, "attention_softmax_in_fp32": True, "attn_implementation": "sdpa",
+    "bias_dropout_fusion": True, "ffn_hidden_size": 13696, "fp32_residual_connection": False, "hidden_dropout": 0.0,
+    "hidden_size": 4096, "kv_channels": 128, "layernorm_epsilon": 1.5625e-07, "multi_query_attention": True,
+    "multi_query_group_num": 2, "num_attention_heads": 32, "num_hidden_layers": 40, "num_layers": 40,
+    "rope_ratio": 500, "original_rope": True, "padded_vocab_size": 151552, "post_layer_norm": True, "rmsnorm": True,
+    "seq_length": 131072, "use_cache": True, "torch_dtype": "bfloat16", "transformers_version": "4.44.0",
+    "tie_word_embeddings": False, "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329,
+}
+
+
+def test_official_glm4_config_is_recognised(tiny_dirs, tmp_path):
+    """The official config.json tells GLM-4 by its vocabulary, its eos list or its name (any one is enough); a
+    checkpoint of another version given with --mode glm4, or the reverse, stops with one line."""
+    from model import detect_version
+
+    assert detect_version(OFFICIAL_GLM4_CONFIG) == "glm4"
+    chatglm3_like = {**OFFICIAL_GLM4_CONFIG, "_name_or_path": "", "padded_vocab_size": 65024, "eos_token_id": 2,
+                     "pad_token_id": 0}
+    assert detect_version(chatglm3_like) == "glm2/3"  # rope_ratio alone (ChatGLM3-6B-32k has one) tells nothing
+    for hint in ({"_name_or_path": "THUDM/glm-4-9b"}, {"padded_vocab_size": 151552},
+                 {"eos_token_id": [151329, 151336, 151338]}):
+        assert detect_version({**chatglm3_like, **hint}) == "glm4", hint
+    shutil.copytree(tiny_dirs["glm4"], tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "config.json"
+    tiny = json.loads(config_file.read_text())
+    sizes = {k: tiny[k] for k in ("ffn_hidden_size", "hidden_size", "kv_channels", "num_attention_heads",
+                                  "num_layers", "padded_vocab_size", "seq_length", "eos_token_id", "pad_token_id")}
+    config_file.write_text(json.dumps({**OFFICIAL_GLM4_CONFIG, **sizes, "num_hidden_layers": tiny["num_layers"]}))
+    model = MODE["glm4"].model.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert (model.config.rope_ratio, model.config.layernorm_epsilon) == (500, 1.5625e-07)
+    for mode in ("glm2", "glm3", "glm"):
+        with pytest.raises(ValueError, match=f"ckpt/config.json: this is a glm4 checkpoint, but --mode is {mode}$"):
+            MODE[mode].model.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="this is a glm3 checkpoint, but --mode is glm4"):
+        MODE["glm4"].model.from_pretrained(tiny_dirs["glm3"])
+    # an official ChatGLM2/3 config without its name (glm2/3) is no GLM-4 either
+    shutil.copytree(tiny_dirs["glm3"], tmp_path / "chatglm3")
+    config_file = tmp_path / "chatglm3" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["chatglm_version"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="this is a glm2/3 checkpoint, but --mode is glm4"):
+        MODE["glm4"].model.from_pretrained(tmp_path / "chatglm3")

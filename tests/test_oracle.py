@@ -13,21 +13,23 @@ from transformers import GlmConfig, GlmForCausalLM
 from model import MODE
 
 
-def glm_oracle_pair(mode):
+def glm_oracle_pair(mode, rope_ratio=1.0, eps=1e-5):
     torch.manual_seed(0)
     hidden, heads, groups, head_dim, ffn, layers, vocab = 256, 2, 1, 128, 192, 2, 300
     oracle = GlmForCausalLM(GlmConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
                                       num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=groups, head_dim=head_dim, partial_rotary_factor=0.5,
-                                      attention_bias=True, rms_norm_eps=1e-5, max_position_embeddings=4096,
-                                      pad_token_id=0)).eval()
+                                      num_key_value_heads=groups, head_dim=head_dim, attention_bias=True,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * rope_ratio,
+                                                       "partial_rotary_factor": 0.5},
+                                      rms_norm_eps=eps, max_position_embeddings=4096, pad_token_id=0)).eval()
     # Large enough that every weight matters (norm weights included) and that a rotary base of 10001 instead of
     # 10000 moves the logits by more than 1e-3 (test_oracle_rejects_rotary_base_10001); at +-0.1 it moved them 7e-5.
     for p in oracle.parameters():
         torch.nn.init.uniform_(p, -0.3, 0.3) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
-    config = MODE[mode].config(padded_vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads,
-                               kv_channels=head_dim, multi_query_attention=True, multi_query_group_num=groups,
-                               ffn_hidden_size=ffn, num_layers=layers, layernorm_epsilon=1e-5)
+    # glm4 keeps its own defaults (rope_ratio 500, eps 1.5625e-7): the oracle is given them, not the other way round.
+    sizes = dict(padded_vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, kv_channels=head_dim,
+                 multi_query_attention=True, multi_query_group_num=groups, ffn_hidden_size=ffn, num_layers=layers)
+    config = MODE[mode].config(**sizes) if mode == "glm4" else MODE[mode].config(**sizes, layernorm_epsilon=eps)
     ours = MODE[mode].model(config).eval()
     src = oracle.state_dict()
     renamed = {"transformer.embedding.word_embeddings.weight": src["model.embed_tokens.weight"],
@@ -82,6 +84,54 @@ def test_oracle_rejects_rotary_base_10001(mode, monkeypatch):
     _, _, _, expected, got = oracle_and_ours_logits(mode)
     error = (got - expected).abs().max().item()
     assert error > 1e-3 and error > oracle_tolerance(expected)
+
+
+def test_glm4_matches_transformers_glm_left_padded_at_far_positions():
+    """GLM-4 (rope base 10000 * 500, eps 1.5625e-7) against GlmForCausalLM with the official GLM-4 values, on a
+    left-padded batch long enough that real positions pass 1000: our model derives the positions from the padding
+    mask; the oracle is given the same positions explicitly."""
+    oracle, ours = glm_oracle_pair("glm4", rope_ratio=500, eps=1.5625e-7)
+    assert (ours.config.rope_ratio, ours.config.layernorm_epsilon) == (500, 1.5625e-7)
+    torch.manual_seed(1)
+    ids = torch.randint(1, 300, (2, 1040))
+    mask = torch.ones_like(ids)
+    mask[1, :24] = 0  # row 1: 24 pads on the left
+    ids[1, :24] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = oracle(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    scale = expected[real].abs().max().item()
+    assert (got[real] - expected[real]).abs().max().item() < 1e-4 * scale
+    # the pads change nothing: row 1 alone, unpadded, gives the same logits
+    with torch.no_grad():
+        alone = ours(input_ids=ids[1:, 24:]).logits
+    assert (alone[0] - got[1, 24:]).abs().max().item() < 1e-4 * scale
+    # teeth: ChatGLM3's rotary base (rope_ratio 1) gives other logits at these positions
+    ours.config.rope_ratio = 1.0
+    with torch.no_grad():
+        base_10000 = ours(input_ids=ids, attention_mask=mask).logits
+    assert (base_10000[real] - expected[real]).abs().max().item() > 1e-2 * scale
+
+
+def test_glm4_rotary_table_in_half_precision():
+    """As the official GLM-4 code: angles and cos/sin in fp32 (base 10000 * 500), then rounded to bf16/fp16."""
+    from model.modeling_chatglm2 import rotary_cos_sin
+
+    head_dim, base = 128, 10000.0 * 500
+    positions = torch.arange(1000, 1300)[None]
+    n_elem = head_dim // 2
+    theta = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.float) / n_elem))
+    angles = torch.outer(torch.arange(1300, dtype=torch.float), theta).float()[1000:]
+    for dtype in (torch.bfloat16, torch.float16):
+        cos, sin = rotary_cos_sin(positions, head_dim, base, torch.float32, dtype)
+        assert cos.dtype == dtype
+        assert torch.equal(cos[0, 0], angles.cos().to(dtype)) and torch.equal(sin[0, 0], angles.sin().to(dtype))
+    # the model path picks fp32 angles for glm4 in half precision
+    config = MODE["glm4"].config(padded_vocab_size=64, hidden_size=64, num_attention_heads=4, kv_channels=16,
+                                 ffn_hidden_size=32, num_layers=1)
+    assert MODE["glm4"].model(config).transformer.rotary_fp32
 
 
 def official_glm_attention_scores(q, k, positions, block_positions):

@@ -61,11 +61,11 @@ def build_body(mode, weights, **config_overrides):
     spec = MODE[mode]
     if mode == "glm":
         config = spec.config(vocab_size=5, hidden_size=32, num_attention_heads=8, num_layers=1,
-                             inner_hidden_size=128, layernorm_epsilon=1e-5, **config_overrides)
+                             inner_hidden_size=128, **config_overrides)
     else:
         config = spec.config(padded_vocab_size=5, hidden_size=32, num_attention_heads=8, kv_channels=4,
                              multi_query_attention=True, multi_query_group_num=2, ffn_hidden_size=48, num_layers=1,
-                             layernorm_epsilon=1e-5, **config_overrides)
+                             **config_overrides)
     model = spec.model(config).eval()
     body = model.transformer
     result = body.load_state_dict(weights, strict=False)
@@ -109,6 +109,11 @@ CASES = [
     ("glm2_model", "glm3", GLM2_LAYOUT, None, {}, 1e-4),  # ChatGLM3's body is ChatGLM2's
     ("glm_ptuning_v2_model", "glm", GLM_LAYOUT, (2, 8, 5, 4), {"pre_seq_len": 5}, 5e-4),
     ("glm3_ptuning_v2_model", "glm3", GLM2_LAYOUT, (2, 2, 5, 4), {"pre_seq_len": 5}, 5e-4),
+    # GLM-4 with its own config defaults (eps 1.5625e-7, rope_ratio 500). The bound is tighter than the README's 1e-4
+    # because ChatGLM2's eps 1e-5 would still pass 1e-4 here (4.1e-5): at 1e-6 the test tells the two apart.
+    ("glm4_model", "glm4", GLM2_LAYOUT, None, {}, 1e-6),
+    # GLM-4's P-Tuning v2 prefix has ChatGLM3's layout; the file is ChatGLM3's, so its eps.
+    ("glm3_ptuning_v2_model", "glm4", GLM2_LAYOUT, (2, 2, 5, 4), {"pre_seq_len": 5, "layernorm_epsilon": 1e-5}, 5e-4),
 ]
 
 

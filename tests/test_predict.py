@@ -21,7 +21,7 @@ from model import MODE, template
 from test_merge_lora import make_lora_adapter
 from utils import CheckpointError, load_for_inference, sample_to_messages
 
-MODES = ["glm", "glm2", "glm3"]
+MODES = ["glm", "glm2", "glm3", "glm4"]
 INSTRUCTION = "抽取三元组："
 FIT_SAMPLES = [
     {"instruction": INSTRUCTION, "input": "发动机水温高，风扇低速转动。", "output": "发动机_部件故障_水温高\n风扇_部件故障_低速转动"},
@@ -131,7 +131,8 @@ def greedy_args(**overrides):
 def test_batched_left_padded_generation_equals_one_by_one(mode, kind, checkpoints):
     model, tokenizer = load_for_inference(mode, checkpoints(mode, kind))
     prompts = [template.encode_prompt(tokenizer, mode, q, h) for q, h in QUERIES]
-    assert len({len(p) for p in prompts}) == len(prompts)  # every row but the longest is padded
+    lengths = sorted(len(p) for p in prompts)
+    assert lengths[-2] < lengths[-1]  # every row but the longest is padded
     gen_kwargs = predict.generation_kwargs(greedy_args(), tokenizer, mode)
     gen_kwargs["eos_token_id"] = None  # random weights: run the full length, the harder case for padding
     batched = predict.generate_batch(model, tokenizer, mode, prompts, gen_kwargs)

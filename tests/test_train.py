@@ -141,7 +141,7 @@ def check_merge(mode, base, adapter, unmerged, tokenizer, merged_dir):
 
 
 @pytest.mark.parametrize("train_type", TRAIN_TYPES)
-@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3"])
+@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3", "glm4"])
 def test_train_matrix(mode, train_type, tiny_dirs, tmp_path):
     out = tmp_path / "out"
     extra = ["--gradient_checkpointing"] if train_type in ("lora", "ptuning") else []
@@ -187,7 +187,7 @@ def test_train_matrix(mode, train_type, tiny_dirs, tmp_path):
         assert json.loads((last / "config.json").read_text())["pre_seq_len"] == 4
 
 
-@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3"])
+@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3"])  # glm4: test_glm4_tool_calls_overfit_then_chat_...
 def test_overfit_then_chat_returns_the_trained_answer(mode, tiny_dirs, tmp_path):
     samples = [{"instruction": "抽取三元组：", "input": "发动机水温高", "output": "发动机_部件故障_水温高"},
                {"instruction": "抽取三元组：", "input": "风扇低速转动", "output": "风扇_部件故障_低速转动"}]
@@ -203,6 +203,28 @@ def test_overfit_then_chat_returns_the_trained_answer(mode, tiny_dirs, tmp_path)
         response, _ = model.chat(tokenizer, sample["instruction"] + sample["input"], do_sample=False,
                                  max_new_tokens=30)
         assert response == sample["output"]
+
+
+def test_glm4_tool_calls_overfit_then_chat_calls_the_tool_and_answers(tiny_dirs, tmp_path):
+    """GLM-4 tool use end to end: data/tools.jsonl (conversations with tools, a tool call and an observation turn)
+    trained under the launcher, then chat() with the tools in the history emits the call (stopping at
+    <|observation|>) and, given the tool's result as an observation, the trained answer (stopping at <|user|>)."""
+    samples = [json.loads(line) for line in (ROOT / "data/tools.jsonl").read_text(encoding="utf-8").splitlines()]
+    out = tmp_path / "out"
+    run_train(tiny_dirs["glm4"], out, "--mode", "glm4", "--train_type", "all", "--train_path", ROOT / "data/tools.jsonl",
+              "--max_len", 512, "--max_src_len", 480, "--per_device_train_batch_size", 1,
+              "--learning_rate", 3e-3, "--num_train_epochs", 60, "--warmup_ratio", 0.0, "--weight_decay", 0.0,
+              "--show_loss_step", 20, "--save_model_step", 1000)
+    model, tokenizer = load_for_inference("glm4", str(out / "epoch-60-step-120"))
+    for sample in samples:
+        system, user, call, observation, answer = sample["conversations"]
+        response, history = model.chat(tokenizer, user["content"], history=[system], do_sample=False,
+                                       max_new_tokens=40)
+        assert response == {"name": call["metadata"], "content": call["content"]}
+        assert history[-1] == {"role": "assistant", "metadata": call["metadata"], "content": call["content"]}
+        response, _ = model.chat(tokenizer, observation["content"], history=history, role="observation",
+                                 do_sample=False, max_new_tokens=60)
+        assert response == answer["content"]
 
 
 @pytest.mark.parametrize("ds_file", ["ds_zero2_no_offload.json", "ds_zero3_offload.json"])
@@ -233,7 +255,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dirs, tmp_path):
         assert abs(resumed[step] - losses[step]) < 1e-6, (step, resumed[step], losses[step])
 
 
-@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3"])
+@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3", "glm4"])
 def test_labels_cover_exactly_the_answer_and_its_end_token(mode, tiny_dirs, tmp_path):
     tokenizer = MODE[mode].tokenizer.from_pretrained(tiny_dirs[mode])
     sample = {"instruction": "你现在是一个信息抽取模型。文本：", "input": "发动机水温高",
@@ -243,16 +265,20 @@ def test_labels_cover_exactly_the_answer_and_its_end_token(mode, tiny_dirs, tmp_
     example = InstructionDataset(str(path), tokenizer, mode, max_len=256, max_src_len=200)[0]
     labelled = [t for t in example["labels"] if t != -100]
     answer = tokenizer.encode_text(sample["output"])
+    end = tokenizer.eos_token_id
     if mode == "glm3":  # the assistant turn is "\n" (empty metadata line) + the answer
         answer = tokenizer.encode_text("\n") + answer
-    assert labelled == answer + [tokenizer.eos_token_id]
+    if mode == "glm4":  # "\n" + answer as one text, then <|user|> (THUDM's GLM-4 finetune_demo)
+        answer, end = tokenizer.encode_text("\n" + sample["output"]), tokenizer.get_command("<|user|>")
+    assert labelled == answer + [end]
     assert tokenizer.decode(labelled[:-1]).strip() == sample["output"]
     first = example["labels"].index(labelled[0])
     assert all(t == -100 for t in example["labels"][:first])
     assert example["input_ids"][first:] == labelled
 
 
-@pytest.mark.parametrize("mode,all_turns", [("glm2", True), ("glm2", False), ("glm3", True), ("glm3", False)])
+@pytest.mark.parametrize("mode,all_turns", [("glm2", True), ("glm2", False), ("glm3", True), ("glm3", False),
+                                            ("glm4", True), ("glm4", False)])
 def test_multi_turn_labels(mode, all_turns, tiny_dirs):
     tokenizer = MODE[mode].tokenizer.from_pretrained(tiny_dirs[mode])
     data = InstructionDataset(str(ROOT / "data/multiturn.jsonl"), tokenizer, mode, 512, 400,
@@ -267,7 +293,7 @@ def test_multi_turn_labels(mode, all_turns, tiny_dirs):
 def test_shared_user_data_tokenises_for_every_mode(tiny_dirs, capsys):
     path = shared_path("data", "spo_train.jsonl")
     lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    for mode in ("glm", "glm2", "glm3"):
+    for mode in ("glm", "glm2", "glm3", "glm4"):
         tokenizer = MODE[mode].tokenizer.from_pretrained(tiny_dirs[mode])
         data = InstructionDataset(str(path), tokenizer, mode, max_len=1560, max_src_len=1024)
         assert data.stats.samples == lines == len(data)
@@ -302,12 +328,12 @@ def test_no_usable_sample_after_skipping(tiny_dirs, tmp_path):
     assert result.returncode != 0 and "no usable sample" in result.stderr
 
 
-@pytest.mark.parametrize("flag,value", [("--mode", "glm4"), ("--train_type", "qlora")])
+@pytest.mark.parametrize("flag,value", [("--mode", "glm5"), ("--train_type", "qlora")])
 def test_bad_choices_list_the_valid_ones(flag, value, tiny_dirs, tmp_path):
     args = {"--mode": "glm3", "--train_type": "lora", flag: value}
     result = run_train(tiny_dirs["glm3"], tmp_path / "out", "--train_path", ROOT / "data/train.jsonl",
                        *[item for pair in args.items() for item in pair], expect_ok=False, launcher=False)
-    choices = "glm, glm2, glm3" if flag == "--mode" else "freeze, lora, ptuning, all"
+    choices = "glm, glm2, glm3, glm4" if flag == "--mode" else "freeze, lora, ptuning, all"
     assert result.returncode == 2 and f"invalid choice: '{value}'" in result.stderr
     assert all(choice in result.stderr for choice in choices.split(", "))
     assert not (tmp_path / "out").exists()
