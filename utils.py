@@ -468,6 +468,10 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
     tokenizer = load_tokenizer(spec, model_path, base)
     if not quantization_bit:  # a quantized model was loaded onto the device already
         model = model.to(device)
+    else:
+        # Nothing of it trains here; and bitsandbytes' CPU inference kernel adds a bias in place, which autograd
+        # refuses for a bias that requires grad when called outside inference_mode/no_grad.
+        model.requires_grad_(False)
     model.eval()
     logger.info("loaded %s checkpoint %s (%s, base %s) on %s as %s%s", mode, model_path, kind, base, device,
                 str(dtype).replace("torch.", ""), f", base {quantization_bit}-bit" if quantization_bit else "")
