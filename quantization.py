@@ -30,7 +30,10 @@ logger = logging.getLogger("chatglm")
 
 BITS = (4, 8)
 # Module names never quantized (matched by transformers from the start of the module's name, up to a dot).
+# (transformers only replaces modules whose type is exactly nn.Linear, so our LMHead subclass would stay as it is
+# anyway; naming it keeps it so should that rule change. check_storage verifies it after every set-up.)
 SKIP_MODULES = ["lm_head", "transformer.output_layer", "transformer.prefix_encoder"]
+HEAD_NAMES = ("lm_head", "output_layer")  # the LM head of ChatGLM-6B, and of ChatGLM2/3
 SUPPORTED = "--quantization_bit works with --train_type lora under ZeRO stage 0, 1 or 2 (e.g. ds_zero2_no_offload.json)"
 
 
@@ -171,10 +174,15 @@ def check_storage(model, bits: int) -> dict:
 
     expected = {4: (bnb.nn.Params4bit, torch.uint8, 0.5), 8: (bnb.nn.Int8Params, torch.int8, 1.0)}[bits]
     problems = []
+    heads = [(name, module) for name, module in model.named_modules() if name.split(".")[-1] in HEAD_NAMES]
+    if not heads:
+        problems.append(f"no LM head ({' or '.join(HEAD_NAMES)}) found")
+    for name, module in heads:  # must stay our LMHead with its floating-point weight (its chunked loss reads it)
+        if not isinstance(module, LMHead) or not module.weight.is_floating_point():
+            problems.append(f"{name} (the LM head) is {type(module).__name__} {module.weight.dtype}, not an "
+                            f"unquantized LMHead")
     for name, module in model.named_modules():
-        if isinstance(module, LMHead):
-            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) or not module.weight.is_floating_point():
-                problems.append(f"{name} (the LM head) is quantized")
+        if name.split(".")[-1] in HEAD_NAMES:
             continue
         if not isinstance(module, torch.nn.Linear) or any(f".{skip}." in f".{name}." for skip in SKIP_MODULES):
             continue

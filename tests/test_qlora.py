@@ -167,6 +167,12 @@ def test_storage_check_catches_a_dequantized_layer(tiny_dirs):
     layer.dense_4h_to_h = torch.nn.Linear(layer.dense_4h_to_h.in_features, layer.dense_4h_to_h.out_features)
     with pytest.raises(RuntimeError, match=r"encoder\.layers\.1\.mlp\.dense_4h_to_h\.weight is Parameter float32"):
         quantization.check_storage(model, 4)
+    # a quantized LM head is caught too (its chunked loss needs the floating-point weight)
+    import bitsandbytes as bnb
+    model, _ = load_for_inference("glm2", str(tiny_dirs["glm2"]), quantization_bit=4)
+    model.transformer.output_layer = bnb.nn.Linear4bit(64, model.config.padded_vocab_size, bias=False)
+    with pytest.raises(RuntimeError, match=r"transformer\.output_layer \(the LM head\) is Linear4bit"):
+        quantization.check_storage(model, 4)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
