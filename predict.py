@@ -30,6 +30,7 @@ import tempfile
 
 import torch
 
+import quantization
 from metrics import compute_metrics
 from model import MODE, template
 from utils import CheckpointError, DataError, load_for_inference, read_records, sample_to_messages, str2bool
@@ -49,6 +50,7 @@ def parse_args(argv=None):
                        help="cpu, or a GPU index (0, 1, ...) / cuda:N (default: GPU 0 if there is one, else cpu)")
     group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="auto: fp32 on the CPU, bf16 on a GPU that supports it, else fp16")
+    quantization.add_flag(group, "an adapter or prefix on top stays in full precision (low-memory inference)")
 
     group = parser.add_argument_group("what to answer (default: chat in the terminal)")
     group.add_argument("--query", default=None, help="answer this one query on stdout and exit")
@@ -254,7 +256,7 @@ def main(argv=None) -> int:
             check_outputs(args)
             samples = read_test_set(args.test_path, args.mode)
         model, tokenizer = load_for_inference(args.mode, args.model_path, args.base_model_path, args.device,
-                                              args.dtype)
+                                              args.dtype, args.quantization_bit)
     except (DataError, CheckpointError) as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+import quantization
 from model import MODE
 from model.compat import enable_activation_checkpointing
 from utils import (DTYPES, DataCollator, DataError, InstructionDataset, auto_precision, count_parameters,
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     group.add_argument("--checkpoint_every_n_layers", type=int, default=1,
                        help="with --gradient_checkpointing: checkpoint only every N-th layer (less recomputation, "
                             "more memory)")
+    quantization.add_flag(group, "lora only (QLoRA), ZeRO stage 0-2")
 
     group = parser.add_argument_group("data")
     group.add_argument("--train_path", required=True, help="training data: JSONL or JSON array")
@@ -89,6 +91,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.max_src_len >= args.max_len:
         parser.error(f"--max_src_len ({args.max_src_len}) must be smaller than --max_len ({args.max_len})")
+    quantization.check_train_args(parser, args)
     return args
 
 
@@ -151,7 +154,11 @@ def build_model(args, ds_config):
         # Lets from_pretrained build the model under deepspeed.zero.Init: each rank only holds its shard.
         from transformers.integrations import HfDeepSpeedConfig
         zero3_context = HfDeepSpeedConfig(ds_config)  # must stay alive while loading
-    model = MODE[args.mode].model.from_pretrained(args.model_name_or_path, dtype=dtype, **extra)
+    if args.quantization_bit:  # QLoRA (ZeRO-3 was refused in parse_args)
+        model = quantization.prepare_for_training(quantization.load_quantized(
+            MODE[args.mode].model, args.model_name_or_path, args.quantization_bit, dtype))
+    else:
+        model = MODE[args.mode].model.from_pretrained(args.model_name_or_path, dtype=dtype, **extra)
     del zero3_context
     return apply_train_type(model, args)
 
@@ -373,6 +380,8 @@ def train(args):
     model = build_model(args, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
+    if args.quantization_bit:  # still quantized after DeepSpeed's casts and moves
+        logger.info(quantization.describe(quantization.check_storage(engine.module, args.quantization_bit)))
 
     step, start_epoch, skip_batches, pending_rng = 0, 0, 0, None
     if resume_tag:

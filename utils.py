@@ -414,7 +414,7 @@ def load_tokenizer(spec, checkpoint_dir: str, base_dir: str):
 
 
 def load_for_inference(mode: str, model_path: str, base_model_path: str | None = None, device="cpu",
-                       dtype=None):
+                       dtype=None, quantization_bit: int | None = None):
     """(model, tokenizer) ready to generate from a checkpoint directory train.py wrote, or an official one.
 
     - full model (freeze / all training, merge_lora.py output, official checkpoints): loaded as it is;
@@ -423,7 +423,8 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
       prefix_projection, then the prefix weights.
     The base is `base_model_path`, else the training_args.json's model_name_or_path, else (LoRA) the
     adapter_config.json's base_model_name_or_path. dtype None: fp32 on the CPU, bf16 on a GPU that has it, else fp16.
-    The model comes back in eval mode on `device`. Problems raise CheckpointError with one line.
+    quantization_bit 4 or 8 loads the (base) model quantized through bitsandbytes (quantization.py), computing in
+    dtype; an adapter or prefix on top stays in full precision. The model comes back in eval mode on `device`. Problems raise CheckpointError with one line.
     """
     from model import MODE, check_checkpoint_dir
 
@@ -436,10 +437,16 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
     device = inference_device(device)
     dtype = inference_dtype(dtype, device)
 
+    def load(path, **kwargs):
+        if quantization_bit:
+            import quantization
+            return quantization.load_quantized(spec.model, path, quantization_bit, dtype, device, **kwargs)
+        return spec.model.from_pretrained(path, dtype=dtype, **kwargs)
+
     try:
         if kind == "full":
             check_checkpoint_dir(model_path, mode)
-            model = spec.model.from_pretrained(model_path, dtype=dtype)
+            model = load(model_path)
             base = model_path
         elif kind == "ptuning":
             config = check_checkpoint_dir(model_path, mode)
@@ -447,21 +454,25 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
                 raise CheckpointError(f"{os.path.join(model_path, 'config.json')}: prefix_encoder.safetensors is "
                                       f"here, but config.json sets no pre_seq_len")
             base = _base_of(mode, model_path, kind, base_model_path)
-            model = spec.model.from_pretrained(base, dtype=dtype, pre_seq_len=config["pre_seq_len"],
-                                               prefix_projection=bool(config.get("prefix_projection")))
+            model = load(base, pre_seq_len=config["pre_seq_len"],
+                         prefix_projection=bool(config.get("prefix_projection")))
             _load_prefix(model, model_path, config)
         else:
             base = _base_of(mode, model_path, kind, base_model_path)
-            model = attach_lora(spec.model.from_pretrained(base, dtype=dtype), model_path,
-                                f"{model_path} (on {base})")
+            model = attach_lora(load(base), model_path, f"{model_path} (on {base})")
     except CheckpointError:
         raise
     except (OSError, ValueError) as e:  # the model layer's own one-line errors
         raise CheckpointError(str(e)) from None
 
     tokenizer = load_tokenizer(spec, model_path, base)
-    model = model.to(device)
+    if not quantization_bit:  # a quantized model was loaded onto the device already
+        model = model.to(device)
+    else:
+        # Nothing of it trains here; and bitsandbytes' CPU inference kernel adds a bias in place, which autograd
+        # refuses for a bias that requires grad when called outside inference_mode/no_grad.
+        model.requires_grad_(False)
     model.eval()
-    logger.info("loaded %s checkpoint %s (%s, base %s) on %s as %s", mode, model_path, kind, base, device,
-                str(dtype).replace("torch.", ""))
+    logger.info("loaded %s checkpoint %s (%s, base %s) on %s as %s%s", mode, model_path, kind, base, device,
+                str(dtype).replace("torch.", ""), f", base {quantization_bit}-bit" if quantization_bit else "")
     return model, tokenizer

@@ -5,10 +5,13 @@ otherwise pick (transformers' GlmForCausalLM, the same network, with PEFT LoRA, 
     python bench/bench.py --shape glm-4-9b         # GPU: GLM-4-9B shape, --mode glm4 (rope_ratio 500)
     python bench/bench.py --shape tiny --steps 3   # any machine: tiny shape (CPU: fp32, no memory column)
     python bench/bench.py --cases lora:2048x4:ckpt lora:1560x1:ckpt --output bench/RESULTS.md
+    python bench/bench.py --cases qlora4:1560x1:ckpt qlora8:1560x1:ckpt   # QLoRA: --quantization_bit 4 / 8
 
 Random weights are built directly on the device; batches are random token ids with every position labelled.
 Each case runs train.py's parse_args -> fill_ds_config -> apply_train_type -> deepspeed.initialize -> train_step,
-so what is measured is the training loop itself. The peer runs under the same DeepSpeed config; only the model
+so what is measured is the training loop itself. QLoRA cases (qlora4, qlora8: LoRA with --quantization_bit 4 / 8)
+write the random weights as a checkpoint first and load it through train.build_model, so the base is quantized
+exactly as train.py quantizes it (transformers' BitsAndBytesConfig loading, PEFT's k-bit preparation). The peer runs under the same DeepSpeed config; only the model
 differs. MFU counts model FLOPs only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight
 gradients for the frozen base), plus attention, recomputation not counted.
 """
@@ -19,6 +22,7 @@ import datetime
 import gc
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -41,7 +45,8 @@ SHAPES = {  # the official chatglm3-6b and glm-4-9b-chat config.json, and a tiny
 SHAPE_MODES = {"chatglm3-6b": "glm3", "glm-4-9b": "glm4", "tiny": "glm3"}  # --mode unless given
 DEFAULT_CASES = ["lora:1560x1:ckpt", "lora:1560x1:nockpt", "lora:2048x4:ckpt", "lora:2048x4:nockpt",
                  "freeze:1560x1:ckpt", "freeze:2048x4:ckpt", "ptuning:1560x1:ckpt", "ptuning:2048x4:ckpt",
-                 "all:1560x1:ckpt"]
+                 "all:1560x1:ckpt", "qlora4:1560x1:ckpt", "qlora8:1560x1:ckpt", "qlora4:2048x4:ckpt"]
+QLORA = {"qlora4": 4, "qlora8": 8}  # case name -> --quantization_bit (train type lora)
 LORA_TARGETS = "query_key_value,dense,dense_h_to_4h,dense_4h_to_h"
 PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
 
@@ -54,7 +59,10 @@ def parse_case(case: str):
 
 def train_args(train_type, batch, ckpt, shape, layers, mode="glm3"):
     """The flags a user would pass to train.py for this case."""
-    argv = ["--model_name_or_path", "-", "--mode", mode, "--train_type", train_type, "--train_path", "-",
+    bits = QLORA.get(train_type)
+    argv = ["--quantization_bit", str(bits)] if bits else []
+    argv += ["--model_name_or_path", "-", "--mode", mode, "--train_type", "lora" if bits else train_type,
+             "--train_path", "-",
             "--output_dir", "-", "--per_device_train_batch_size", str(batch), "--learning_rate", "1e-5",
             "--lora_dim", "16", "--lora_alpha", "32", "--lora_dropout", "0.0", "--lora_module_name", LORA_TARGETS,
             "--pre_seq_len", "128", "--freeze_module_name", ",".join(f"layers.{layers - i}." for i in range(1, 5)),
@@ -96,6 +104,21 @@ def build_peer(config, dtype, device):
     with torch.device(device):
         model = GlmForCausalLM(peer_config)
     return model.to(dtype)
+
+
+def build_quantized(config, args, ds_config, dtype, device):
+    """The random model saved as a checkpoint, then loaded by train.build_model with args.quantization_bit: the same
+    quantization, k-bit preparation and LoRA set-up as a train.py run (the full-precision copy is freed first)."""
+    with tempfile.TemporaryDirectory(prefix="bench-qlora-") as directory:
+        model = build_ours(config, dtype, device, args.mode)
+        model.config.chatglm_version = args.mode  # what from_pretrained's version check reads
+        model.save_pretrained(directory, max_shard_size="2GB")
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        args.model_name_or_path = directory
+        return train.build_model(args, ds_config)
 
 
 def random_window(vocab, seq, batch, accumulation, seed=0):
@@ -183,7 +206,10 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
     rows = []
     for who in (["ours", "peer"] if with_peer and train_type == "lora" else ["ours"]):
         torch.manual_seed(0)
-        if who == "ours":
+        if who == "ours" and args.quantization_bit:
+            model = build_quantized(config, args, ds_config, dtype, device)
+            step_fn = our_step(1)
+        elif who == "ours":
             model = train.apply_train_type(build_ours(config, dtype, device, mode), args)
             step_fn = our_step(1)
         else:
@@ -260,7 +286,7 @@ def main():
     mode = args.mode or SHAPE_MODES[shape]
     cases = args.cases or (DEFAULT_CASES if shape != "tiny" else
                            ["lora:256x2:ckpt", "lora:256x2:nockpt", "freeze:256x2:ckpt", "ptuning:256x2:ckpt",
-                            "all:256x2:nockpt"])
+                            "all:256x2:nockpt", "qlora4:256x2:ckpt", "qlora8:256x2:ckpt"])
     train.init_distributed()
     device_name = torch.cuda.get_device_name() if gpu else "CPU"
     if gpu:

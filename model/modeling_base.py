@@ -239,6 +239,34 @@ class BodyMixin:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Loading a quantized model
+# ----------------------------------------------------------------------------------------------------------------
+# What bitsandbytes stores beside a quantized Linear's weight (save_pretrained of a 4/8-bit model): the NF4/FP4 block
+# scales and code book, with double quantization those of the scales, the packed QuantState, and LLM.int8's row
+# scales and layout. transformers 5.24 consumes these keys itself while loading; releases that list them as
+# unexpected get them accepted here, but only on a module that really is quantized in the model just built.
+QUANTIZATION_STATE_SUFFIXES = (".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
+                               ".weight.nested_quant_map", ".weight.quant_state.bitsandbytes__nf4",
+                               ".weight.quant_state.bitsandbytes__fp4", ".SCB", ".weight_format")
+QUANTIZED_WEIGHT_CLASSES = ("Params4bit", "Int8Params")  # bitsandbytes' parameter classes, by name: no import here
+
+
+def is_quantization_state(model, key: str) -> bool:
+    """Whether a checkpoint key is the bitsandbytes quantization state of a Linear that `model` holds quantized. An
+    ordinary (unquantized) model has no such module, so for it every such key stays unexpected."""
+    for suffix in QUANTIZATION_STATE_SUFFIXES:
+        if key.endswith(suffix):
+            module_name = key[:-len(suffix)]
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                return False
+            weight = getattr(module, "weight", None)
+            return type(weight).__name__ in QUANTIZED_WEIGHT_CLASSES
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The model classes' common parent
 # ----------------------------------------------------------------------------------------------------------------
 class _TokenStreamer(BaseStreamer):
@@ -293,7 +321,13 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
         if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(path)):
             raise FileNotFoundError(f"{path}: no *.safetensors or *.bin weight files in this checkpoint directory")
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        except RuntimeError as e:  # transformers' weight conversion (e.g. bitsandbytes deserialising) failed
+            if "conversion of the weights" not in str(e):
+                raise
+            raise ValueError(f"{path}: weights could not be converted while loading (a quantized checkpoint missing "
+                             f"part of its quantization state?); the CONVERSION lines above name them") from None
         missing = info.get("missing_keys", [])
         if model.config.pre_seq_len:
             missing = [k for k in missing if ".prefix_encoder." not in f".{k}"]
@@ -301,6 +335,7 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
         if missing:
             problems.append(f"missing weights {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
         unexpected = [k for k in info.get("unexpected_keys", []) if "inv_freq" not in k]
+        unexpected = [k for k in unexpected if not is_quantization_state(model, k)]
         if unexpected:
             problems.append(f"unexpected weights {sorted(unexpected)[:5]}{' ...' if len(unexpected) > 5 else ''}")
         if info.get("mismatched_keys"):
