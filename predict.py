@@ -14,7 +14,8 @@ from --base_model_path or from the checkpoint's training_args.json), a merge_lor
         --test_path data/test.jsonl --output_path output-glm3/test.predictions.jsonl --batch_size 8
 
 Batch prediction writes one JSON line per sample {"prompt", "reference", "prediction"} (in the order of the test
-file) to --output_path, and the metrics (exact match, triple precision/recall/F1, BLEU-4, ROUGE-1/2/L; see
+file; reference and prediction both post-processed as the official chat() post-processes an answer, so that they
+compare alike) to --output_path, and the metrics (exact match, triple precision/recall/F1, BLEU-4, ROUGE-1/2/L; see
 metrics.py) to <output stem>.metrics.json beside it; both appear only once complete. The prompt is built exactly as
 in training: query = instruction + input, after the sample's history (or a `conversations` list whose last assistant
 message is the reference).
@@ -32,7 +33,7 @@ import torch
 
 from metrics import compute_metrics
 from model import MODE, template
-from utils import CheckpointError, DataError, load_for_inference, read_records, sample_to_messages, str2bool
+from utils import CheckpointError, DataError, add_bool_flag, load_for_inference, read_records, sample_to_messages
 
 logger = logging.getLogger("chatglm")
 
@@ -55,16 +56,17 @@ def parse_args(argv=None):
     group.add_argument("--test_path", default=None,
                        help="test file (JSONL or JSON array, training format) to predict and score")
     group.add_argument("--output_path", default=None, help="with --test_path: the predictions, one JSON a line")
-    group.add_argument("--overwrite", action="store_true", help="replace an existing --output_path")
+    add_bool_flag(group, "--overwrite", "replace an existing --output_path")
     group.add_argument("--batch_size", type=int, default=8, help="with --test_path: prompts generated together")
 
     group = parser.add_argument_group("generation")
     group.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens")
-    group.add_argument("--do_sample", type=str2bool, default=False,
-                       help="True: sample with --top_p / --temperature; False: greedy (or beam) search")
+    add_bool_flag(group, "--do_sample", "sample with --top_p / --temperature; False: greedy (or beam) search")
     group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (with --do_sample True)")
     group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --do_sample True)")
-    group.add_argument("--num_beams", type=int, default=1, help="beam search width (1: none)")
+    group.add_argument("--num_beams", type=int, default=1,
+                       help="beam search width (1: none); the terminal chat then prints each answer whole, since "
+                            "beam search cannot stream")
     args = parser.parse_args(argv)
 
     if args.query is not None and args.test_path:
@@ -96,6 +98,17 @@ def answer_text(response) -> str:
     return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
 
 
+def reference_answer(mode: str, message: dict, history) -> str:
+    """The reference answer as chat() would return it, had the model written it: the same official post-processing
+    as the predictions (glm: ASCII punctuation beside Chinese becomes full-width; glm3: a tool call, whose metadata
+    line names the tool, becomes {"name", "content"}; all: surrounding whitespace stripped), so that a prediction
+    identical token for token to the reference scores as equal."""
+    if mode == "glm3":
+        text = f"{message.get('metadata') or ''}\n{message['content']}"
+        return answer_text(template.process_response(mode, text, list(history))[0])
+    return template.process_response(mode, message["content"])
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # batch prediction
 # ------------------------------------------------------------------------------------------------------------------
@@ -112,8 +125,9 @@ def read_test_set(path: str, mode: str) -> list[dict]:
         if last["role"] == "assistant" or (mode != "glm3" and last["role"] != "user"):
             raise DataError(f"{where}: the message before the reference must come from the user, "
                             f"not {last['role']!r}")
-        samples.append({"query": last["content"], "role": last["role"], "history": prompt_messages[:-1],
-                        "reference": messages[-1]["content"], "where": where})
+        history = prompt_messages[:-1]
+        samples.append({"query": last["content"], "role": last["role"], "history": history,
+                        "reference": reference_answer(mode, messages[-1], history), "where": where})
     if not samples:
         raise DataError(f"{path}: no samples")
     return samples
@@ -227,8 +241,12 @@ def chat_loop(model, tokenizer, gen_kwargs: dict, stdin=None, stdout=None) -> No
             continue
         stdout.write("\nChatGLM：")
         stdout.flush()
+        if gen_kwargs.get("num_beams", 1) > 1:  # transformers cannot stream beam search: the answer comes whole
+            response, history = model.chat(tokenizer, query, history=history, **gen_kwargs)
+            stdout.write(answer_text(response) + "\n")
+            stdout.flush()
+            continue
         printed = ""
-        new_history = history
         for response, new_history in model.stream_chat(tokenizer, query, history=history, **gen_kwargs):
             text = answer_text(response)
             if text.startswith(printed):  # post-processing can rewrite earlier characters; then wait for the end
