@@ -98,22 +98,21 @@ def answer_text(response) -> str:
     return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
 
 
-def reference_answer(mode: str, message: dict, history) -> str:
-    """The reference answer as chat() would return it, had the model written it: the same official post-processing
-    as the predictions (glm: ASCII punctuation beside Chinese becomes full-width; glm3: a tool call, whose metadata
-    line names the tool, becomes {"name", "content"}; all: surrounding whitespace stripped), so that a prediction
-    identical token for token to the reference scores as equal."""
-    if mode == "glm3":
-        text = f"{message.get('metadata') or ''}\n{message['content']}"
-        return answer_text(template.process_response(mode, text, list(history))[0])
-    return template.process_response(mode, message["content"])
+def reference_answer(tokenizer, mode: str, messages: list[dict]) -> str:
+    """The reference (the final assistant message) as chat() would return it had the model generated exactly the
+    tokens training teaches for it: encoded by the template, then decoded and post-processed like every prediction
+    (glm: ASCII punctuation beside Chinese becomes full-width; glm3: a tool call becomes {"name", "content"}; all:
+    the official stripping). So a prediction identical token for token to the reference scores as equal."""
+    ids, _, answer_start = template.encode_messages(tokenizer, mode, messages, learn_all_turns=False)
+    return decode_answer(tokenizer, mode, ids[answer_start:], messages[:-1])
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # batch prediction
 # ------------------------------------------------------------------------------------------------------------------
 def read_test_set(path: str, mode: str) -> list[dict]:
-    """Every sample as {"query", "role", "history", "reference"}; any bad line fails here, before generation."""
+    """Every sample as {"query", "role", "history", "reference", "messages"}; any bad line fails here, before
+    generation."""
     samples = []
     for number, record in read_records(path):
         where = f"{path}:{number}"
@@ -125,9 +124,8 @@ def read_test_set(path: str, mode: str) -> list[dict]:
         if last["role"] == "assistant" or (mode != "glm3" and last["role"] != "user"):
             raise DataError(f"{where}: the message before the reference must come from the user, "
                             f"not {last['role']!r}")
-        history = prompt_messages[:-1]
-        samples.append({"query": last["content"], "role": last["role"], "history": history,
-                        "reference": reference_answer(mode, messages[-1], history), "where": where})
+        samples.append({"query": last["content"], "role": last["role"], "history": prompt_messages[:-1],
+                        "reference": messages[-1]["content"], "messages": messages, "where": where})
     if not samples:
         raise DataError(f"{path}: no samples")
     return samples
@@ -201,10 +199,10 @@ def predict_file(args, model, tokenizer, samples: list[dict]) -> dict:
                 predictions[index] = decode_answer(tokenizer, mode, ids, samples[index]["history"])
             progress.update(len(indices))
 
-    references = [s["reference"] for s in samples]
+    references = [reference_answer(tokenizer, mode, s["messages"]) for s in samples]  # normalised alike
     metrics = compute_metrics(predictions, references)
-    lines = [json.dumps({"prompt": s["query"], "reference": s["reference"], "prediction": p}, ensure_ascii=False)
-             for s, p in zip(samples, predictions)]
+    lines = [json.dumps({"prompt": s["query"], "reference": r, "prediction": p}, ensure_ascii=False)
+             for s, r, p in zip(samples, references, predictions)]
     metrics_path = metrics_path_for(args.output_path)
     _write_atomically(metrics_path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     _write_atomically(args.output_path, "\n".join(lines) + "\n")
