@@ -564,7 +564,7 @@ def train(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        return train(args)
     except DataError as error:
         raise SystemExit(str(error)) from None
 
