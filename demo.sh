@@ -16,7 +16,8 @@ deepspeed --num_gpus 1 train.py --mode "$MODE" --model_name_or_path "$WORK/base"
   --train_path data/train.jsonl --dev_path data/dev.jsonl --max_len 256 --max_src_len 200 \
   --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --learning_rate 1e-2 --num_train_epochs 3 \
   --show_loss_step 6 --output_dir "$WORK/output"
-CHECKPOINT="$(ls -d "$WORK"/output/epoch-* | sort -t- -k4 -n | tail -1)"
+# the newest checkpoint: the highest step (train.last_checkpoint, the one --resume picks)
+CHECKPOINT="$WORK/output/$(python -c 'import sys, train; print(train.last_checkpoint(sys.argv[1]))' "$WORK/output")"
 python predict.py --mode "$MODE" --model_path "$CHECKPOINT" --test_path data/test.jsonl \
   --output_path "$WORK/predictions.jsonl" --max_new_tokens 48 --batch_size 6
 echo "checkpoint:  $CHECKPOINT"

@@ -5,7 +5,9 @@
     # {"samples": 2, "exact_match": 0.5, "triple_precision": ..., "triple_recall": ..., "triple_f1": ...,
     #  "bleu4": ..., "rouge1": ..., "rouge2": ..., "rougeL": ...}
 
-All scores are fractions in [0, 1].
+All scores are fractions in [0, 1]. The functions compare the strings they are given: normalise predictions and
+references alike first (predict.py passes both through the official post-processing of the mode, see
+predict.reference_answer), or a prediction identical to its reference can score 0.
 
 - exact match: prediction and reference equal once surrounding whitespace is stripped.
 - triples (information extraction answers such as "发动机_部件故障_水温高\\n风扇_部件故障_低速转动"): one triple a

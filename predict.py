@@ -14,7 +14,8 @@ from --base_model_path or from the checkpoint's training_args.json), a merge_lor
         --test_path data/test.jsonl --output_path output-glm3/test.predictions.jsonl --batch_size 8
 
 Batch prediction writes one JSON line per sample {"prompt", "reference", "prediction"} (in the order of the test
-file) to --output_path, and the metrics (exact match, triple precision/recall/F1, BLEU-4, ROUGE-1/2/L; see
+file; reference and prediction both post-processed as the official chat() post-processes an answer, so that they
+compare alike) to --output_path, and the metrics (exact match, triple precision/recall/F1, BLEU-4, ROUGE-1/2/L; see
 metrics.py) to <output stem>.metrics.json beside it; both appear only once complete. The prompt is built exactly as
 in training: query = instruction + input, after the sample's history (or a `conversations` list whose last assistant
 message is the reference).
@@ -33,7 +34,7 @@ import torch
 import quantization
 from metrics import compute_metrics
 from model import MODE, template
-from utils import CheckpointError, DataError, load_for_inference, read_records, sample_to_messages, str2bool
+from utils import CheckpointError, DataError, add_bool_flag, load_for_inference, read_records, sample_to_messages
 
 logger = logging.getLogger("chatglm")
 
@@ -57,16 +58,17 @@ def parse_args(argv=None):
     group.add_argument("--test_path", default=None,
                        help="test file (JSONL or JSON array, training format) to predict and score")
     group.add_argument("--output_path", default=None, help="with --test_path: the predictions, one JSON a line")
-    group.add_argument("--overwrite", action="store_true", help="replace an existing --output_path")
+    add_bool_flag(group, "--overwrite", "replace an existing --output_path")
     group.add_argument("--batch_size", type=int, default=8, help="with --test_path: prompts generated together")
 
     group = parser.add_argument_group("generation")
     group.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens")
-    group.add_argument("--do_sample", type=str2bool, default=False,
-                       help="True: sample with --top_p / --temperature; False: greedy (or beam) search")
+    add_bool_flag(group, "--do_sample", "sample with --top_p / --temperature; False: greedy (or beam) search")
     group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (with --do_sample True)")
     group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --do_sample True)")
-    group.add_argument("--num_beams", type=int, default=1, help="beam search width (1: none)")
+    group.add_argument("--num_beams", type=int, default=1,
+                       help="beam search width (1: none); the terminal chat then prints each answer whole, since "
+                            "beam search cannot stream")
     args = parser.parse_args(argv)
 
     if args.query is not None and args.test_path:
@@ -98,11 +100,21 @@ def answer_text(response) -> str:
     return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
 
 
+def reference_answer(tokenizer, mode: str, messages: list[dict]) -> str:
+    """The reference (the final assistant message) as chat() would return it had the model generated exactly the
+    tokens training teaches for it: encoded by the template, then decoded and post-processed like every prediction
+    (glm: ASCII punctuation beside Chinese becomes full-width; glm3: a tool call becomes {"name", "content"}; all:
+    the official stripping). So a prediction identical token for token to the reference scores as equal."""
+    ids, _, answer_start = template.encode_messages(tokenizer, mode, messages, learn_all_turns=False)
+    return decode_answer(tokenizer, mode, ids[answer_start:], messages[:-1])
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # batch prediction
 # ------------------------------------------------------------------------------------------------------------------
 def read_test_set(path: str, mode: str) -> list[dict]:
-    """Every sample as {"query", "role", "history", "reference"}; any bad line fails here, before generation."""
+    """Every sample as {"query", "role", "history", "reference", "messages"}; any bad line fails here, before
+    generation."""
     samples = []
     for number, record in read_records(path):
         where = f"{path}:{number}"
@@ -115,7 +127,7 @@ def read_test_set(path: str, mode: str) -> list[dict]:
             raise DataError(f"{where}: the message before the reference must come from the user, "
                             f"not {last['role']!r}")
         samples.append({"query": last["content"], "role": last["role"], "history": prompt_messages[:-1],
-                        "reference": messages[-1]["content"], "where": where})
+                        "reference": messages[-1]["content"], "messages": messages, "where": where})
     if not samples:
         raise DataError(f"{path}: no samples")
     return samples
@@ -189,10 +201,10 @@ def predict_file(args, model, tokenizer, samples: list[dict]) -> dict:
                 predictions[index] = decode_answer(tokenizer, mode, ids, samples[index]["history"])
             progress.update(len(indices))
 
-    references = [s["reference"] for s in samples]
+    references = [reference_answer(tokenizer, mode, s["messages"]) for s in samples]  # normalised alike
     metrics = compute_metrics(predictions, references)
-    lines = [json.dumps({"prompt": s["query"], "reference": s["reference"], "prediction": p}, ensure_ascii=False)
-             for s, p in zip(samples, predictions)]
+    lines = [json.dumps({"prompt": s["query"], "reference": r, "prediction": p}, ensure_ascii=False)
+             for s, r, p in zip(samples, references, predictions)]
     metrics_path = metrics_path_for(args.output_path)
     _write_atomically(metrics_path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     _write_atomically(args.output_path, "\n".join(lines) + "\n")
@@ -229,8 +241,12 @@ def chat_loop(model, tokenizer, gen_kwargs: dict, stdin=None, stdout=None) -> No
             continue
         stdout.write("\nChatGLM：")
         stdout.flush()
+        if gen_kwargs.get("num_beams", 1) > 1:  # transformers cannot stream beam search: the answer comes whole
+            response, history = model.chat(tokenizer, query, history=history, **gen_kwargs)
+            stdout.write(answer_text(response) + "\n")
+            stdout.flush()
+            continue
         printed = ""
-        new_history = history
         for response, new_history in model.stream_chat(tokenizer, query, history=history, **gen_kwargs):
             text = answer_text(response)
             if text.startswith(printed):  # post-processing can rewrite earlier characters; then wait for the end

@@ -15,21 +15,24 @@ for one process). Checkpoints go to output_dir/epoch-E-step-S/.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import os
 import random
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 import quantization
-from model import MODE
+from model import MODE, template
 from model.compat import enable_activation_checkpointing
-from utils import (DTYPES, DataCollator, DataError, InstructionDataset, auto_precision, count_parameters,
-                   setup_logging, str2bool)
+from model.modeling_base import LMHead
+from utils import (DTYPES, DataCollator, DataError, EvalShard, InstructionDataset, add_bool_flag, auto_precision,
+                   count_parameters, setup_logging)
 
 logger = logging.getLogger("chatglm")
 TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
@@ -49,9 +52,8 @@ def parse_args(argv=None):
     group.add_argument("--lora_module_name", default="query_key_value",
                        help="lora: comma-separated module names (query_key_value,dense,dense_h_to_4h,dense_4h_to_h)")
     group.add_argument("--pre_seq_len", type=int, default=16, help="ptuning: number of prefix tokens")
-    group.add_argument("--prefix_projection", type=str2bool, default=False,
-                       help="ptuning: True/False, encode the prefix through a two-layer MLP")
-    group.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    add_bool_flag(group, "--prefix_projection", "ptuning: encode the prefix through a two-layer MLP")
+    add_bool_flag(group, "--gradient_checkpointing", "recompute activations in backward (less memory)")
     group.add_argument("--checkpoint_every_n_layers", type=int, default=1,
                        help="with --gradient_checkpointing: checkpoint only every N-th layer (less recomputation, "
                             "more memory)")
@@ -61,21 +63,27 @@ def parse_args(argv=None):
     group.add_argument("--train_path", required=True, help="training data: JSONL or JSON array")
     group.add_argument("--dev_path", default=None, help="evaluation data; eval loss every --eval_step and per epoch")
     group.add_argument("--max_len", type=int, default=1024, help="longest sample in tokens")
-    group.add_argument("--max_src_len", type=int, default=256, help="longest prompt in tokens")
-    group.add_argument("--is_skip", action="store_true", help="drop over-long samples instead of truncating")
-    group.add_argument("--group_by_length", action="store_true",
-                       help="batch samples of similar length together (less padding; order still random)")
-    group.add_argument("--last_turn_only", action="store_true",
-                       help="multi-turn data: learn only the last answer (default: every assistant turn)")
+    group.add_argument("--max_src_len", type=int, default=256,
+                       help="longest prompt in tokens; longer prompts lose their oldest rounds first, never the "
+                            "question being answered (see README)")
+    add_bool_flag(group, "--is_skip", "drop over-long samples instead of truncating")
+    add_bool_flag(group, "--group_by_length",
+                  "batch samples of similar length together (less padding; order still random)")
+    add_bool_flag(group, "--last_turn_only",
+                  "multi-turn data: learn only the last answer (otherwise every assistant turn)")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--per_device_train_batch_size", type=int, default=1, help="micro-batch per GPU")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step")
     group.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
-    group.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
+    group.add_argument("--weight_decay", type=float, default=0.1,
+                       help="AdamW weight decay on weight matrices; 1-D parameters (norm weights, biases) get none")
     group.add_argument("--num_train_epochs", type=int, default=1, help="passes over the training data")
     group.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    group.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps warming up the lr")
+    group.add_argument("--warmup_ratio", type=float, default=0.1,
+                       help="share of the T optimizer steps warming up: W = ceil(ratio * T); step s (1-based) runs at "
+                            "lr * min(s / W, (T + 1 - s) / (T - W)): linear up to the peak at step W, then linear "
+                            "down, reaching 0 just after the last step")
     group.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="auto: bf16 where the GPU supports it, else fp16; fp32 on CPU")
     group.add_argument("--seed", type=int, default=1234, help="random seed")
@@ -84,13 +92,25 @@ def parse_args(argv=None):
     group.add_argument("--ds_file", default="ds_zero2_no_offload.json", help="DeepSpeed JSON (ZeRO, clipping)")
     group.add_argument("--output_dir", required=True, help="where checkpoints and logs go")
     group.add_argument("--save_model_step", type=int, default=None, help="also save every N optimizer steps")
+    group.add_argument("--save_total_limit", type=int, default=None,
+                       help="keep only the newest N checkpoints in output_dir (default: keep all)")
     group.add_argument("--show_loss_step", type=int, default=10, help="log loss, lr, tokens/s every N steps")
     group.add_argument("--eval_step", type=int, default=None, help="evaluate on --dev_path every N steps")
-    group.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    add_bool_flag(group, "--resume", "continue from the last checkpoint in output_dir")
     group.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
     if args.max_src_len >= args.max_len:
         parser.error(f"--max_src_len ({args.max_src_len}) must be smaller than --max_len ({args.max_len})")
+    for flag in ("max_src_len", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                 "show_loss_step", "max_steps", "save_model_step", "save_total_limit", "eval_step", "pre_seq_len",
+                 "lora_dim", "checkpoint_every_n_layers"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be at least 1, got {value}")
+    if not 0 <= args.warmup_ratio <= 1:
+        parser.error(f"--warmup_ratio must be between 0 and 1, got {args.warmup_ratio}")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     quantization.check_train_args(parser, args)
     return args
 
@@ -118,9 +138,10 @@ def pick_precision(choice: str) -> str:
     return choice if choice != "auto" else auto_precision("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def fill_ds_config(args, world_size: int, total_steps: int) -> dict:
-    """The one place flags reach the DeepSpeed JSON: batch keys, optimizer, scheduler and precision. The JSON keeps
-    what it owns (ZeRO stage, offload, clipping)."""
+def fill_ds_config(args, world_size: int) -> dict:
+    """The one place flags reach the DeepSpeed JSON: batch keys, optimizer and precision. The JSON keeps what it owns
+    (ZeRO stage, offload, clipping); the lr schedule is train.py's own (`lr_factor`), so a "scheduler" in the JSON is
+    dropped."""
     with open(args.ds_file, encoding="utf-8") as f:
         config = json.load(f)
     config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
@@ -132,11 +153,8 @@ def fill_ds_config(args, world_size: int, total_steps: int) -> dict:
     config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
     optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     optimizer["params"].update(lr=args.learning_rate, betas=[0.9, 0.95], eps=1e-8, weight_decay=args.weight_decay)
-    scheduler = config.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
-    warmup = math.ceil(args.warmup_ratio * total_steps)
-    # DeepSpeed wants at least one warmup step; without warmup that step starts at the peak already.
-    scheduler["params"].update(total_num_steps=max(total_steps, 1), warmup_num_steps=max(warmup, 1),
-                               warmup_min_lr=0 if warmup else args.learning_rate, warmup_max_lr=args.learning_rate)
+    if config.pop("scheduler", None):
+        logger.info("%s: its \"scheduler\" is replaced by the --warmup_ratio schedule", args.ds_file)
     zero = config.get("zero_optimization", {})
     for key in ("offload_param", "offload_optimizer"):  # "auto" in the seed's JSON means: no offload
         if zero.get(key, {}).get("device") == "auto":
@@ -168,9 +186,18 @@ def apply_train_type(model, args):
     ptuning: the prefix encoder; all: everything) and switch on gradient checkpointing."""
     if args.train_type == "lora":
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=args.lora_dim, lora_alpha=args.lora_alpha,
-                                                 lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
-                                                 target_modules=args.lora_module_name.split(",")))
+        targets = [name.strip() for name in args.lora_module_name.split(",") if name.strip()]
+        heads = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, LMHead)}
+        if set(targets) & heads:
+            # the loss is computed inside the LM head's own forward (LMHead), which a LoRA wrapper replaces
+            raise SystemExit(f"--lora_module_name: LoRA on the LM head ({', '.join(sorted(set(targets) & heads))}) "
+                             f"is not supported; train it with --train_type freeze or all")
+        try:
+            model = get_peft_model(model, LoraConfig(r=args.lora_dim, lora_alpha=args.lora_alpha,
+                                                     lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
+                                                     target_modules=targets))
+        except ValueError as e:  # e.g. a module name that matches nothing
+            raise SystemExit(f"--lora_module_name {args.lora_module_name!r}: {str(e).splitlines()[0]}") from None
     else:
         keep = {"freeze": args.freeze_module_name.split(","), "ptuning": ["prefix_encoder."], "all": [""]}
         names = [name for name in keep[args.train_type] if name or args.train_type == "all"]
@@ -188,8 +215,42 @@ def apply_train_type(model, args):
     return model
 
 
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups of the trainable parameters: weight decay on matrices (and embeddings) only; 1-D parameters
+    (LayerNorm/RMSNorm weights, biases) are not decayed, as in HF Trainer, DeepSpeed-Chat and litgpt. Under ZeRO-3
+    a partitioned parameter keeps its real shape in ds_shape."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def warmup_steps(args, total_steps: int) -> int:
+    return math.ceil(args.warmup_ratio * total_steps)
+
+
+def lr_factor(total_steps: int, warmup: int):
+    """The share of the peak lr at each optimizer step, as torch's LambdaLR wants it (called with the number of steps
+    already taken, so the step about to run is s = done + 1, counted from 1): min(s / W, (T + 1 - s) / (T - W)).
+    Linear warmup from peak / W at step 1 to the peak at step W, then linear decay from the peak at step W + 1 to
+    peak / (T - W) at the last step T (0 would be reached at step T + 1): no step runs at lr 0."""
+    def factor(done: int) -> float:
+        s = done + 1
+        rising = s / warmup if warmup else math.inf
+        falling = (total_steps + 1 - s) / (total_steps - warmup) if total_steps > warmup else math.inf
+        return max(0.0, min(rising, falling))
+    return factor
+
+
 def build_data(args, tokenizer):
     """Training and dev sets, labelled alike (the dev loss measures what training learns)."""
+    shortest = template.template_length(tokenizer, args.mode)
+    if args.max_src_len <= shortest:
+        raise SystemExit(f"--max_src_len {args.max_src_len} leaves no room for a question: the {args.mode} prompt "
+                         f"template alone takes {shortest} tokens")
+
     def load(path):
         return InstructionDataset(path, tokenizer, args.mode, args.max_len, args.max_src_len, args.is_skip,
                                   learn_all_turns=not args.last_turn_only)
@@ -197,22 +258,35 @@ def build_data(args, tokenizer):
 
 
 def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
+    """Training (shuffle=True): this rank's share in a new order every epoch, incomplete batches dropped. Evaluation:
+    this rank's EvalShard, every sample once over all ranks."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     from utils import LengthGroupedSampler
-    if shuffle and args.group_by_length:
+    collate = DataCollator(pad_token_id)
+    if not shuffle:
+        return DataLoader(EvalShard(dataset, rank, world_size), batch_size=args.per_device_train_batch_size,
+                          shuffle=False, collate_fn=collate)
+    if args.group_by_length:
         sampler = LengthGroupedSampler([len(e["input_ids"]) for e in dataset.examples],
                                        args.per_device_train_batch_size, world_size, rank, seed=args.seed)
     else:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=args.seed,
-                                     drop_last=shuffle)
-    return DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler,
-                      collate_fn=DataCollator(pad_token_id), drop_last=shuffle)
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
+                                     drop_last=True)
+    # Its own generator: iter() draws a base seed from it, not from the global one, whose state a checkpoint
+    # restores (dropout draws from that), so resuming at any point replays the same random numbers.
+    return DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate,
+                      drop_last=True, generator=torch.Generator().manual_seed(args.seed))
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # one optimizer step
 # ------------------------------------------------------------------------------------------------------------------
+def real_tokens(batch, pad_token_id: int) -> int:
+    """Tokens of a right-padded host batch that are not padding."""
+    return int((batch["input_ids"] != pad_token_id).sum())
+
+
 def labelled_tokens(batch) -> int:
     """Tokens that carry a label (each position predicts the next token's label), counted on the host."""
     return int((batch["labels"][:, 1:] != -100).sum())
@@ -309,8 +383,25 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
     if rank == 0:
         publish(staging, final)
         logger.info("saved %s", final)
+        if args.save_total_limit:
+            prune_checkpoints(args.output_dir, args.save_total_limit, keep=tag)
     torch.distributed.barrier()
     return final
+
+
+def checkpoint_tags(output_dir) -> list[str]:
+    """The complete checkpoints (epoch-E-step-S with DeepSpeed state) in output_dir, oldest step first."""
+    tags = [d for d in os.listdir(output_dir) if d.startswith("epoch-") and "-step-" in d and
+            os.path.isdir(os.path.join(output_dir, d, "deepspeed"))]
+    return sorted(tags, key=lambda d: int(d.rsplit("-", 1)[1]))
+
+
+def prune_checkpoints(output_dir, limit: int, keep: str) -> None:
+    """--save_total_limit: delete all but the newest `limit` checkpoints; `keep` (the one just written) never goes."""
+    tags = [tag for tag in checkpoint_tags(output_dir) if tag != keep]
+    for tag in tags[:max(len(tags) - (limit - 1), 0)]:
+        shutil.rmtree(os.path.join(output_dir, tag))
+        logger.info("removed %s (--save_total_limit %d)", os.path.join(output_dir, tag), limit)
 
 
 def log_eval(engine, loader, writer, step, where, log_file):
@@ -340,11 +431,31 @@ def set_rng_state(state):
 
 
 def last_checkpoint(output_dir):
-    tags = [d for d in os.listdir(output_dir) if d.startswith("epoch-") and
-            os.path.isdir(os.path.join(output_dir, d, "deepspeed"))]
-    if not tags:
-        return None
-    return max(tags, key=lambda d: int(d.rsplit("-", 1)[1]))
+    """The tag of the checkpoint with the highest step in output_dir, or None."""
+    tags = checkpoint_tags(output_dir)
+    return tags[-1] if tags else None
+
+
+class StepClock:
+    """Wall time spent in training steps only: evaluation and saving run `paused` (the device is synchronised first,
+    so that step work still queued is not billed to them)."""
+
+    def __init__(self):
+        self.seconds, self.since = 0.0, time.perf_counter()
+
+    @contextmanager
+    def paused(self):
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().synchronize()
+        self.seconds += time.perf_counter() - self.since
+        yield
+        self.since = time.perf_counter()
+
+    def lap(self) -> float:
+        """Step seconds since the last lap (call after the host has waited for the device, as reading a loss does)."""
+        now = time.perf_counter()
+        seconds, self.seconds, self.since = self.seconds + now - self.since, 0.0, now
+        return seconds
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -368,27 +479,33 @@ def train(args):
     train_set, dev_set = build_data(args, tokenizer)
     train_loader = make_loader(train_set, args, rank, world_size, True, tokenizer.pad_token_id)
     dev_loader = make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id) if dev_set else None
-    steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
+    accumulation = args.gradient_accumulation_steps
+    steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
         raise SystemExit(f"{args.train_path}: {len(train_set)} samples make no optimizer step of "
-                         f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {world_size}")
+                         f"{args.per_device_train_batch_size} x {accumulation} x {world_size}")
     total_steps = steps_per_epoch * args.num_train_epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
 
-    ds_config = fill_ds_config(args, world_size, total_steps)
+    ds_config = fill_ds_config(args, world_size)
     model = build_model(args, ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+    factor = lr_factor(total_steps, warmup_steps(args, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, config=ds_config, model_parameters=parameter_groups(model, args.weight_decay),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
+    # from_pretrained returns the model in eval mode: without this, dropout (LoRA, P-Tuning) would be off and
+    # gradient checkpointing (which only checkpoints in training mode) would do nothing.
+    engine.train()
     if args.quantization_bit:  # still quantized after DeepSpeed's casts and moves
         logger.info(quantization.describe(quantization.check_storage(engine.module, args.quantization_bit)))
 
-    step, start_epoch, skip_batches, pending_rng = 0, 0, 0, None
+    step, epoch, batch_index = 0, 0, 0  # optimizer steps done; where in which epoch the next window starts
     if resume_tag:
         path = os.path.join(args.output_dir, resume_tag, "deepspeed")
         _, client = engine.load_checkpoint(path, tag="state", load_module_strict=False)
-        step, start_epoch, skip_batches = client["step"], client["epoch"], client["batches_in_epoch"]
-        pending_rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+        step, epoch, batch_index = client["step"], client["epoch"], client["batches_in_epoch"]
+        set_rng_state(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False))
         logger.info("resumed from %s at step %d", resume_tag, step)
         if step >= total_steps:
             logger.info("%s already reached step %d of %d: nothing to do", resume_tag, step, total_steps)
@@ -401,44 +518,30 @@ def train(args):
     from tqdm import tqdm
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     window_loss = torch.zeros(2, dtype=torch.float64, device=engine.device)  # summed loss, labelled tokens
-    tokens_seen, clock, last_good = 0, time.time(), None
-    accumulation = args.gradient_accumulation_steps
+    window_tokens, clock, last_good = 0, StepClock(), None
     log_file = os.path.join(args.output_dir, "train_log.jsonl")  # one JSON line per logging step, rank 0
 
-    def save(tag_epoch: int, resume_epoch: int, resume_batches: int):
-        """Checkpoint tagged with the 1-based epoch and the step; resume continues at (epoch, batch) given."""
-        nonlocal last_good
-        last_good = save_checkpoint(engine, tokenizer, args, f"epoch-{tag_epoch}-step-{step}",
-                                    {"step": step, "epoch": resume_epoch, "batches_in_epoch": resume_batches})
-
-    epoch, batch_index = start_epoch, skip_batches
-    for epoch in range(start_epoch, args.num_train_epochs):
+    while step < total_steps:
         train_loader.sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
-        batches = iter(train_loader)
-        for _ in range(skip_batches):  # resuming mid-epoch: the same order, minus what was already seen
-            next(batches)
-        if pending_rng:  # after the iterator, which draws its seed from the global generator
-            set_rng_state(pending_rng)
-            pending_rng = None
-        batch_index, skip_batches = skip_batches, 0
-        while step < total_steps:
-            window = [b for _, b in zip(range(accumulation), batches)]
-            if len(window) < accumulation:
-                break
+        batches = itertools.islice(iter(train_loader), batch_index, None)  # resuming: minus what was seen
+        while step < total_steps and batch_index + accumulation <= len(train_loader):
+            window = [next(batches) for _ in range(accumulation)]
+            lr = engine.get_lr()[0]  # what this step's optimizer update uses (the schedule moves after it)
             loss_sum, tokens = train_step(engine, window, world_size)
             window_loss[0] += loss_sum
             window_loss[1] += tokens / world_size
-            tokens_seen += sum(b["input_ids"].numel() for b in window)
+            window_tokens += sum(real_tokens(b, tokenizer.pad_token_id) for b in window) * world_size
             batch_index += accumulation
             step += 1
             progress.update(1)
+            epoch_done = batch_index + accumulation > len(train_loader)  # no whole window left in this epoch
             if step % args.show_loss_step == 0 or step == total_steps:
                 torch.distributed.all_reduce(window_loss)
                 loss = (window_loss[0] / window_loss[1]).item()  # the host reads the loss only here
                 if not math.isfinite(loss):
                     raise SystemExit(f"step {step}: loss is {loss}; stopping. Last good checkpoint: {last_good}")
-                lr = engine.get_lr()[0]
-                speed = tokens_seen * world_size / (time.time() - clock)
+                seconds = clock.lap()
+                speed = window_tokens / max(seconds, 1e-9)
                 logger.info("step %d | loss %.4f | lr %.3e | tokens/s %.0f", step, loss, lr, speed)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
                 if writer:
@@ -446,22 +549,22 @@ def train(args):
                                         ("grad_norm", engine.get_global_grad_norm())):
                         if value is not None:
                             writer.add_scalar(f"train/{name}", float(value), step)
-                    append_jsonl(log_file, {"step": step, "loss": loss, "lr": lr})
+                    append_jsonl(log_file, {"step": step, "loss": loss, "lr": lr, "tokens": window_tokens,
+                                            "seconds": seconds, "tokens_per_s": speed})
                 window_loss.zero_()
-                tokens_seen, clock = 0, time.time()
-            if dev_loader and args.eval_step and step % args.eval_step == 0:
-                log_eval(engine, dev_loader, writer, step, f"step {step}", log_file)
-            if args.save_model_step and step % args.save_model_step == 0:
-                save(epoch + 1, epoch, batch_index)
-        if batch_index + accumulation > len(train_loader):  # the epoch ran to its end
-            if dev_loader:
-                log_eval(engine, dev_loader, writer, step, f"epoch {epoch + 1}", log_file)
-            if not last_good or not last_good.endswith(f"-step-{step}"):
-                save(epoch + 1, epoch + 1, 0)
-        if step >= total_steps:
-            break
-    if not last_good or not last_good.endswith(f"-step-{step}"):  # stopped by --max_steps inside an epoch
-        save(epoch + 1, epoch, batch_index)
+                window_tokens = 0
+            # at most one evaluation and one checkpoint per step, however the conditions coincide
+            if dev_loader and ((args.eval_step and step % args.eval_step == 0) or epoch_done):
+                with clock.paused():
+                    log_eval(engine, dev_loader, writer, step, f"step {step}" + " (epoch end)" * epoch_done,
+                             log_file)
+            if (args.save_model_step and step % args.save_model_step == 0) or epoch_done or step == total_steps:
+                # a checkpoint at the end of an epoch resumes at the start of the next one
+                resume_at = (epoch + 1, 0) if epoch_done else (epoch, batch_index)
+                with clock.paused():
+                    last_good = save_checkpoint(engine, tokenizer, args, f"epoch-{epoch + 1}-step-{step}",
+                                                {"step": step, "epoch": resume_at[0], "batches_in_epoch": resume_at[1]})
+        epoch, batch_index = epoch + 1, 0
     progress.close()
     if writer:
         writer.close()
@@ -471,7 +574,7 @@ def train(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        return train(args)
     except DataError as error:
         raise SystemExit(str(error)) from None
 

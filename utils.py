@@ -30,6 +30,12 @@ def str2bool(value) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+def add_bool_flag(group, flag: str, help: str, default: bool = False) -> None:
+    """A boolean flag in both forms users write: bare `--flag` (True) and `--flag True` / `--flag False`."""
+    group.add_argument(flag, type=str2bool, nargs="?", const=True, default=default, metavar="True|False",
+                       help=f"{help} (bare {flag} means True; default {default})")
+
+
 def setup_logging(rank: int) -> None:
     """INFO on rank 0, warnings only elsewhere: one voice in the console."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
@@ -86,6 +92,10 @@ def sample_to_messages(mode: str, sample, where: str) -> list[dict]:
             messages.append(turn)
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{where}: the conversation must end with an assistant turn")
+        try:
+            template.check_conversation(mode, messages)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
         return messages
     if "output" not in sample:
         raise DataError(f"{where}: sample has no 'output'")
@@ -112,41 +122,90 @@ class DataStats:
     skipped: int = 0
 
 
+def fit_prompt(tokenizer, mode: str, messages: list[dict], max_src_len: int) -> tuple[list[dict], bool]:
+    """The conversation with its prompt (everything before the final answer) cut to at most `max_src_len` tokens,
+    and whether anything was cut.
+
+    Whole old rounds go first, oldest first (a round: a user turn and what follows it up to the next user turn);
+    system messages and the last round (the question being answered, and for glm3 any tool call and observation
+    after it) stay. If that is still too long, the oldest remaining text is cut, character by character from the
+    start (the system message first, then the question). The template's own tokens ([gMASK] sop, role tokens, the
+    answer cue) are never cut: the result is always a prompt `chat()` could have built."""
+    context, answer = list(messages[:-1]), messages[-1]
+
+    def fits(candidate):
+        return len(template.encode_context(tokenizer, mode, candidate)) <= max_src_len
+
+    if fits(context):
+        return messages, False
+    last_user = max((i for i, m in enumerate(context) if m["role"] == "user"), default=0)
+    rounds, current = [], None  # indices of the old rounds, oldest first
+    for index in range(last_user):
+        if context[index]["role"] == "system":
+            continue
+        if context[index]["role"] == "user" or current is None:
+            current = []
+            rounds.append(current)
+        current.append(index)
+    dropped = set()
+    for old_round in rounds:
+        if fits([m for i, m in enumerate(context) if i not in dropped]):
+            break
+        dropped.update(old_round)
+    context = [m for i, m in enumerate(context) if i not in dropped]
+    index = 0
+    while not fits(context) and index < len(context):
+        message, text = context[index], context[index]["content"]
+        if not fits(context[:index] + [{**message, "content": ""}] + context[index + 1:]):
+            if message["role"] == "system":  # a system message cut to nothing goes
+                del context[index]
+            else:
+                context[index] = {**message, "content": ""}
+                index += 1
+            continue
+        low, high = 1, len(text)  # the fewest leading characters to drop: fits(text[high:]) holds
+        while low < high:
+            middle = (low + high) // 2
+            if fits(context[:index] + [{**message, "content": text[middle:]}] + context[index + 1:]):
+                high = middle
+            else:
+                low = middle + 1
+        context[index] = {**message, "content": text[high:]}
+    return context + [answer], True
+
+
 class InstructionDataset(Dataset):
     """Tokenised once (reused across epochs) by the mode's chat template; labels are -100 on every prompt token.
 
-    Truncation as the seed did it: the prompt to `max_src_len`, keeping its answer cue ("答：" + the special tokens);
-    then the answer so that the sample fits `max_len`, keeping its end token. With `is_skip`, such samples are
-    dropped instead."""
+    Over-long samples: the prompt is cut to `max_src_len` by `fit_prompt` (old rounds first, never the question or
+    the template's own tokens), then the answer so that the sample fits `max_len`, keeping its end token. With
+    `is_skip`, such samples are dropped instead."""
 
     def __init__(self, path: str, tokenizer, mode: str, max_len: int, max_src_len: int, is_skip: bool = False,
                  learn_all_turns: bool = True):
+        shortest = template.template_length(tokenizer, mode)
+        if max_src_len <= shortest or max_src_len >= max_len:
+            raise ValueError(f"max_src_len={max_src_len} must exceed the {mode} template's own {shortest} tokens "
+                             f"and stay below max_len={max_len}")
         self.stats = DataStats()
         self.examples = []
-        cue = template.answer_cue_length(tokenizer, mode)
         for number, sample in read_records(path):
-            messages = sample_to_messages(mode, sample, f"{path}:{number}")
+            where = f"{path}:{number}"
+            messages, truncated = fit_prompt(tokenizer, mode, sample_to_messages(mode, sample, where), max_src_len)
             ids, labels, answer_start = template.encode_messages(tokenizer, mode, messages, learn_all_turns)
+            if answer_start > max_src_len:  # the template of the final round alone is longer (glm3 tool turns)
+                raise DataError(f"{where}: the prompt keeps {answer_start} tokens of template after cutting every "
+                                f"text, more than max_src_len={max_src_len}")
             self.stats.samples += 1
-            truncated = False
-            prompt_ids, prompt_labels = ids[:answer_start], labels[:answer_start]
-            if len(prompt_ids) > max_src_len:
-                keep = max_src_len - cue
-                prompt_ids = prompt_ids[:keep] + prompt_ids[-cue:]
-                prompt_labels = prompt_labels[:keep] + prompt_labels[-cue:]
-                truncated = True
-            answer_ids, answer_labels = ids[answer_start:], labels[answer_start:]
-            room = max_len - len(prompt_ids)
-            if len(answer_ids) > room:
-                answer_ids = answer_ids[:room - 1] + answer_ids[-1:]
-                answer_labels = answer_labels[:room - 1] + answer_labels[-1:]
+            if len(ids) > max_len:  # the answer, cut so that it fits, keeping its end token
+                ids, labels = ids[:max_len - 1] + ids[-1:], labels[:max_len - 1] + labels[-1:]
                 truncated = True
             if truncated:
                 self.stats.truncated += 1
                 if is_skip:
                     self.stats.skipped += 1
                     continue
-            self.examples.append({"input_ids": prompt_ids + answer_ids, "labels": prompt_labels + answer_labels})
+            self.examples.append({"input_ids": ids, "labels": labels})
         if not self.examples:
             raise DataError(f"{path}: no usable sample ({self.stats.samples} read, {self.stats.skipped} skipped "
                             f"as longer than max_len={max_len} / max_src_len={max_src_len})")
@@ -158,6 +217,27 @@ class InstructionDataset(Dataset):
 
     def __getitem__(self, index):
         return self.examples[index]
+
+
+class EvalShard(Dataset):
+    """One rank's share of an evaluation set: samples rank, rank + world_size, ... The shares are padded to the same
+    length with a copy of sample 0 whose labels are all -100, so every rank runs the same number of forwards (ZeRO-3
+    gathers parameters collectively) and no sample is counted twice."""
+
+    def __init__(self, dataset, rank: int, world_size: int):
+        self.dataset = dataset
+        padded = -(-len(dataset) // world_size) * world_size
+        self.indices = list(range(rank, padded, world_size))
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        position = self.indices[index]
+        if position < len(self.dataset):
+            return self.dataset[position]
+        example = self.dataset[0]
+        return {"input_ids": example["input_ids"], "labels": [template.IGNORE_INDEX] * len(example["labels"])}
 
 
 class DataCollator:

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402  train.py's own functions
 from model import MODE  # noqa: E402
 from model.compat import enable_activation_checkpointing  # noqa: E402
-from utils import DTYPES  # noqa: E402
+from utils import DTYPES, add_bool_flag  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # the official chatglm3-6b and glm-4-9b-chat config.json, and a tiny one for machines without a GPU
@@ -201,7 +201,7 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
     args = train_args(train_type, batch, ckpt, shape, config.num_layers, mode)
     args.precision = dtype_name
     dtype = DTYPES[train.pick_precision(dtype_name)]
-    ds_config = train.fill_ds_config(args, 1, total_steps=steps + warmup)
+    ds_config = train.fill_ds_config(args, 1)
     window = random_window(config.padded_vocab_size, seq, batch, args.gradient_accumulation_steps)
     rows = []
     for who in (["ours", "peer"] if with_peer and train_type == "lora" else ["ours"]):
@@ -274,7 +274,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="as train.py: bf16 on a GPU that has it, fp32 on CPU")
-    parser.add_argument("--no_peer", action="store_true", help="skip the transformers + PEFT peer")
+    add_bool_flag(parser, "--no_peer", "skip the transformers + PEFT peer")
     parser.add_argument("--peak_tflops", type=float, default=790.0,
                         help="the chip's measured dense bf16 peak, for MFU (H100 SXM: about 790)")
     parser.add_argument("--output", default=None, help="append the table (with date and device) to this file")

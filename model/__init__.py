@@ -1,7 +1,8 @@
 """Our own ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B implementations and the MODE registry.
 
-`MODE[mode]` (mode in glm, glm2, glm3, glm4) names what each version is made of: config, model and tokenizer classes,
-and the chat template functions (model/template.py) that training, chat() and predict.py share.
+`MODE[mode]` (mode in glm, glm2, glm3, glm4) names what each version is made of: config, model and tokenizer classes and
+the tokenizer file of the official checkpoint. The chat template of each version lives in model/template.py, keyed
+by the same mode name; training, chat() and predict.py all use it.
 """
 from dataclasses import dataclass
 

@@ -109,9 +109,12 @@ class PrefixEncoder(nn.Module):
     """Learned key/value prefix for every layer: [batch, pre_seq_len] -> [batch, pre_seq_len, 2 * layers * kv_dim].
 
     With `prefix_projection` an embedding of size `embed_dim` goes through Linear-Tanh-Linear (ChatGLM-6B embeds in
-    hidden_size, ChatGLM2/3 in the full kv size). The arithmetic runs in fp32 whatever the model's dtype, because the
-    prefix values overflow fp16 (the NaN losses P-Tuning is known for under fp16). Submodules are called through
-    their forward so that ZeRO-3 gathers their weights."""
+    hidden_size, ChatGLM2/3 in the full kv size). The encoder's own arithmetic (the lookup and the MLP) runs in fp32
+    whatever the model's dtype, and returns fp32; `get_prompt` then casts the keys and values to the model's dtype,
+    because attention runs in that dtype. Under fp16 the prefix is therefore finite only while its values stay
+    inside fp16's range (|x| < 65504); tests/test_train.py checks that fp16 P-Tuning loss and gradients stay finite
+    and match fp32 with prefix values in the thousands, far beyond what trained prefixes reach. Submodules are called
+    through their forward so that ZeRO-3 gathers their weights."""
 
     def __init__(self, pre_seq_len: int, kv_size: int, hidden_size: int, projection: bool, embed_dim: int):
         super().__init__()

@@ -1,6 +1,6 @@
 """Chat templates: the one place that turns a conversation into token ids.
 
-Training samples (`encode_sample`), `model.chat()` / `stream_chat()` and predict.py (`encode_prompt`) all call
+Training samples (`encode_messages`), `model.chat()` / `stream_chat()` and predict.py (`encode_prompt`) all call
 `_pieces` below, so a model fine-tuned here is prompted at inference exactly as it was trained, and in the official
 format of each version, so that it behaves the same under THUDM's own `chat()`:
 
@@ -19,9 +19,12 @@ format of each version, so that it behaves the same under THUDM's own `chat()`:
   the tool's result comes back as an `observation` message.
 
 A conversation is a list of messages {"role": "system"|"user"|"assistant"|"observation", "content": str}. Pieces are
-text (encoded with `tokenizer.encode_text`) or special ids, each flagged as learned or not. For glm and glm2, adjacent
-prompt texts are encoded as one string, as the official `chat()` does; glm3 encodes every message on its own, as the
-official `build_chat_input` does.
+text (encoded with `tokenizer.encode_text`) or special ids, each flagged as learned or not. glm2 encodes each run of
+adjacent texts as one string, earlier answers included, as the official `chat()` encodes the history: the training
+context before every learned answer is then exactly the ids `chat()` builds for that history (an answer encoded on
+its own would start with sentencepiece's dummy-prefix "▁", which inference never sees). glm encodes its prompt as one
+string and the answer after [gMASK] <sop> on its own, as the official fine-tuning code does; glm3 encodes every
+message on its own, as the official `build_chat_input` does.
 
 Why glm learns only the last answer: ChatGLM-6B attends bidirectionally over everything before [gMASK] <sop>, so the
 answers of earlier rounds sit in the bidirectional context and cannot be trained as next-token targets.
@@ -89,22 +92,40 @@ def history_to_messages(mode: str, query: str | None, history=None, role: str = 
 
 
 def _rounds(messages: list[dict], mode: str) -> list[list]:
-    """[query, answer or None] rounds of a glm/glm2 conversation; a system message goes before the next query."""
+    """[query, answer or None] rounds of a glm/glm2 conversation; a system message goes before the next query.
+    Raises ValueError (one line) for what the format cannot hold: an observation turn, an assistant turn that does
+    not answer a user turn, a user turn left unanswered before the next one."""
     rounds, system = [], ""
     for message in messages:
         role, content = message["role"], message["content"]
         if role == "system":
             system += content + "\n"
         elif role == "user":
+            if rounds and rounds[-1][1] is None:
+                raise ValueError(f"--mode {mode}: two user turns in a row (every user turn but the last needs an "
+                                 f"assistant answer)")
             rounds.append([system + content, None])
             system = ""
         elif role == "assistant":
-            if not rounds or rounds[-1][1] is not None:
-                raise ValueError(f"{mode}: an assistant message must follow a user message")
+            if not rounds:
+                raise ValueError(f"--mode {mode}: the conversation starts with an assistant turn (it must start "
+                                 f"with a user turn)")
+            if rounds[-1][1] is not None:
+                raise ValueError(f"--mode {mode}: two assistant turns in a row")
             rounds[-1][1] = content
         else:
-            raise ValueError(f"{mode}: role {role!r} is only supported by glm3 and glm4")
+            raise ValueError(f"--mode {mode}: role {role!r} is only supported by --mode glm3 and glm4")
     return rounds
+
+
+def check_conversation(mode: str, messages: list[dict]) -> None:
+    """Raise ValueError (one line) unless the template of `mode` can hold this conversation."""
+    if mode in ("glm", "glm2"):
+        _rounds(messages, mode)
+    else:
+        for message in messages:
+            if message["role"] not in ROLES:
+                raise ValueError(f"--mode glm3: unknown role {message['role']!r} (expected one of {', '.join(ROLES)})")
 
 
 def _pieces(tokenizer, mode: str, messages: list[dict], learn_all_turns: bool) -> list[Piece]:
@@ -207,28 +228,63 @@ def _glm4_pieces(tokenizer, messages: list[dict], learn_all_turns: bool) -> list
     return pieces
 
 
+def _encode_run(tokenizer, texts: list[Piece]) -> tuple[list[int], list[bool]]:
+    """Adjacent text pieces encoded as ONE string (the official glm2 chat() encodes its whole prompt, earlier answers
+    included, this way). A learned piece's tokens are found by encoding the string up to each of its ends: they are
+    learned only where both prefixes tokenise as a prefix of the whole, so that the context before every learned
+    token is exactly what inference encodes. (Should a boundary ever merge into one token with its neighbour, that
+    piece is left unlearned rather than trained on a context inference never builds.)"""
+    whole = "".join(piece.text for piece in texts)
+    ids = tokenizer.encode_text(whole)
+    learned = [False] * len(ids)
+    start = 0
+    for piece in texts:
+        end = start + len(piece.text)
+        if piece.learned and piece.text:
+            bounds = []
+            for cut in (start, end):
+                prefix = tokenizer.encode_text(whole[:cut]) if cut else []
+                bounds.append(len(prefix) if ids[:len(prefix)] == prefix else None)
+            if None not in bounds:
+                learned[bounds[0]:bounds[1]] = [True] * (bounds[1] - bounds[0])
+        start = end
+    return ids, learned
+
+
 def _encode(tokenizer, mode: str, pieces: list[Piece]) -> tuple[list[int], list[bool]]:
-    """Token ids and a learned-flag per token. glm/glm2 join adjacent prompt texts into one string first."""
-    if mode in ("glm", "glm2"):
-        merged: list[Piece] = []
-        for piece in pieces:
-            if merged and piece.text is not None and merged[-1].text is not None and not piece.learned \
-                    and not merged[-1].learned:
-                merged[-1] = Piece(text=merged[-1].text + piece.text)
-            else:
-                merged.append(piece)
-        pieces = merged
-    ids, learned = [], []
+    """Token ids and a learned-flag per token. glm joins adjacent prompt texts into one string; glm2 encodes every
+    run of adjacent texts (answers included) as one string, see `_encode_run`."""
+    runs: list = []
     for piece in pieces:
-        piece_ids = tokenizer.encode_text(piece.text) if piece.text is not None else list(piece.ids)
-        ids += piece_ids
-        learned += [piece.learned] * len(piece_ids)
+        joins = runs and piece.text is not None and isinstance(runs[-1], list) and (
+            mode == "glm2" or (mode == "glm" and not piece.learned and not runs[-1][-1].learned))
+        if joins:
+            runs[-1].append(piece)
+        else:
+            runs.append([piece] if piece.text is not None and mode in ("glm", "glm2") else piece)
+    ids, learned = [], []
+    for run in runs:
+        if isinstance(run, list):
+            if len(run) == 1 or not any(p.learned for p in run):
+                run_ids = tokenizer.encode_text("".join(p.text for p in run))
+                run_learned = [run[0].learned] * len(run_ids)
+            else:
+                run_ids, run_learned = _encode_run(tokenizer, run)
+        else:
+            run_ids = tokenizer.encode_text(run.text) if run.text is not None else list(run.ids)
+            run_learned = [run.learned] * len(run_ids)
+        ids += run_ids
+        learned += run_learned
     return ids, learned
 
 
 def encode_prompt(tokenizer, mode: str, query: str, history=None, role: str = "user") -> list[int]:
     """Ids of the prompt the model answers: what `chat()` and predict.py feed to `generate()`."""
-    messages = history_to_messages(mode, query, history, role)
+    return encode_context(tokenizer, mode, history_to_messages(mode, query, history, role))
+
+
+def encode_context(tokenizer, mode: str, messages: list[dict]) -> list[int]:
+    """Ids of the prompt for a conversation that does not end with an answer, ending with the cue to answer."""
     ids, _ = _encode(tokenizer, mode, _pieces(tokenizer, mode, messages, learn_all_turns=False))
     return ids
 
@@ -245,7 +301,7 @@ def encode_messages(tokenizer, mode: str, messages: list[dict], learn_all_turns:
         learn_all_turns = False
     pieces = _pieces(tokenizer, mode, messages, learn_all_turns)
     ids, learned = _encode(tokenizer, mode, pieces)
-    prompt_ids, _ = _encode(tokenizer, mode, _pieces(tokenizer, mode, messages[:-1], learn_all_turns=False))
+    prompt_ids = encode_context(tokenizer, mode, messages[:-1])
     labels = [i if flag else IGNORE_INDEX for i, flag in zip(ids, learned)]
     answer_start = len(prompt_ids) if ids[:len(prompt_ids)] == prompt_ids else _last_answer_start(learned)
     return ids, labels, answer_start
@@ -258,14 +314,11 @@ def _last_answer_start(learned: list[bool]) -> int:
     return start
 
 
-def answer_cue_length(tokenizer, mode: str) -> int:
-    """How many tokens at the end of a prompt form the answer cue that truncation must keep
-    ("\\n答：" + [gMASK] <sop> for glm, "\\n\\n答：" for glm2, <|assistant|> for glm3 and glm4)."""
-    if mode == "glm":
-        return len(tokenizer.encode_text("\n答：")) + 2
-    if mode == "glm2":
-        return len(tokenizer.encode_text("\n\n答："))
-    return 1
+def template_length(tokenizer, mode: str) -> int:
+    """Tokens of the shortest prompt: one empty user turn ([gMASK] <sop> for glm; [gMASK] sop and the round text
+    "[Round 1]\\n\\n问：\\n\\n答：" for glm2; [gMASK] sop <|user|> "\\n" <|assistant|> for glm3; glm4 leaves the
+    empty message out: [gMASK] <sop> <|assistant|>). A prompt limit at or below it leaves no room for the question."""
+    return len(encode_context(tokenizer, mode, [{"role": "user", "content": ""}]))
 
 
 def cut_at_stop(tokenizer, mode: str, new_ids: list[int]) -> list[int]:

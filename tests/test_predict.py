@@ -1,5 +1,6 @@
 """predict.py and utils.load_for_inference on tiny checkpoints: batched left-padded generation, batch prediction with
 metrics, an over-fit model scoring 1.0, the terminal chat through a pseudo-terminal, and bad input."""
+import io
 import json
 import os
 import pty
@@ -448,9 +449,51 @@ def test_flags():
                         ("0", False)):
         assert predict.parse_args([*base, "--do_sample", text]).do_sample is value
     assert predict.parse_args(base).do_sample is False
+    assert predict.parse_args([*base, "--do_sample"]).do_sample is True  # the bare form too
+    assert predict.parse_args([*base, "--overwrite"]).overwrite is True
+    assert predict.parse_args([*base, "--overwrite", "False"]).overwrite is False
     for bad in (["--do_sample", "maybe"], ["--query", "q", "--test_path", "t", "--output_path", "o"],
                 ["--test_path", "t"], ["--output_path", "o"], ["--batch_size", "0"],
                 ["--do_sample", "True", "--top_p", "1.5"]):
         with pytest.raises(SystemExit) as error:
             predict.parse_args([*base, *bad])
         assert error.value.code == 2
+
+
+def test_interactive_chat_with_beam_search_prints_the_whole_answer(tiny_dirs, monkeypatch, capsys):
+    """Beam search cannot stream: the terminal chat answers with chat() and prints the answer whole."""
+    model, tokenizer = load_for_inference("glm3", tiny_dirs["glm3"])
+    first, history = model.chat(tokenizer, "你好", do_sample=False, num_beams=2, max_new_tokens=8)
+    second, _ = model.chat(tokenizer, "发动机水温高", history=history, do_sample=False, num_beams=2, max_new_tokens=8)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n发动机水温高\nexit\n"))
+    assert predict.main(["--mode", "glm3", "--model_path", tiny_dirs["glm3"], "--num_beams", "2",
+                         "--max_new_tokens", "8"]) == 0
+    turns = capsys.readouterr().out.split("用户：")
+    assert f"ChatGLM：{first}\n" in turns[1]
+    assert f"ChatGLM：{second}\n" in turns[2]  # with the first turn as history
+
+
+@pytest.mark.parametrize("mode,record,shown", [
+    ("glm", {"instruction": "抽取：", "input": "发动机", "output": "故障:发动机,风扇"}, "故障：发动机，风扇"),
+    ("glm3", {"conversations": [{"role": "user", "content": "北京天气"},
+                                {"role": "assistant", "metadata": "get_weather", "content": '{"city": "北京"}'}]},
+     None),
+])
+def test_a_prediction_identical_to_its_reference_scores_perfectly(mode, record, shown, tiny_dirs, tmp_path,
+                                                                  monkeypatch):
+    """The model generates exactly the tokens training teaches for the reference; predict.py post-processes them as
+    chat() does (glm: full-width punctuation; glm3: a tool call as {"name", "content"}), and the reference alike."""
+    tokenizer = MODE[mode].tokenizer.from_pretrained(tiny_dirs[mode])
+    ids, _, start = template.encode_messages(tokenizer, mode, sample_to_messages(mode, record, "t"), False)
+    monkeypatch.setattr(predict, "generate_batch", lambda model, tok, m, prompts, kwargs: [ids[start:]] * len(prompts))
+    test_path, out = write_jsonl(tmp_path / "test.jsonl", [record]), tmp_path / "out.jsonl"
+    assert predict.main(["--mode", mode, "--model_path", tiny_dirs[mode], "--test_path", test_path,
+                         "--output_path", str(out)]) == 0
+    line = json.loads(out.read_text(encoding="utf-8"))
+    if shown:
+        assert line["prediction"] == shown
+    else:
+        assert json.loads(line["prediction"])["name"] == "get_weather"
+    assert line["reference"] == line["prediction"]
+    metrics = json.loads((tmp_path / "out.metrics.json").read_text())
+    assert metrics["exact_match"] == 1.0 and metrics["triple_f1"] == 1.0 and metrics["rougeL"] == 1.0

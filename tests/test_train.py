@@ -1,9 +1,11 @@
 """train.py end to end on tiny checkpoints, on the CPU under the deepspeed launcher (DS_ACCELERATOR=cpu, gloo)."""
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import time
 from itertools import count
 from pathlib import Path
 
@@ -196,7 +198,8 @@ def test_overfit_then_chat_returns_the_trained_answer(mode, tiny_dirs, tmp_path)
     out = tmp_path / "out"
     run_train(tiny_dirs[mode], out, "--mode", mode, "--train_type", "all", "--train_path", data,
               "--max_len", 64, "--max_src_len", 48, "--per_device_train_batch_size", 2,
-              "--learning_rate", 3e-3, "--num_train_epochs", 60, "--warmup_ratio", 0.0, "--weight_decay", 0.0,
+              # peak 6e-3 decaying linearly: on average the 3e-3 a constant schedule would give
+              "--learning_rate", 6e-3, "--num_train_epochs", 60, "--warmup_ratio", 0.0, "--weight_decay", 0.0,
               "--show_loss_step", 20, "--save_model_step", 1000)
     model, tokenizer = load_for_inference(mode, str(out / "epoch-60-step-60"))
     for sample in samples:
@@ -229,30 +232,54 @@ def test_glm4_tool_calls_overfit_then_chat_calls_the_tool_and_answers(tiny_dirs,
 
 @pytest.mark.parametrize("ds_file", ["ds_zero2_no_offload.json", "ds_zero3_offload.json"])
 def test_two_ranks(ds_file, tiny_dirs, tmp_path):
+    """Training on 2 ranks; the eval loss over an odd-sized dev set (one rank gets a padding sample) equals the one
+    process evaluation of the saved model: no sample counted twice."""
     out = tmp_path / "out"
+    dev = tmp_path / "dev5.jsonl"
+    dev.write_text("".join((ROOT / "data/dev.jsonl").read_text().splitlines(keepends=True)[:5]))
     run_train(tiny_dirs["glm3"], out, *common_args("glm3", "all", epochs=1), "--ds_file", ROOT / ds_file,
-              "--per_device_train_batch_size", 2, ranks=2)
+              "--per_device_train_batch_size", 2, "--dev_path", dev, ranks=2)
     losses, evals = read_log(out)
     assert len(losses) == 3  # 24 samples / (2 per rank x 2 ranks x 2 accumulation)
     model, tokenizer = load_for_inference("glm3", str(out / "epoch-1-step-3"))
-    assert abs(dev_loss(model, tokenizer, "glm3", ROOT / "data/dev.jsonl", 2) - evals[-1]) < 1e-4
+    assert abs(dev_loss(model, tokenizer, "glm3", dev, 2) - evals[-1]) < 1e-5
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_dirs, tmp_path):
-    args = common_args("glm2", "lora", epochs=2) + ["--save_model_step", 2, "--lora_dropout", 0.1]
-    full = tmp_path / "full"
-    run_train(tiny_dirs["glm2"], full, *args)
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dirs, tmp_path_factory):
+    """3 epochs of 3 steps with LoRA dropout (so the random state matters), a checkpoint every 2 steps and an eval
+    every 3: checkpoints at steps 2 (mid-epoch), 3 (epoch end), 6 (--save_model_step on an epoch's last step) ..."""
+    args = [*common_args("glm2", "lora", epochs=3), "--save_model_step", 2, "--eval_step", 3, "--lora_dropout", 0.1]
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    run_train(tiny_dirs["glm2"], out, *args)
+    return args, out
+
+
+@pytest.mark.parametrize("tag", ["epoch-1-step-2", "epoch-1-step-3", "epoch-2-step-6"])
+def test_resume_reproduces_the_uninterrupted_run(tag, uninterrupted, tiny_dirs, tmp_path):
+    args, full = uninterrupted
     losses, _ = read_log(full)
-    # A run stopped right after its step-2 checkpoint: what it would have left behind.
+    stop = int(tag.rsplit("-", 1)[1])
+    # A run stopped right after this checkpoint: what it would have left behind.
     cut = tmp_path / "cut"
     cut.mkdir()
-    shutil.copytree(full / "epoch-1-step-2", cut / "epoch-1-step-2")
-    (cut / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": losses[s]}) + "\n" for s in (1, 2)))
-    run_train(tiny_dirs["glm2"], cut, *args, "--resume")
+    shutil.copytree(full / tag, cut / tag)
+    (cut / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": losses[s]}) + "\n"
+                                                 for s in range(1, stop + 1)))
+    run_train(tiny_dirs["glm2"], cut, *args, "--resume", launcher=False)
     resumed, _ = read_log(cut)
-    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
-    for step in (3, 4, 5, 6):  # mid-epoch position, optimizer, scheduler and dropout RNG all restored
-        assert abs(resumed[step] - losses[step]) < 1e-6, (step, resumed[step], losses[step])
+    assert sorted(resumed) == list(range(1, 10))
+    for step in range(stop + 1, 10):  # data position, optimizer, scheduler and dropout RNG all restored
+        assert abs(resumed[step] - losses[step]) < 1e-6, (tag, step, resumed[step], losses[step])
+    assert (cut / "epoch-3-step-9" / "adapter_model.safetensors").exists()
+    assert not [p.name for p in cut.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_eval_runs_once_per_step(uninterrupted):
+    """--eval_step 3 falls on every epoch's last step: one evaluation there, not two."""
+    _, full = uninterrupted
+    records = [json.loads(line) for line in (full / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6, 9]
 
 
 @pytest.mark.parametrize("mode", ["glm", "glm2", "glm3", "glm4"])
@@ -270,6 +297,10 @@ def test_labels_cover_exactly_the_answer_and_its_end_token(mode, tiny_dirs, tmp_
         answer = tokenizer.encode_text("\n") + answer
     if mode == "glm4":  # "\n" + answer as one text, then <|user|> (THUDM's GLM-4 finetune_demo)
         answer, end = tokenizer.encode_text("\n" + sample["output"]), tokenizer.get_command("<|user|>")
+    if mode == "glm2":  # the answer continues the prompt string, as chat() encodes history: no dummy-prefix "▁"
+        prompt = f"[Round 1]\n\n问：{sample['instruction'] + sample['input']}\n\n答："
+        answer = tokenizer.encode_text(prompt + sample["output"])[len(tokenizer.encode_text(prompt)):]
+        assert tokenizer.convert_ids_to_tokens(answer[0]) != "▁"
     assert labelled == answer + [end]
     assert tokenizer.decode(labelled[:-1]).strip() == sample["output"]
     first = example["labels"].index(labelled[0])
@@ -390,3 +421,344 @@ def test_dev_set_is_labelled_like_the_training_set(tiny_dirs):
                 "--output_dir", "-", "--max_len", "512", "--max_src_len", "400"] + (["--last_turn_only"] * last_only)
         train_set, dev_set = train.build_data(train.parse_args(argv), tokenizer)
         assert [e["labels"] for e in dev_set.examples] == [e["labels"] for e in train_set.examples]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a real run does, watched from inside: train.main() in this process, a world of one
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def train_in_process(monkeypatch, one_thread):
+    """train.main(argv) in this process (gloo, one rank), so that a test can count what the real path runs. The
+    process group stays up for the next such run (DeepSpeed keeps references to it)."""
+    import train
+
+    def run(*argv):
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(next(PORTS)), "DS_ACCELERATOR": "cpu"}.items():
+            monkeypatch.setenv(key, value)
+        return train.main([str(a) for a in argv])
+    return run
+
+
+def tiny_run_args(mode, train_type, base, out, epochs=1):
+    return [*common_args(mode, train_type, epochs), "--model_name_or_path", base, "--output_dir", out]
+
+
+def test_training_runs_in_train_mode_with_checkpointing_and_dropout(tiny_dirs, tmp_path, monkeypatch,
+                                                                    train_in_process):
+    """--gradient_checkpointing: in the first step every block is called in training mode, the inside of each block
+    (its MLP) runs twice per micro-batch (once more when backward recomputes it), and the LoRA dropout drops."""
+    from model import modeling_chatglm2
+    blocks, mlps, dropouts = [], [], []
+    real_mlp, real_dropout = modeling_chatglm2.MLP.forward, torch.nn.Dropout.forward
+
+    def mlp_forward(self, x):
+        mlps.append(self.training)
+        return real_mlp(self, x)
+
+    def dropout_forward(self, x):
+        out = real_dropout(self, x)
+        if self.p == 0.3:  # the LoRA dropout of this run
+            dropouts.append((self.training, (out == 0).float().mean().item()))
+        return out
+
+    def block_called(module, args):  # module calls, outside the checkpoint: once per micro-batch
+        if isinstance(module, modeling_chatglm2.GLMBlock):
+            blocks.append(module.training)
+
+    monkeypatch.setattr(modeling_chatglm2.MLP, "forward", mlp_forward)
+    monkeypatch.setattr(torch.nn.Dropout, "forward", dropout_forward)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(block_called)
+    try:
+        train_in_process(*tiny_run_args("glm2", "lora", tiny_dirs["glm2"], tmp_path / "out"), "--lora_dropout", 0.3,
+                         "--gradient_checkpointing", "--max_steps", 1)
+    finally:
+        hook.remove()
+    layers = json.loads(Path(tiny_dirs["glm2"], "config.json").read_text())["num_layers"]
+    micro_batches = 2  # --gradient_accumulation_steps 2, one step
+    assert len(blocks) == layers * micro_batches and all(blocks), blocks
+    assert len(mlps) == layers * micro_batches * 2 and all(mlps), mlps
+    assert dropouts and all(training for training, _ in dropouts)
+    dropped = sum(share for _, share in dropouts) / len(dropouts)
+    assert 0.2 < dropped < 0.4, dropped
+
+
+def test_weight_decay_spares_norm_weights_and_biases(tiny_dirs, tmp_path, monkeypatch, train_in_process):
+    import deepspeed
+    engines = []
+    real_initialize = deepspeed.initialize
+
+    def initialize(*args, **kwargs):
+        result = real_initialize(*args, **kwargs)
+        engines.append(result[0])
+        return result
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    train_in_process(*tiny_run_args("glm2", "all", tiny_dirs["glm2"], tmp_path / "out"), "--weight_decay", 0.1,
+                     "--max_steps", 1)
+    engine = engines[0]
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    decay = {group["weight_decay"]: {names[id(p)] for p in params}  # what the optimizer holds, per group
+             for group, params in zip(engine.optimizer.optimizer.param_groups, engine.optimizer.bit16_groups)}
+    assert set(decay) == {0.1, 0.0}
+    shapes = {n: p.dim() for n, p in engine.module.named_parameters()}
+    assert decay[0.1] == {n for n, d in shapes.items() if d >= 2}
+    assert decay[0.0] == {n for n, d in shapes.items() if d == 1}
+    assert "transformer.encoder.layers.0.input_layernorm.weight" in decay[0.0]
+    assert "transformer.encoder.layers.0.self_attention.query_key_value.bias" in decay[0.0]
+
+
+def test_tokens_per_second_counts_real_tokens_over_step_time_only(tiny_dirs, tmp_path, monkeypatch,
+                                                                  train_in_process):
+    """Slow evaluations and saves after every step do not enter the logged step time; the logged tokens are the
+    samples' own tokens, padding excluded."""
+    import train
+    real_evaluate, real_save = train.evaluate, train.save_checkpoint
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.6)
+        return real_evaluate(*args, **kwargs)
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.6)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    monkeypatch.setattr(train, "save_checkpoint", slow_save)
+    out = tmp_path / "out"
+    train_in_process(*tiny_run_args("glm2", "lora", tiny_dirs["glm2"], out), "--eval_step", 1,
+                     "--save_model_step", 1)
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 3 and all(r["seconds"] < 0.5 for r in steps), steps
+    assert all(abs(r["tokens_per_s"] - r["tokens"] / r["seconds"]) < 1e-6 * r["tokens_per_s"] for r in steps)
+    tokenizer = MODE["glm2"].tokenizer.from_pretrained(tiny_dirs["glm2"])
+    data = InstructionDataset(str(ROOT / "data/train.jsonl"), tokenizer, "glm2", max_len=256, max_src_len=200)
+    assert sum(r["tokens"] for r in steps) == sum(len(e["input_ids"]) for e in data.examples)  # each sample once
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tiny_dirs, tmp_path, train_in_process):
+    out = tmp_path / "out"
+    train_in_process(*tiny_run_args("glm2", "lora", tiny_dirs["glm2"], out, epochs=2), "--save_model_step", 1,
+                     "--save_total_limit", 2)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("epoch", ".tmp"))) == \
+        ["epoch-2-step-5", "epoch-2-step-6"]
+
+
+@pytest.mark.parametrize("mode,conversation,message", [
+    ("glm2", [{"role": "user", "content": "查天气"}, {"role": "assistant", "content": "好"},
+              {"role": "observation", "content": "晴"}, {"role": "assistant", "content": "晴天"}],
+     "role 'observation' is only supported by --mode glm3"),
+    ("glm", [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好"},
+             {"role": "assistant", "content": "再见"}], "two assistant turns in a row"),
+    ("glm2", [{"role": "assistant", "content": "你好"}, {"role": "user", "content": "你好"},
+              {"role": "assistant", "content": "再见"}], "starts with an assistant turn"),
+])
+def test_conversations_the_template_cannot_hold_name_file_and_line(mode, conversation, message, tiny_dirs, tmp_path,
+                                                                    train_in_process):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" +
+                   json.dumps({"conversations": conversation}, ensure_ascii=False) + "\n")
+    with pytest.raises(SystemExit) as error:
+        train_in_process(*tiny_run_args(mode, "lora", tiny_dirs[mode], tmp_path / "out"), "--train_path", bad)
+    assert str(error.value).startswith(f"{bad}:2: ") and message in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the learning-rate schedule, as the optimizer used it
+# ---------------------------------------------------------------------------------------------------------------
+T = 12  # 24 samples, 2 per micro-batch, no accumulation, one epoch
+SCHEDULES = {  # the README's formula lr_s = peak * min(s / W, (T + 1 - s) / (T - W)), W = ceil(ratio * T), written out
+    0.0: [(T + 1 - s) / T for s in range(1, T + 1)],  # W = 0: the peak at step 1, then down to peak / 12
+    0.1: [1 / 2, 1] + [(T + 1 - s) / 10 for s in range(3, T + 1)],  # W = 2
+    0.5: [s / 6 for s in range(1, 7)] + [(T + 1 - s) / 6 for s in range(7, T + 1)],  # W = 6
+}
+
+
+@pytest.mark.parametrize("ratio", sorted(SCHEDULES))
+def test_learning_rate_of_every_step(ratio, tiny_dirs, tmp_path):
+    out, peak = tmp_path / "out", 1e-3
+    run_train(tiny_dirs["glm2"], out, *common_args("glm2", "lora", epochs=1), "--per_device_train_batch_size", 2,
+              "--gradient_accumulation_steps", 1, "--warmup_ratio", ratio, "--learning_rate", peak, launcher=False)
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    used = [r["lr"] for r in records if "lr" in r]  # the optimizer's lr during each step, read from the engine
+    assert len(used) == T
+    assert used == pytest.approx([peak * f for f in SCHEDULES[ratio]], rel=1e-9, abs=0)
+    assert used[0] > 0 and max(used) == pytest.approx(peak) and used[-1] == pytest.approx(peak / (T - math.ceil(
+        ratio * T)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# truncation and the glm2 multi-turn context
+# ---------------------------------------------------------------------------------------------------------------
+LONG_CONVERSATION = [
+    {"role": "system", "content": "你是汽车故障诊断助手。"},
+    {"role": "user", "content": "我的车空调不制冷，压缩机也不转，已经检查过保险丝和继电器都是好的。"},
+    {"role": "assistant", "content": "那可能是压缩机离合器或者控制电路的问题，可以用万用表测量离合器线圈的供电。" * 2},
+    {"role": "user", "content": "发动机水温高是什么原因？"},
+    {"role": "assistant", "content": "冷却液不足或风扇不转。"},
+]
+
+
+@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3"])
+def test_truncation_keeps_the_final_question_and_its_answer(mode, tiny_dirs, tmp_path):
+    import train
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"conversations": LONG_CONVERSATION}, ensure_ascii=False))
+    tokenizer = MODE[mode].tokenizer.from_pretrained(tiny_dirs[mode])
+    full = template.encode_messages(tokenizer, mode, LONG_CONVERSATION)[2]
+    kept = LONG_CONVERSATION[:1] + LONG_CONVERSATION[3:4]  # system and the last question, the old round dropped
+    fits = len(template.encode_context(tokenizer, mode, kept))
+    assert fits < full
+    args = train.parse_args(["--model_name_or_path", "-", "--mode", mode, "--train_path", str(path),
+                             "--output_dir", "-", "--max_len", str(fits + 40), "--max_src_len", str(fits)])
+    data, _ = train.build_data(args, tokenizer)
+    example = data[0]
+    assert data.stats.truncated == 1
+    labelled = [t for t in example["labels"] if t != -100]
+    answer_start = example["labels"].index(labelled[0])
+    # the prompt is the one chat() builds for the system message and the final question, whole
+    assert example["input_ids"][:answer_start] == template.encode_prompt(tokenizer, mode, LONG_CONVERSATION[3]["content"],
+                                                                         history=[LONG_CONVERSATION[0]])
+    assert LONG_CONVERSATION[4]["content"] in tokenizer.decode(labelled)
+
+    # a question that alone is too long: its oldest characters go, the template (and [gMASK] sop) stays
+    args.max_src_len = fits - 4
+    example = train.build_data(args, tokenizer)[0][0]
+    labelled = [t for t in example["labels"] if t != -100]
+    prompt = example["input_ids"][:example["labels"].index(labelled[0])]
+    assert len(prompt) <= fits - 4 and LONG_CONVERSATION[4]["content"] in tokenizer.decode(labelled)
+    assert "原因？" in tokenizer.decode(prompt)
+    if mode == "glm":
+        assert prompt[-2:] == [template.special(tokenizer, "[gMASK]"), template.special(tokenizer, "sop")]
+    else:
+        assert prompt[:2] == [template.special(tokenizer, "[gMASK]"), template.special(tokenizer, "sop")]
+
+
+@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3"])
+def test_max_src_len_must_leave_room_for_the_question(mode, tiny_dirs, tmp_path):
+    import train
+    tokenizer = MODE[mode].tokenizer.from_pretrained(tiny_dirs[mode])
+    shortest = template.template_length(tokenizer, mode)
+    argv = ["--model_name_or_path", "-", "--mode", mode, "--train_path", str(ROOT / "data/multiturn.jsonl"),
+            "--output_dir", "-", "--max_len", str(shortest + 6), "--max_src_len", str(shortest)]
+    with pytest.raises(SystemExit, match=f"--max_src_len {shortest} leaves no room"):
+        train.build_data(train.parse_args(argv), tokenizer)
+    argv[-1] = str(shortest + 1)  # the smallest accepted limit: every sample within --max_len, template intact
+    data, _ = train.build_data(train.parse_args(argv), tokenizer)
+    gmask_sop = [template.special(tokenizer, "[gMASK]"), template.special(tokenizer, "sop")]
+    for example in data.examples:
+        assert len(example["input_ids"]) <= shortest + 6
+        ids = example["input_ids"]
+        assert (gmask_sop in [ids[i:i + 2] for i in range(len(ids))]) if mode == "glm" else ids[:2] == gmask_sop
+
+
+def test_glm2_training_context_is_what_predict_builds(tiny_dirs, tmp_path):
+    """Every learned answer of a multi-turn glm2 sample follows exactly the ids predict.py builds for its history, and
+    starts without sentencepiece's dummy-prefix token."""
+    import predict
+    import train
+    tokenizer = MODE["glm2"].tokenizer.from_pretrained(tiny_dirs["glm2"])
+    path = str(ROOT / "data/multiturn.jsonl")
+    args = train.parse_args(["--model_name_or_path", "-", "--mode", "glm2", "--train_path", path, "--output_dir",
+                             "-", "--max_len", "512", "--max_src_len", "400"])
+    data, _ = train.build_data(args, tokenizer)
+    for line, example in zip(Path(path).read_text().splitlines(), data.examples):
+        sample = json.loads(line)
+        rounds = sample["history"] + [[sample["instruction"] + sample["input"], sample["output"]]]
+        ids, labels = example["input_ids"], example["labels"]
+        starts = [i for i in range(len(labels)) if labels[i] != -100 and (i == 0 or labels[i - 1] == -100)]
+        assert len(starts) == len(rounds)  # every answer learned (the default)
+        # predict.py on the same conversation cut before each answer
+        cut = Path(tmp_path, "rounds.jsonl")
+        cut.write_text("".join(json.dumps({"history": rounds[:k], "instruction": q, "output": a},
+                                          ensure_ascii=False) + "\n" for k, (q, a) in enumerate(rounds)))
+        for start, test_sample, (_, answer) in zip(starts, predict.read_test_set(str(cut), "glm2"), rounds):
+            built = template.encode_prompt(tokenizer, "glm2", test_sample["query"], test_sample["history"],
+                                           test_sample["role"])  # as predict_file builds its prompts
+            assert ids[:start] == built
+            assert tokenizer.convert_ids_to_tokens(ids[start]) != "▁"
+            assert tokenizer.decode(ids[start:start + len(tokenizer.encode_text(answer))]).startswith(answer[:4])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# flags
+# ---------------------------------------------------------------------------------------------------------------
+def test_boolean_flags_take_the_bare_form_and_true_false():
+    import train
+    base = ["--model_name_or_path", "-", "--mode", "glm3", "--train_path", "-", "--output_dir", "-"]
+    for flag in ("--gradient_checkpointing", "--prefix_projection", "--is_skip", "--group_by_length",
+                 "--last_turn_only", "--resume"):
+        name = flag[2:]
+        assert getattr(train.parse_args(base), name) is False
+        assert getattr(train.parse_args([*base, flag]), name) is True
+        assert getattr(train.parse_args([*base, flag, "True"]), name) is True
+        assert getattr(train.parse_args([*base, flag, "false"]), name) is False
+        assert getattr(train.parse_args([*base, flag, "--seed", "3"]), name) is True
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--show_loss_step", "0", "--show_loss_step must be at least 1"),
+    ("--save_total_limit", "0", "--save_total_limit must be at least 1"),
+    ("--warmup_ratio", "1.5", "--warmup_ratio must be between 0 and 1"),
+    ("--gradient_checkpointing", "maybe", "expected True or False"),
+])
+def test_bad_flags_stop_with_one_line(flag, value, message, capsys):
+    import train
+    with pytest.raises(SystemExit) as error:
+        train.parse_args(["--model_name_or_path", "-", "--mode", "glm3", "--train_path", "-", "--output_dir", "-",
+                          flag, value])
+    assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["glm", "glm2"])
+def test_lora_on_the_lm_head_is_refused(mode, tiny_dirs, tmp_path):
+    result = run_train(tiny_dirs[mode], tmp_path / "out", *common_args(mode, "lora", epochs=1), "--lora_module_name",
+                       "query_key_value,output_layer" if mode == "glm2" else "lm_head", expect_ok=False,
+                       launcher=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--lora_module_name: LoRA on the LM head" in result.stderr
+
+
+def test_demo_picks_the_checkpoint_with_the_highest_step(tmp_path):
+    work = tmp_path / "demo-glm3"
+    for tag in ("epoch-1-step-9", "epoch-2-step-18", "epoch-9-step-162", "epoch-10-step-180", "epoch-3-step-27"):
+        (work / "output" / tag / "deepspeed").mkdir(parents=True)
+    line = next(line for line in (ROOT / "demo.sh").read_text().splitlines() if line.startswith("CHECKPOINT="))
+    result = subprocess.run(["bash", "-c", f'set -euo pipefail; WORK="$1"; {line}; echo "$CHECKPOINT"', "-", work],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"{work}/output/epoch-10-step-180"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp16 P-Tuning
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("projection", [False, True])
+@pytest.mark.parametrize("mode", ["glm", "glm2"])
+def test_fp16_ptuning_stays_finite_at_large_prefix_values(mode, projection, tiny_dirs, one_thread):
+    """The prefix encoder computes in fp32 and its keys/values enter attention in fp16: with prefix values in the
+    thousands (a trained prefix stays far below), loss and gradients are finite and match fp32."""
+    tokenizer = MODE[mode].tokenizer.from_pretrained(tiny_dirs[mode])
+    ids, labels, _ = template.encode_messages(tokenizer, mode, [{"role": "user", "content": "发动机水温高"},
+                                                                {"role": "assistant", "content": "风扇不转"}])
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
+    results = {}
+    for dtype in (torch.float32, torch.float16):
+        model = MODE[mode].model.from_pretrained(tiny_dirs[mode], dtype=dtype, pre_seq_len=4,
+                                                 prefix_projection=projection)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".prefix_encoder." in f".{name}":  # the output layer (or the plain embedding) scaled up
+                    big = name.endswith("trans.2.weight") or (not projection and "embedding" in name)
+                    param.copy_(torch.randn(param.shape, generator=generator) * (1000.0 if big else 1.0))
+        model.eval()  # no prefix dropout: the two dtypes see the same prefix
+        loss = model(**batch).loss
+        loss.backward()
+        prefix = model.transformer.prefix_encoder(torch.arange(4)[None])
+        grads = [p.grad for n, p in model.named_parameters() if p.grad is not None]
+        results[dtype] = loss.item()
+        assert prefix.abs().max().item() > 1000
+        assert math.isfinite(loss.item()) and all(torch.isfinite(g).all() for g in grads), (dtype, loss)
+    assert abs(results[torch.float16] - results[torch.float32]) < 2e-2 * results[torch.float32]
