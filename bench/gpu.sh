@@ -7,8 +7,8 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
+[ -d /tmp/site/deepspeed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, deepspeed; print('torch', torch.__version__, 'transformers', \
@@ -18,5 +18,5 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//9.0a/9.0}"
 for case in "$@"; do
   python3 bench/bench.py --output "$OUT/RESULTS.md" ${BENCH_ARGS:-} --cases "$case" 2>&1 | tee -a "$OUT/bench.log" \
-    | grep "^| \|^SDPA\|Error"
+    | grep "^| \|^SDPA\|Error\|memory GiB"
 done
