@@ -20,13 +20,14 @@ from utils import load_for_inference
 pytest.importorskip("bitsandbytes")
 
 # How far the first logged loss (step 1: LoRA's B starts at 0, so the model is the quantized base) may sit from the
-# fp32 model's loss on the same window, relative. Measured on these tiny checkpoints (bitsandbytes 0.50.2, CPU):
-# NF4 up to 3.3e-4 (glm3; glm2 2.6e-4, glm 2e-6), int8 up to 2.5e-5. Expected: NF4 with blocks of 64 leaves a
-# relative RMS weight error of about 9% on these weights, LLM.int8's row-wise absmax about 0.6%, a ratio of ~15 that
-# the loss deviations repeat; the loss moves far less than the weights because the random tiny model's logits are
-# small (its loss sits near ln(vocab)) and the LM head is not quantized. The bounds leave ~6x headroom; a base that
-# was not quantized at all passes them too, which is why the stored bytes are checked separately.
-FIRST_LOSS_BOUND = {4: 2e-3, 8: 2e-4}
+# fp32 model's loss on the same window, relative. Measured on the tiny checkpoints (weights uniform in +-0.5, see
+# model/tiny.py; bitsandbytes 0.50.2, CPU): NF4 up to 1.25e-2 (glm; glm2 6.4e-3, glm3 4.8e-3), LLM.int8 up to
+# 5.6e-4. Expected: NF4 with blocks of 64 leaves a relative RMS weight error of about 9%, LLM.int8's row-wise absmax
+# about 0.6%, a ratio of ~15 that the loss deviations repeat (~20). With weights this large the logits are large
+# too, so the same relative weight error moves the loss by about a percent, not a few 1e-4 as with std-0.02 weights.
+# The bounds leave ~3x headroom; a base that was not quantized at all passes them too, which is why the stored
+# bytes are checked separately.
+FIRST_LOSS_BOUND = {4: 4e-2, 8: 2e-3}
 DESCRIBE = re.compile(r"quantized base: (\d+) linear layers in (\d)-bit, (\d+) weights stored in (\d+) bytes")
 
 
@@ -78,7 +79,9 @@ def merge_and_compare(mode, base_dir, adapter, unmerged, tokenizer, merged_dir):
     assert all(p.dtype == torch.float32 and type(p) is torch.nn.Parameter for p in merged.parameters())
     prompt = torch.tensor([template.encode_prompt(tokenizer, mode, "发动机水温高，风扇低速转动。")])
     with torch.no_grad():
-        assert (merged(prompt).logits - unmerged(prompt).logits).abs().max().item() < 1e-5
+        expected = unmerged(prompt).logits
+        # merge_lora.py's own fp32 rule: 1e-5 relative to the logits' scale (the tiny logits reach tens)
+        assert (merged(prompt).logits - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
 
 
 # Every mode in 4 and 8 bits, one launcher run each (6 optimizer steps, gradient checkpointing); the ChatGLM3 4-bit
