@@ -476,7 +476,10 @@ def test_training_runs_in_train_mode_with_checkpointing_and_dropout(tiny_dirs, t
         hook.remove()
     layers = json.loads(Path(tiny_dirs["glm2"], "config.json").read_text())["num_layers"]
     micro_batches = 2  # --gradient_accumulation_steps 2, one step
-    assert len(blocks) == layers * micro_batches and all(blocks), blocks
+    # transformers >= 5.24 checkpoints a layer's forward, so module hooks see one call per micro-batch; 5.17-5.23
+    # checkpoint __call__, so the recompute in backward passes the hooks again. The MLP count below is the proof of
+    # the recompute on every release.
+    assert len(blocks) in (layers * micro_batches, 2 * layers * micro_batches) and all(blocks), blocks
     assert len(mlps) == layers * micro_batches * 2 and all(mlps), mlps
     assert dropouts and all(training for training, _ in dropouts)
     dropped = sum(share for _, share in dropouts) / len(dropouts)
