@@ -27,13 +27,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 
 import torch
 
 import quantization
 from metrics import compute_metrics
 from model import MODE, template
+from model.export import atomic_write_text
 from utils import CheckpointError, DataError, add_bool_flag, load_for_inference, read_records, sample_to_messages
 
 logger = logging.getLogger("chatglm")
@@ -153,22 +153,6 @@ def decode_answer(tokenizer, mode: str, new_ids: list[int], history) -> str:
     return template.decode_response(tokenizer, mode, new_ids)
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Write under a temporary name in the same directory, then rename: never a half-written file at `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-
-
 def metrics_path_for(output_path: str) -> str:
     root, _ = os.path.splitext(output_path)
     return root + ".metrics.json"
@@ -206,8 +190,8 @@ def predict_file(args, model, tokenizer, samples: list[dict]) -> dict:
     lines = [json.dumps({"prompt": s["query"], "reference": r, "prediction": p}, ensure_ascii=False)
              for s, r, p in zip(samples, references, predictions)]
     metrics_path = metrics_path_for(args.output_path)
-    _write_atomically(metrics_path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
-    _write_atomically(args.output_path, "\n".join(lines) + "\n")
+    atomic_write_text(metrics_path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    atomic_write_text(args.output_path, "\n".join(lines) + "\n")
     logger.info("wrote %d predictions to %s and metrics to %s", len(lines), args.output_path, metrics_path)
     return metrics
 

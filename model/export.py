@@ -1,4 +1,5 @@
-"""Writing checkpoint directories: one atomic-publish helper, and the drop-in full-model writer.
+"""Writing what the project outputs: the atomic-publish helpers (directories and single files), and the drop-in
+full-model writer.
 
 `write_full_checkpoint` is what train.py (--train_type freeze / all) and merge_lora.py write: the base checkpoint
 directory with new weights, so that whatever loaded the base (THUDM's remote code through `trust_remote_code`, vLLM,
@@ -25,6 +26,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 
 import torch
 
@@ -105,6 +107,23 @@ def atomic_directory(final: str, replace: bool = False):
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """One file, the same way: written under a temporary name in its directory, then renamed, so `path` is never
+    half-written; with the umask's ordinary permissions (mkstemp makes it private)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o666 & ~umask)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
 
 
 # ------------------------------------------------------------------------------------------------ the base's weights

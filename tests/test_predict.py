@@ -267,6 +267,7 @@ def test_overfit_model_scores_perfectly(mode, checkpoints, tmp_path, capsys):
     test_path = tmp_path / "test.json"  # a JSON array this time
     test_path.write_text(json.dumps(FIT_SAMPLES, ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "out.jsonl"
+    capsys.readouterr()  # what building the fitted checkpoint printed is not predict.py's output
     assert predict.main(["--mode", mode, "--model_path", fitted, "--test_path", str(test_path), "--output_path",
                          str(out), "--batch_size", "2", "--max_new_tokens", "40"]) == 0
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
