@@ -28,8 +28,9 @@ import torch
 
 from model import MODE, check_checkpoint_dir, template
 from model.export import ExportError, atomic_directory, write_full_checkpoint
-from utils import (DTYPES, CheckpointError, attach_lora, check_trained_mode, inference_device, load_tokenizer,
-                   read_json)
+from inference import (CheckpointError, attach_lora, check_trained_mode, inference_device, load_tokenizer,
+                       read_json)
+from utils import DTYPES
 
 logger = logging.getLogger("chatglm")
 

@@ -34,7 +34,9 @@ import quantization
 from metrics import compute_metrics
 from model import MODE, template
 from model.export import atomic_write_text
-from utils import CheckpointError, DataError, add_bool_flag, load_for_inference, read_records, sample_to_messages
+from dataset import DataError, read_records, sample_to_messages
+from inference import CheckpointError, load_for_inference
+from utils import add_bool_flag
 
 logger = logging.getLogger("chatglm")
 

@@ -1,6 +1,6 @@
 """QLoRA: LoRA over a base loaded 4-bit (NF4) or 8-bit (LLM.int8) through bitsandbytes.
 
-Everything about the quantized base lives here, so train.py, predict.py and utils.py only call in:
+Everything about the quantized base lives here, so train.py, predict.py and inference.py only call in:
 
 - `add_flag` / `check_train_args`: the `--quantization_bit 4|8` flag and the combinations it allows (LoRA only; ZeRO
   stage 0-2; one line naming the flag otherwise);

@@ -32,8 +32,8 @@ import quantization
 from model import MODE, template
 from model.compat import enable_activation_checkpointing
 from model.modeling_base import LMHead
-from utils import (DTYPES, DataCollator, DataError, EvalShard, InstructionDataset, add_bool_flag, auto_precision,
-                   count_parameters, setup_logging)
+from dataset import DataCollator, DataError, EvalShard, InstructionDataset, LengthGroupedSampler
+from utils import DTYPES, add_bool_flag, auto_precision, count_parameters, setup_logging
 
 logger = logging.getLogger("chatglm")
 TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
@@ -263,7 +263,6 @@ def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
     this rank's EvalShard, every sample once over all ranks."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from utils import LengthGroupedSampler
     collate = DataCollator(pad_token_id)
     if not shuffle:
         return DataLoader(EvalShard(dataset, rank, world_size), batch_size=args.per_device_train_batch_size,

@@ -6,7 +6,7 @@ from transformers import GlmConfig, GlmForCausalLM
 
 from model import MODE
 from model.modeling_base import LMHead
-from utils import LengthGroupedSampler
+from dataset import LengthGroupedSampler
 
 
 def tiny_pair(dtype):

@@ -1,4 +1,4 @@
-"""predict.py and utils.load_for_inference on tiny checkpoints: batched left-padded generation, batch prediction with
+"""predict.py and inference.load_for_inference on tiny checkpoints: batched left-padded generation, batch prediction with
 metrics, an over-fit model scoring 1.0, the terminal chat through a pseudo-terminal, and bad input."""
 import io
 import json
@@ -20,7 +20,8 @@ from conftest import ROOT
 from metrics import compute_metrics
 from model import MODE, template
 from test_merge_lora import make_lora_adapter
-from utils import CheckpointError, load_for_inference, sample_to_messages
+from dataset import sample_to_messages
+from inference import CheckpointError, load_for_inference
 
 MODES = ["glm", "glm2", "glm3", "glm4"]
 INSTRUCTION = "抽取三元组："

@@ -15,7 +15,7 @@ import quantization
 from conftest import ROOT
 from model import MODE, template
 from test_train import common_args, dev_loss, read_log, run_train
-from utils import load_for_inference
+from inference import load_for_inference
 
 pytest.importorskip("bitsandbytes")
 

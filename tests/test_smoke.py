@@ -7,7 +7,7 @@ import torch
 import predict
 from model import template
 from test_train import common_args, run_train
-from utils import load_for_inference
+from inference import load_for_inference
 
 pytestmark = pytest.mark.newest
 QUERIES = ["你好", "发动机水温高，风扇低速转动。", "What is the fault?"]

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from conftest import ROOT, shared_path
 from dropin_checks import TRAIN_EXTRAS, assert_dropin
 from model import MODE, template
-from utils import InstructionDataset, load_for_inference
+from dataset import InstructionDataset
+from inference import load_for_inference
 
 PORTS = count(29700 + os.getpid() % 200)
 TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
@@ -46,7 +47,7 @@ def read_log(output_dir):
 
 def dev_loss(model, tokenizer, mode, path, batch_size):
     """The mean loss per labelled token over the dev set, as train.py's evaluate() computes it."""
-    from utils import DataCollator
+    from dataset import DataCollator
     data = InstructionDataset(path, tokenizer, mode, max_len=256, max_src_len=200)
     collate = DataCollator(tokenizer.pad_token_id)
     total = tokens = 0.0

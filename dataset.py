@@ -1,0 +1,266 @@
+"""Training data: reading instruction files (JSONL or a JSON array), turning samples into the mode's chat template
+with labels and truncation, the dev-set shard, the collator and the length-grouped sampler."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from model import template
+
+logger = logging.getLogger("chatglm")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# data files
+# ------------------------------------------------------------------------------------------------------------------
+class DataError(ValueError):
+    """Bad input data: the message names file and line."""
+
+
+def read_records(path: str) -> list[tuple[int, dict]]:
+    """(line number, object) for a JSONL file or a JSON array; a parse error names `file:line`."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: {e.msg}") from None
+        # line of each array element is not kept by json; number them from 1 in order
+        return [(i + 1, item) for i, item in enumerate(items)]
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: {e.msg} (column {e.colno})") from None
+    return records
+
+
+def sample_to_messages(mode: str, sample, where: str) -> list[dict]:
+    """A sample of the seed format (instruction, input, output, optional history) or a ChatGLM3 `conversations`
+    list, as template messages. `where` ("file:line") prefixes every error."""
+    if not isinstance(sample, dict):
+        raise DataError(f"{where}: a sample must be a JSON object, got {type(sample).__name__}")
+    if "conversations" in sample:
+        conversation = sample["conversations"]
+        if not isinstance(conversation, list) or not conversation:
+            raise DataError(f"{where}: 'conversations' must be a non-empty list")
+        messages = []
+        for turn in conversation:
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) \
+                    or not isinstance(turn.get("content"), str):
+                raise DataError(f"{where}: every conversation turn needs string 'role' and 'content'")
+            if turn["role"] not in template.ROLES:
+                raise DataError(f"{where}: unknown role {turn['role']!r}")
+            messages.append(turn)
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the conversation must end with an assistant turn")
+        try:
+            template.check_conversation(mode, messages)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+        return messages
+    if "output" not in sample:
+        raise DataError(f"{where}: sample has no 'output'")
+    for field in ("instruction", "input", "output"):
+        if field in sample and not isinstance(sample[field], str):
+            raise DataError(f"{where}: '{field}' must be a string, got {type(sample[field]).__name__}")
+    history = sample.get("history") or []
+    if not isinstance(history, list) or not all(
+            isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+            for turn in history):
+        raise DataError(f"{where}: 'history' must be a list of [query, answer] string pairs")
+    query = sample.get("instruction", "") + sample.get("input", "")
+    messages = template.history_to_messages(mode, query, history)
+    return messages + [{"role": "assistant", "content": sample["output"]}]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# training dataset
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DataStats:
+    samples: int = 0
+    truncated: int = 0
+    skipped: int = 0
+
+
+def fit_prompt(tokenizer, mode: str, messages: list[dict], max_src_len: int) -> tuple[list[dict], bool]:
+    """The conversation with its prompt (everything before the final answer) cut to at most `max_src_len` tokens,
+    and whether anything was cut.
+
+    Whole old rounds go first, oldest first (a round: a user turn and what follows it up to the next user turn);
+    system messages and the last round (the question being answered, and for glm3 any tool call and observation
+    after it) stay. If that is still too long, the oldest remaining text is cut, character by character from the
+    start (the system message first, then the question). The template's own tokens ([gMASK] sop, role tokens, the
+    answer cue) are never cut: the result is always a prompt `chat()` could have built."""
+    context, answer = list(messages[:-1]), messages[-1]
+
+    def fits(candidate):
+        return len(template.encode_context(tokenizer, mode, candidate)) <= max_src_len
+
+    if fits(context):
+        return messages, False
+    last_user = max((i for i, m in enumerate(context) if m["role"] == "user"), default=0)
+    rounds, current = [], None  # indices of the old rounds, oldest first
+    for index in range(last_user):
+        if context[index]["role"] == "system":
+            continue
+        if context[index]["role"] == "user" or current is None:
+            current = []
+            rounds.append(current)
+        current.append(index)
+    dropped = set()
+    for old_round in rounds:
+        if fits([m for i, m in enumerate(context) if i not in dropped]):
+            break
+        dropped.update(old_round)
+    context = [m for i, m in enumerate(context) if i not in dropped]
+    index = 0
+    while not fits(context) and index < len(context):
+        message, text = context[index], context[index]["content"]
+        if not fits(context[:index] + [{**message, "content": ""}] + context[index + 1:]):
+            if message["role"] == "system":  # a system message cut to nothing goes
+                del context[index]
+            else:
+                context[index] = {**message, "content": ""}
+                index += 1
+            continue
+        low, high = 1, len(text)  # the fewest leading characters to drop: fits(text[high:]) holds
+        while low < high:
+            middle = (low + high) // 2
+            if fits(context[:index] + [{**message, "content": text[middle:]}] + context[index + 1:]):
+                high = middle
+            else:
+                low = middle + 1
+        context[index] = {**message, "content": text[high:]}
+    return context + [answer], True
+
+
+class InstructionDataset(Dataset):
+    """Tokenised once (reused across epochs) by the mode's chat template; labels are -100 on every prompt token.
+
+    Over-long samples: the prompt is cut to `max_src_len` by `fit_prompt` (old rounds first, never the question or
+    the template's own tokens), then the answer so that the sample fits `max_len`, keeping its end token. With
+    `is_skip`, such samples are dropped instead."""
+
+    def __init__(self, path: str, tokenizer, mode: str, max_len: int, max_src_len: int, is_skip: bool = False,
+                 learn_all_turns: bool = True):
+        shortest = template.template_length(tokenizer, mode)
+        if max_src_len <= shortest or max_src_len >= max_len:
+            raise ValueError(f"max_src_len={max_src_len} must exceed the {mode} template's own {shortest} tokens "
+                             f"and stay below max_len={max_len}")
+        self.stats = DataStats()
+        self.examples = []
+        for number, sample in read_records(path):
+            where = f"{path}:{number}"
+            messages, truncated = fit_prompt(tokenizer, mode, sample_to_messages(mode, sample, where), max_src_len)
+            ids, labels, answer_start = template.encode_messages(tokenizer, mode, messages, learn_all_turns)
+            if answer_start > max_src_len:  # the template of the final round alone is longer (glm3 tool turns)
+                raise DataError(f"{where}: the prompt keeps {answer_start} tokens of template after cutting every "
+                                f"text, more than max_src_len={max_src_len}")
+            self.stats.samples += 1
+            if len(ids) > max_len:  # the answer, cut so that it fits, keeping its end token
+                ids, labels = ids[:max_len - 1] + ids[-1:], labels[:max_len - 1] + labels[-1:]
+                truncated = True
+            if truncated:
+                self.stats.truncated += 1
+                if is_skip:
+                    self.stats.skipped += 1
+                    continue
+            self.examples.append({"input_ids": ids, "labels": labels})
+        if not self.examples:
+            raise DataError(f"{path}: no usable sample ({self.stats.samples} read, {self.stats.skipped} skipped "
+                            f"as longer than max_len={max_len} / max_src_len={max_src_len})")
+        logger.info("%s: %d samples, %d truncated%s", path, self.stats.samples, self.stats.truncated,
+                    f", {self.stats.skipped} skipped (--is_skip)" if is_skip else "")
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        return self.examples[index]
+
+
+class EvalShard(Dataset):
+    """One rank's share of an evaluation set: samples rank, rank + world_size, ... The shares are padded to the same
+    length with a copy of sample 0 whose labels are all -100, so every rank runs the same number of forwards (ZeRO-3
+    gathers parameters collectively) and no sample is counted twice."""
+
+    def __init__(self, dataset, rank: int, world_size: int):
+        self.dataset = dataset
+        padded = -(-len(dataset) // world_size) * world_size
+        self.indices = list(range(rank, padded, world_size))
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        position = self.indices[index]
+        if position < len(self.dataset):
+            return self.dataset[position]
+        example = self.dataset[0]
+        return {"input_ids": example["input_ids"], "labels": [template.IGNORE_INDEX] * len(example["labels"])}
+
+
+class DataCollator:
+    """Pads a batch to its longest sample. Training pads on the right: every pad then comes after all real tokens,
+    so the causal mask alone keeps them out of every real token's attention, no attention_mask is needed and SDPA
+    keeps its fused causal kernel; padded labels are -100."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch):
+        longest = max(len(example["input_ids"]) for example in batch)
+        input_ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), longest), template.IGNORE_INDEX, dtype=torch.long)
+        for row, example in enumerate(batch):
+            input_ids[row, :len(example["input_ids"])] = torch.tensor(example["input_ids"])
+            labels[row, :len(example["labels"])] = torch.tensor(example["labels"])
+        return {"input_ids": input_ids, "labels": labels}
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Random order, but each rank's micro-batches hold samples of similar length, so padding wastes little compute.
+
+    Every epoch: shuffle (seeded by seed + epoch, the same on every rank), cut into mega-batches of 50 global
+    batches, sort each by length (longest first), deal the global batches out to the ranks and shuffle the order
+    of the global batches. Every sample is seen once per epoch (the last incomplete global batch is dropped)."""
+
+    def __init__(self, lengths, batch_size: int, world_size: int, rank: int, seed: int = 0, mega: int = 50):
+        self.lengths, self.batch_size, self.world_size, self.rank = lengths, batch_size, world_size, rank
+        self.seed, self.mega, self.epoch = seed, mega, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _global_batches(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        global_size = self.batch_size * self.world_size
+        span = global_size * self.mega
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + global_size] for i in range(0, len(chunk), global_size)]
+        batches = [b for b in batches if len(b) == global_size]
+        permutation = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in permutation]
+
+    def __iter__(self):
+        for batch in self._global_batches():
+            yield from batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def __len__(self):
+        return len(self.lengths) // (self.batch_size * self.world_size) * self.batch_size
