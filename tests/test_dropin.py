@@ -19,8 +19,9 @@ from model.tiny import OFFICIAL_TOKENIZER_CONFIGS
 from test_merge_lora import LORA_MODULES, make_lora_adapter, merge_in_process  # noqa: F401 (LORA_MODULES: same adapter)
 from test_train import run_train
 
-MODES = ["glm", "glm2", "glm3"]
-OFFICIAL_NAMES = {"glm": "THUDM/chatglm-6b", "glm2": "THUDM/chatglm2-6b", "glm3": "THUDM/chatglm3-6b"}
+MODES = ["glm", "glm2", "glm3", "glm4"]
+OFFICIAL_NAMES = {"glm": "THUDM/chatglm-6b", "glm2": "THUDM/chatglm2-6b", "glm3": "THUDM/chatglm3-6b",
+                  "glm4": "THUDM/glm-4-9b-chat"}
 CUSTOM_AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
                    "AutoModel": "modeling_chatglm.CustomChatGLM",
                    "AutoModelForCausalLM": "modeling_chatglm.CustomChatGLM"}
@@ -83,10 +84,11 @@ def test_tiny_checkpoint_looks_official(mode, tiny_dirs):
     assert config["auto_map"]["AutoConfig"] == "configuration_chatglm.ChatGLMConfig"
     assert config["auto_map"]["AutoModel"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
     assert detect_version(config) == mode
-    # THUDM's tokenizer_config.json: no eos/pad/unk entries for glm2/glm3 (THUDM's class has read-only properties)
+    # THUDM's tokenizer_config.json: no eos/pad/unk entries for glm2/glm3 (THUDM's class has read-only properties);
+    # GLM-4's names <|endoftext|> as eos and pad, as THUDM's does
     tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
     assert tokenizer_config == OFFICIAL_TOKENIZER_CONFIGS[mode]
-    if mode != "glm":
+    if mode in ("glm2", "glm3"):
         assert not {"eos_token", "pad_token", "unk_token", "bos_token"} & set(tokenizer_config)
     assert sorted(p.name for p in directory.iterdir()) == sorted(
         ["config.json", "model.safetensors", MODE[mode].tokenizer_file, "tokenizer_config.json"])
