@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 import torch
@@ -132,7 +132,22 @@ def init_distributed():
     deepspeed.init_distributed(dist_backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        unlink_shm_buffer()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def unlink_shm_buffer():
+    """DeepSpeed's CPU all-reduce maps one 66 MB POSIX shared-memory buffer per rank (/dev/shm/
+    deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>) and never unlinks it, so every CPU run would leave its
+    buffers in RAM until reboot. Every rank has mapped every peer's buffer once init_distributed returns (it waits for
+    them), so after a barrier each rank unlinks its own name: the mappings live on until the processes end, even when
+    they are killed."""
+    torch.distributed.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    with suppress(FileNotFoundError):  # no buffer: not all ranks local, or DeepSpeed's op not built
+        os.unlink(name)
 
 
 def pick_precision(choice: str) -> str:
@@ -214,6 +229,38 @@ def apply_train_type(model, args):
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
                 100 * trainable / total)
     return model
+
+
+def build_engine(model, ds_config, args, total_steps: int):
+    """deepspeed.initialize on the model build_model made, left in training mode (bench/bench.py measures this)."""
+    import deepspeed
+
+    size_buckets(ds_config, model)
+    factor = lr_factor(total_steps, warmup_steps(args, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, config=ds_config, model_parameters=parameter_groups(model, args.weight_decay),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
+    # from_pretrained returns the model in eval mode: without this, dropout (LoRA, P-Tuning) would be off and
+    # gradient checkpointing (which only checkpoints in training mode) would do nothing.
+    engine.train()
+    if args.quantization_bit:  # still quantized after DeepSpeed's casts and moves
+        logger.info(quantization.describe(quantization.check_storage(engine.module, args.quantization_bit)))
+    return engine
+
+
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket, in elements
+
+
+def size_buckets(ds_config: dict, model) -> None:
+    """Fill ZeRO's "auto" bucket sizes: no larger than the trainable parameters, at most DeepSpeed's default. ZeRO-2
+    allocates its gradient reduce buckets at full size on every backward (two with overlap_comm): the default 5e8
+    elements are 1.9 GiB in bf16, against the ~15M gradients of a LoRA run. A bucket still holds the largest
+    gradient, as DeepSpeed needs."""
+    zero = ds_config.get("zero_optimization", {})
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key, "auto") == "auto":
+            zero[key] = max(1, min(DEEPSPEED_BUCKET, trainable))
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
@@ -462,8 +509,6 @@ class StepClock:
 # the loop
 # ------------------------------------------------------------------------------------------------------------------
 def train(args):
-    import deepspeed
-
     rank, world_size = init_distributed()
     setup_logging(rank)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
@@ -489,16 +534,7 @@ def train(args):
         total_steps = min(total_steps, args.max_steps)
 
     ds_config = fill_ds_config(args, world_size)
-    model = build_model(args, ds_config)
-    factor = lr_factor(total_steps, warmup_steps(args, total_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, config=ds_config, model_parameters=parameter_groups(model, args.weight_decay),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
-    # from_pretrained returns the model in eval mode: without this, dropout (LoRA, P-Tuning) would be off and
-    # gradient checkpointing (which only checkpoints in training mode) would do nothing.
-    engine.train()
-    if args.quantization_bit:  # still quantized after DeepSpeed's casts and moves
-        logger.info(quantization.describe(quantization.check_storage(engine.module, args.quantization_bit)))
+    engine = build_engine(build_model(args, ds_config), ds_config, args, total_steps)
 
     step, epoch, batch_index = 0, 0, 0  # optimizer steps done; where in which epoch the next window starts
     if resume_tag:

@@ -18,6 +18,7 @@ gradients for the frozen base), plus attention, recomputation not counted.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import os
@@ -109,7 +110,8 @@ def build_peer(config, dtype, device):
 def build_quantized(config, args, ds_config, dtype, device):
     """The random model saved as a checkpoint, then loaded by train.build_model with args.quantization_bit: the same
     quantization, k-bit preparation and LoRA set-up as a train.py run (the full-precision copy is freed first)."""
-    with tempfile.TemporaryDirectory(prefix="bench-qlora-") as directory:
+    ram = "/dev/shm" if os.path.isdir("/dev/shm") else None  # 12-19 GB written and read back: in RAM where it can
+    with tempfile.TemporaryDirectory(prefix="bench-qlora-", dir=ram) as directory:
         model = build_ours(config, dtype, device, args.mode)
         model.config.chatglm_version = args.mode  # what from_pretrained's version check reads
         model.save_pretrained(directory, max_shard_size="2GB")
@@ -206,8 +208,10 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
     rows = []
     for who in (["ours", "peer"] if with_peer and train_type == "lora" else ["ours"]):
         torch.manual_seed(0)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         if who == "ours" and args.quantization_bit:
-            model = build_quantized(config, args, ds_config, dtype, device)
+            model = build_quantized(config, args, copy.deepcopy(ds_config), dtype, device)
             step_fn = our_step(1)
         elif who == "ours":
             model = train.apply_train_type(build_ours(config, dtype, device, mode), args)
@@ -219,8 +223,17 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
             if ckpt:
                 enable_activation_checkpointing(model)
             step_fn = peer_step
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config,
-                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
+        if who == "ours":  # train.py's own engine set-up (bucket sizes, training mode, the storage check)
+            engine = train.build_engine(model, copy.deepcopy(ds_config), args, total_steps=steps + warmup + 1)
+        else:
+            peer_config = copy.deepcopy(ds_config)
+            train.size_buckets(peer_config, model)  # the same bucket sizes as ours
+            engine, *_ = deepspeed.initialize(model=model, config=peer_config,
+                                              model_parameters=[p for p in model.parameters() if p.requires_grad])
+            engine.train()
+        if device == "cuda":
+            print(f"{case} {who}: set-up peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB, "
+                  f"{torch.cuda.memory_allocated() / 2 ** 30:.1f} GiB held before the first step", flush=True)
         try:
             speed, peak, loss = measure(engine, step_fn, window, steps, warmup, device)
             if trace and device == "cuda":

@@ -27,15 +27,23 @@ LORA_MODULES = "query_key_value,dense_h_to_4h,dense_4h_to_h,dense"
 def run_train(base, output_dir, *extra, ranks=1, expect_ok=True, launcher=True):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     args = ["--model_name_or_path", str(base), "--output_dir", str(output_dir), *map(str, extra)]
+    port = next(PORTS)
     if launcher:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                   "--master_port", str(next(PORTS)), str(ROOT / "train.py"), *args]
+                   "--master_port", str(port), str(ROOT / "train.py"), *args]
     else:
+        env["MASTER_PORT"] = str(port)
         command = [sys.executable, str(ROOT / "train.py"), *args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if expect_ok:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce buffers (66 MB of RAM per rank) are gone with the processes
+    assert not shm_buffers(port), shm_buffers(port)
     return result
+
+
+def shm_buffers(port):
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def read_log(output_dir):
@@ -510,6 +518,32 @@ def test_weight_decay_spares_norm_weights_and_biases(tiny_dirs, tmp_path, monkey
     assert decay[0.0] == {n for n, d in shapes.items() if d == 1}
     assert "transformer.encoder.layers.0.input_layernorm.weight" in decay[0.0]
     assert "transformer.encoder.layers.0.self_attention.query_key_value.bias" in decay[0.0]
+
+
+def test_zero_buckets_are_sized_to_the_trainable_parameters(tiny_dirs, tmp_path, monkeypatch, train_in_process):
+    """ds_zero2_no_offload.json's "auto" buckets: a LoRA run's are as large as its trainable parameters (DeepSpeed
+    allocates them in full on every backward; its default is 5e8 elements, 1.9 GiB in bf16); a number is kept."""
+    import deepspeed
+    import train
+    engines = []
+    real_initialize = deepspeed.initialize
+
+    def initialize(*args, **kwargs):
+        result = real_initialize(*args, **kwargs)
+        engines.append(result[0])
+        return result
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    train_in_process(*tiny_run_args("glm2", "lora", tiny_dirs["glm2"], tmp_path / "out"), "--max_steps", 1,
+                     "--ds_file", ROOT / "ds_zero2_no_offload.json")
+    engine = engines[0]
+    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    assert 0 < trainable < 10 ** 6
+    assert engine.optimizer.reduce_bucket_size == trainable
+    assert engine.zero_allgather_bucket_size() == trainable
+    config = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 12345}}
+    train.size_buckets(config, engine.module)
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345, "allgather_bucket_size": trainable}
 
 
 def test_tokens_per_second_counts_real_tokens_over_step_time_only(tiny_dirs, tmp_path, monkeypatch,
