@@ -119,6 +119,7 @@ def build_quantized(config, args, ds_config, dtype, device):
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()  # the set-up peak is the quantized load's, not this random build's
         args.model_name_or_path = directory
         return train.build_model(args, ds_config)
 
