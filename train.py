@@ -27,6 +27,7 @@ from contextlib import contextmanager, suppress
 
 import numpy as np
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 import quantization
 from model import MODE, template
@@ -59,6 +60,8 @@ def parse_args(argv=None):
                        help="with --gradient_checkpointing: checkpoint only every N-th layer (less recomputation, "
                             "more memory)")
     quantization.add_flag(group, "lora only (QLoRA), ZeRO stage 0-2")
+    add_bool_flag(group, "--compile", "torch.compile each transformer block (fuses its norms, rotary and "
+                                      "activations; the first steps pay the compilation)")
 
     group = parser.add_argument_group("data")
     group.add_argument("--train_path", required=True, help="training data: JSONL or JSON array")
@@ -113,6 +116,11 @@ def parse_args(argv=None):
     if not 0 <= args.lora_dropout < 1:
         parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     quantization.check_train_args(parser, args)
+    if args.compile and quantization.zero_stage(args.ds_file) == 3:
+        # ZeRO-3 gathers each parameter in module hooks that torch.compile must not trace: the parts would fall
+        # back to eager piece by piece, recompiling for every layer
+        parser.error(f"--compile with ZeRO-3 ({args.ds_file}) is not supported: use a ZeRO-2 config such as "
+                     f"ds_zero2_no_offload.json, or leave --compile off")
     return args
 
 
@@ -225,10 +233,25 @@ def apply_train_type(model, args):
         # also makes the embeddings' output require grad, so a frozen base still back-propagates into LoRA/prefix
         enable_activation_checkpointing(model, args.checkpoint_every_n_layers)
         model.config.use_cache = False
+    if args.compile:
+        compile_blocks(model)
     trainable, total = count_parameters(model)
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
                 100 * trainable / total)
     return model
+
+
+def compile_blocks(model) -> int:
+    """torch.compile the parts of every transformer block in place (nn.Module.compile on its norms, attention and MLP,
+    LoRA layers included), as litgpt and torchtune compile per layer: the blocks share one class and one shape, so
+    one compiled graph serves them all. The parts, not the block: gradient checkpointing wraps the block's forward
+    (GradientCheckpointingLayer), and the parts run compiled inside it, in the recomputation too. Returns the
+    number of blocks."""
+    blocks = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    for block in blocks:
+        for part in block.children():
+            part.compile()
+    return len(blocks)
 
 
 def build_engine(model, ds_config, args, total_steps: int):

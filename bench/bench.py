@@ -53,12 +53,12 @@ PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_pr
 
 
 def parse_case(case: str):
-    train_type, shape, ckpt = case.split(":")
+    train_type, shape, ckpt, *compile_ = case.split(":")
     seq, batch = (int(x) for x in shape.split("x"))
-    return train_type, seq, batch, ckpt == "ckpt"
+    return train_type, seq, batch, ckpt == "ckpt", compile_ == ["compile"]
 
 
-def train_args(train_type, batch, ckpt, shape, layers, mode="glm3"):
+def train_args(train_type, batch, ckpt, shape, layers, mode="glm3", compile_blocks=False):
     """The flags a user would pass to train.py for this case."""
     bits = QLORA.get(train_type)
     argv = ["--quantization_bit", str(bits)] if bits else []
@@ -71,6 +71,8 @@ def train_args(train_type, batch, ckpt, shape, layers, mode="glm3"):
                                       "ds_zero2_no_offload.json")]
     if ckpt:
         argv.append("--gradient_checkpointing")
+    if compile_blocks:
+        argv.append("--compile")
     return train.parse_args(argv)
 
 
@@ -197,11 +199,11 @@ def peer_step(engine, window):
 def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mode="glm3", trace=False):
     import deepspeed
 
-    train_type, seq, batch, ckpt = parse_case(case)
+    train_type, seq, batch, ckpt, compile_blocks = parse_case(case)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = MODE[mode].config(**SHAPES[shape], pre_seq_len=128 if train_type == "ptuning" else None,
                                prefix_projection=False)
-    args = train_args(train_type, batch, ckpt, shape, config.num_layers, mode)
+    args = train_args(train_type, batch, ckpt, shape, config.num_layers, mode, compile_blocks)
     args.precision = dtype_name
     dtype = DTYPES[train.pick_precision(dtype_name)]
     ds_config = train.fill_ds_config(args, 1)
@@ -283,7 +285,8 @@ def main():
     parser.add_argument("--mode", choices=("glm2", "glm3", "glm4"), default=None,
                         help="our model class and config defaults (default: glm4 for glm-4-9b, else glm3)")
     parser.add_argument("--cases", nargs="+", default=None,
-                        help="train_type:SEQxBATCH:ckpt|nockpt (default: the issue's table)")
+                        help="train_type:SEQxBATCH:ckpt|nockpt[:compile] (default: the issue's table; :compile "
+                             "passes train.py's --compile)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),

@@ -546,6 +546,45 @@ def test_zero_buckets_are_sized_to_the_trainable_parameters(tiny_dirs, tmp_path,
     assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345, "allgather_bucket_size": trainable}
 
 
+def test_compile_runs_the_blocks_compiled_and_trains_as_eager(tiny_dirs, tmp_path, monkeypatch, train_in_process):
+    """--compile: every call of a block's MLP (forward, its recomputation in backward, evaluation) runs a compiled
+    graph, and the run (inductor, the default backend) logs the eager run's losses."""
+    from model import modeling_chatglm2
+
+    def run(name, *extra):
+        out = tmp_path / name
+        train_in_process(*tiny_run_args("glm2", "lora", tiny_dirs["glm2"], out), "--gradient_checkpointing",
+                         "--max_steps", 2, "--eval_step", 2, *extra)
+        return read_log(out)
+
+    eager_mlp_calls = []
+    real_mlp = modeling_chatglm2.MLP.forward
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_chatglm2.MLP, "forward", lambda self, x: eager_mlp_calls.append(1) or real_mlp(self, x))
+        eager = run("eager")
+    layers = json.loads(Path(tiny_dirs["glm2"], "config.json").read_text())["num_layers"]
+    assert len(eager_mlp_calls) >= layers * 2 * 2 * 2  # 2 steps of 2 micro-batches, forward and recomputation
+
+    graph_calls = []  # a backend that counts the calls of each graph torch.compile hands it
+
+    def counting_backend(graph, example_inputs):
+        is_mlp = "dense_4h_to_h" in graph.code
+        return lambda *args: graph_calls.append(is_mlp) or graph.forward(*args)
+
+    real_compile = torch.nn.Module.compile
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, backend=counting_backend))
+        counted = run("counted", "--compile")
+    assert sum(graph_calls) == len(eager_mlp_calls)  # each MLP call was a compiled graph's, none ran eagerly
+    assert counted == eager  # the graphs themselves, run as captured, compute what eager does
+
+    compiled = run("compiled", "--compile")  # inductor's kernels: the same losses up to fp32 rounding
+    assert compiled[0].keys() == eager[0].keys() == {1, 2}
+    for step, loss in eager[0].items():
+        assert compiled[0][step] == pytest.approx(loss, rel=1e-5)
+    assert len(eager[1]) == 1 and compiled[1] == pytest.approx(eager[1], rel=1e-5)  # the dev loss at step 2
+
+
 def test_tokens_per_second_counts_real_tokens_over_step_time_only(tiny_dirs, tmp_path, monkeypatch,
                                                                   train_in_process):
     """Slow evaluations and saves after every step do not enter the logged step time; the logged tokens are the
@@ -726,7 +765,7 @@ def test_boolean_flags_take_the_bare_form_and_true_false():
     import train
     base = ["--model_name_or_path", "-", "--mode", "glm3", "--train_path", "-", "--output_dir", "-"]
     for flag in ("--gradient_checkpointing", "--prefix_projection", "--is_skip", "--group_by_length",
-                 "--last_turn_only", "--resume"):
+                 "--last_turn_only", "--resume", "--compile"):
         name = flag[2:]
         assert getattr(train.parse_args(base), name) is False
         assert getattr(train.parse_args([*base, flag]), name) is True
@@ -747,6 +786,15 @@ def test_bad_flags_stop_with_one_line(flag, value, message, capsys):
         train.parse_args(["--model_name_or_path", "-", "--mode", "glm3", "--train_path", "-", "--output_dir", "-",
                           flag, value])
     assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_compile_with_zero3_stops_with_one_line(capsys):
+    import train
+    with pytest.raises(SystemExit) as error:
+        train.parse_args(["--model_name_or_path", "-", "--mode", "glm3", "--train_path", "-", "--output_dir", "-",
+                          "--compile", "--ds_file", str(ROOT / "ds_zero3_offload.json")])
+    assert error.value.code == 2
+    assert "--compile with ZeRO-3 (" in capsys.readouterr().err.splitlines()[-1]
 
 
 @pytest.mark.parametrize("mode", ["glm", "glm2"])
