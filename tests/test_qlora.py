@@ -24,9 +24,9 @@ pytest.importorskip("bitsandbytes")
 # model/tiny.py; bitsandbytes 0.50.2, CPU): NF4 up to 1.25e-2 (glm2; glm 6.4e-3, glm3 4.8e-3, glm4 6.1e-4),
 # LLM.int8 up to 5.6e-4 (glm3; the others 1e-5 to 1e-4). Expected: NF4 with blocks of 64 leaves a relative RMS
 # weight error of about 9%, LLM.int8's row-wise absmax about 0.6%, a ratio of ~15 that the loss deviations repeat
-# (~20). With weights this large the logits are large too, so the same relative weight error moves the loss by about a percent, not a few 1e-4 as with std-0.02 weights.
-# The bounds leave ~3x headroom; a base that was not quantized at all passes them too, which is why the stored
-# bytes are checked separately.
+# (~20). With weights this large the logits are large too, so the same relative weight error moves the loss by
+# about a percent, not a few 1e-4 as with std-0.02 weights. The bounds leave ~3x headroom; a base that was not
+# quantized at all passes them too, which is why the stored bytes are checked separately.
 FIRST_LOSS_BOUND = {4: 4e-2, 8: 2e-3}
 DESCRIBE = re.compile(r"quantized base: (\d+) linear layers in (\d)-bit, (\d+) weights stored in (\d+) bytes")
 
