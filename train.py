@@ -60,8 +60,8 @@ def parse_args(argv=None):
                        help="with --gradient_checkpointing: checkpoint only every N-th layer (less recomputation, "
                             "more memory)")
     quantization.add_flag(group, "lora only (QLoRA), ZeRO stage 0-2")
-    add_bool_flag(group, "--compile", "torch.compile each transformer block (fuses its norms, rotary and "
-                                      "activations; the first steps pay the compilation)")
+    add_bool_flag(group, "--compile", "torch.compile each block's norms, attention and MLP (faster steps on a GPU; "
+                                      "the first steps pay the compilation; not with ZeRO-3)")
 
     group = parser.add_argument_group("data")
     group.add_argument("--train_path", required=True, help="training data: JSONL or JSON array")
