@@ -1,0 +1,36 @@
+"""bench/bench.py on the tiny shape (CPU): its cases go through train.py's own set-up, so what it measures is the
+model as train.py trains it (training mode, checkpointing on, the quantized base still quantized)."""
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+@pytest.mark.parametrize("case", ["lora:64x2:ckpt", pytest.param("qlora4:64x2:ckpt", marks=pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("bitsandbytes"), reason="bitsandbytes missing"))])
+def test_bench_measures_the_model_train_py_trains(case, monkeypatch, one_thread):
+    import bench
+    import train
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    seen = []
+    real_build_engine = train.build_engine
+
+    def build_engine(*args, **kwargs):
+        engine = real_build_engine(*args, **kwargs)
+        blocks = [m for m in engine.module.modules() if isinstance(m, GradientCheckpointingLayer)]
+        seen.append((engine.module.training, len(blocks), all(b.training and b.gradient_checkpointing
+                                                               for b in blocks)))
+        return engine
+
+    monkeypatch.setattr(train, "build_engine", build_engine)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29690", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    train.init_distributed()
+    rows = bench.run_case(case, "tiny", "fp32", steps=1, warmup=0, with_peer=False, peak_tflops=1.0)
+    assert [row[0] for row in rows] == ["ours"] and rows[0][1] > 0  # tokens/s measured
+    assert seen == [(True, bench.SHAPES["tiny"]["num_layers"], True)]
