@@ -8,11 +8,11 @@ otherwise pick (transformers' GlmForCausalLM, the same network, with PEFT LoRA, 
     python bench/bench.py --cases qlora4:1560x1:ckpt qlora8:1560x1:ckpt   # QLoRA: --quantization_bit 4 / 8
 
 Random weights are built directly on the device; batches are random token ids with every position labelled.
-Each case runs train.py's parse_args -> fill_ds_config -> apply_train_type -> deepspeed.initialize -> train_step,
-so what is measured is the training loop itself. QLoRA cases (qlora4, qlora8: LoRA with --quantization_bit 4 / 8)
-write the random weights as a checkpoint first and load it through train.build_model, so the base is quantized
-exactly as train.py quantizes it (transformers' BitsAndBytesConfig loading, PEFT's k-bit preparation). The peer runs under the same DeepSpeed config; only the model
-differs. MFU counts model FLOPs only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight
+Each case runs train.py's parse_args -> fill_ds_config -> apply_train_type -> build_engine (deepspeed.initialize,
+training mode) -> train_step, so what is measured is the training loop itself. QLoRA cases (qlora4, qlora8: LoRA
+with --quantization_bit 4 / 8) and ZeRO-3 cases (all, with ds_zero3_offload.json) write the random weights as a
+checkpoint first and load it through train.build_model, so the base is quantized, or partitioned, exactly as
+train.py does it. The peer runs under the same DeepSpeed config; only the model differs. MFU counts model FLOPs only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight
 gradients for the frozen base), plus attention, recomputation not counted.
 """
 from __future__ import annotations
@@ -109,11 +109,14 @@ def build_peer(config, dtype, device):
     return model.to(dtype)
 
 
-def build_quantized(config, args, ds_config, dtype, device):
-    """The random model saved as a checkpoint, then loaded by train.build_model with args.quantization_bit: the same
-    quantization, k-bit preparation and LoRA set-up as a train.py run (the full-precision copy is freed first)."""
-    ram = "/dev/shm" if os.path.isdir("/dev/shm") else None  # 12-19 GB written and read back: in RAM where it can
-    with tempfile.TemporaryDirectory(prefix="bench-qlora-", dir=ram) as directory:
+def build_through_checkpoint(config, args, ds_config, dtype, device):
+    """The random model saved as a checkpoint, then loaded by train.build_model, for the cases whose loading is part
+    of what is measured: QLoRA (the base quantized as it loads: transformers' BitsAndBytesConfig, PEFT's k-bit
+    preparation) and ZeRO-3 (built under deepspeed.zero.Init, each parameter partitioned as it loads). The
+    full-precision copy is freed first. QLoRA's checkpoint is written to /dev/shm where there is one; ZeRO-3's to
+    disk, since its offloaded optimizer state needs the host's memory."""
+    ram = "/dev/shm" if args.quantization_bit and os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix="bench-ckpt-", dir=ram) as directory:
         model = build_ours(config, dtype, device, args.mode)
         model.config.chatglm_version = args.mode  # what from_pretrained's version check reads
         model.save_pretrained(directory, max_shard_size="2GB")
@@ -121,7 +124,7 @@ def build_quantized(config, args, ds_config, dtype, device):
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()  # the set-up peak is the quantized load's, not this random build's
+            torch.cuda.reset_peak_memory_stats()  # the set-up peak is the real load's, not this random build's
         args.model_name_or_path = directory
         return train.build_model(args, ds_config)
 
@@ -213,8 +216,8 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
         torch.manual_seed(0)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        if who == "ours" and args.quantization_bit:
-            model = build_quantized(config, args, copy.deepcopy(ds_config), dtype, device)
+        if who == "ours" and (args.quantization_bit or ds_config["zero_optimization"].get("stage") == 3):
+            model = build_through_checkpoint(config, args, copy.deepcopy(ds_config), dtype, device)
             step_fn = our_step(1)
         elif who == "ours":
             model = train.apply_train_type(build_ours(config, dtype, device, mode), args)

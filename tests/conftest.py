@@ -33,6 +33,8 @@ DEPRECATIONS = ("DeprecationWarning", "FutureWarning")
 LIBRARY_INTERNAL = {
     "`is_gradient_checkpointing` is deprecated": "peft's PeftModel reads the old property of the base model",
     "`torch.jit.script_method` is deprecated": "raised while deepspeed imports its jit-scripted helpers",
+    "`torch.distributed.all_gather_into_tensor` is deprecated": "deepspeed's ZeRO-3 gathers parameters with it",
+    "`torch.distributed.reduce_scatter_tensor` is deprecated": "deepspeed's ZeRO-3 reduces gradients with it",
 }
 os.environ["PYTHONWARNINGS"] = ",".join(f"error::{category}:{module}"
                                         for category in DEPRECATIONS for module in our_modules())

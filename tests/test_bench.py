@@ -1,5 +1,6 @@
 """bench/bench.py on the tiny shape (CPU): its cases go through train.py's own set-up, so what it measures is the
-model as train.py trains it (training mode, checkpointing on, the quantized base still quantized)."""
+model as train.py trains it (training mode, checkpointing on, the base quantized or partitioned as train.py loads
+it)."""
 import sys
 
 import pytest
@@ -9,7 +10,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-@pytest.mark.parametrize("case", ["lora:64x2:ckpt", pytest.param("qlora4:64x2:ckpt", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("case", ["lora:64x2:ckpt", "all:64x2:ckpt", pytest.param("qlora4:64x2:ckpt", marks=pytest.mark.skipif(
     not __import__("importlib").util.find_spec("bitsandbytes"), reason="bitsandbytes missing"))])
 def test_bench_measures_the_model_train_py_trains(case, monkeypatch, one_thread):
     import bench
@@ -24,6 +25,8 @@ def test_bench_measures_the_model_train_py_trains(case, monkeypatch, one_thread)
         blocks = [m for m in engine.module.modules() if isinstance(m, GradientCheckpointingLayer)]
         seen.append((engine.module.training, len(blocks), all(b.training and b.gradient_checkpointing
                                                                for b in blocks)))
+        if case.startswith("all"):  # ZeRO-3 (ds_zero3_offload.json): loaded partitioned, as train.py loads it
+            assert all(hasattr(p, "ds_id") for p in engine.module.parameters())
         return engine
 
     monkeypatch.setattr(train, "build_engine", build_engine)
