@@ -234,7 +234,8 @@ def apply_train_type(model, args):
         enable_activation_checkpointing(model, args.checkpoint_every_n_layers)
         model.config.use_cache = False
     if args.compile:
-        compile_blocks(model)
+        logger.info("--compile: the norms, attention and MLP of %d blocks compile in the first steps",
+                    compile_blocks(model))
     trainable, total = count_parameters(model)
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
                 100 * trainable / total)
