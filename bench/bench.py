@@ -44,9 +44,9 @@ SHAPES = {  # the official chatglm3-6b and glm-4-9b-chat config.json, and a tiny
                  num_attention_heads=4, multi_query_group_num=2, seq_length=4096),
 }
 SHAPE_MODES = {"chatglm3-6b": "glm3", "glm-4-9b": "glm4", "tiny": "glm3"}  # --mode unless given
-DEFAULT_CASES = ["lora:1560x1:ckpt", "lora:1560x1:nockpt", "lora:2048x4:ckpt", "lora:2048x4:nockpt",
-                 "freeze:1560x1:ckpt", "freeze:2048x4:ckpt", "ptuning:1560x1:ckpt", "ptuning:2048x4:ckpt",
-                 "all:1560x1:ckpt", "qlora4:1560x1:ckpt", "qlora8:1560x1:ckpt", "qlora4:2048x4:ckpt"]
+DEFAULT_CASES = ["lora:1560x1:ckpt", "lora:1560x1:ckpt:compile", "lora:2048x4:ckpt", "lora:2048x4:ckpt:compile",
+                 "lora:2048x4:nockpt", "lora:2048x4:nockpt:compile", "freeze:1560x1:ckpt", "ptuning:1560x1:ckpt",
+                 "all:2048x2:ckpt", "qlora4:1560x1:ckpt", "qlora8:1560x1:ckpt", "qlora4:2048x4:ckpt"]
 QLORA = {"qlora4": 4, "qlora8": 8}  # case name -> --quantization_bit (train type lora)
 LORA_TARGETS = "query_key_value,dense,dense_h_to_4h,dense_4h_to_h"
 PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
