@@ -30,6 +30,10 @@ def test_bench_measures_the_model_train_py_trains(case, monkeypatch, one_thread)
         return engine
 
     monkeypatch.setattr(train, "build_engine", build_engine)
+    # ZeRO-3's zero.Init swaps in DeepSpeed's own F.linear for the rest of the process ("persists unless manually
+    # reset"): put the real one back after this test, so later in-process tests do not trace DeepSpeed's
+    import torch
+    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29690", "DS_ACCELERATOR": "cpu"}.items():
         monkeypatch.setenv(key, value)
