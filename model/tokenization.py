@@ -387,7 +387,35 @@ class ChatGLMTokenizer(_SentencePieceTokenizer):
         return glm_postprocess(self.sp_model.decode_pieces(tokens), self.max_blank_length)
 
 
-class ChatGLM2Tokenizer(_SentencePieceTokenizer):
+class AppendedSpecialTokensMixin:
+    """The ChatGLM2/3 and GLM-4 layout: the vocabulary file's n_words entries, then `special_tokens` appended from id
+    n_words on; every input starts with `get_prefix_tokens()` ([gMASK] and sop / <sop>)."""
+
+    @property
+    def vocab_size(self) -> int:
+        """The file's entries plus the appended special tokens (ChatGLM2-6B 64798, GLM-4-9B 151343)."""
+        return self.n_words + len(self.special_tokens)
+
+    @property
+    def gmask_token_id(self) -> int:
+        """Id of [gMASK] (official: ChatGLM2/3 64790, GLM-4 151331)."""
+        return self.special_tokens["[gMASK]"]
+
+    def _appended_id(self, token: str) -> int:
+        """Id of an appended special token by its name; a KeyError naming the tokenizer otherwise."""
+        if token not in self.special_tokens:
+            raise KeyError(f"{token!r} is not a special token of {type(self).__name__}")
+        return self.special_tokens[token]
+
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None):
+        """`prefix + ids`; for a pair `prefix + ids_0 + ids_1 + eos` (official layout)."""
+        ids = self.get_prefix_tokens() + token_ids_0
+        if token_ids_1 is not None:
+            ids = ids + token_ids_1 + [self.eos_token_id]
+        return ids
+
+
+class ChatGLM2Tokenizer(AppendedSpecialTokensMixin, _SentencePieceTokenizer):
     """Tokenizer of ChatGLM2-6B, reading `tokenizer.model` (n pieces, official n = 64789).
 
     Appended after the file's pieces: [MASK] n, [gMASK] n+1, [sMASK] n+2, sop n+3, eop n+4 (official 64789 to
@@ -435,11 +463,6 @@ class ChatGLM2Tokenizer(_SentencePieceTokenizer):
                 logger.warning(f"piece {token!r} of {self.vocab_file} is shadowed by the special token {token!r}")
 
     # ------------------------------------------------------------------------------------------ vocabulary
-    @property
-    def vocab_size(self) -> int:
-        """Pieces of tokenizer.model plus the appended special tokens (64798 for ChatGLM2-6B)."""
-        return self.n_words + len(self.special_tokens)
-
     def get_vocab(self) -> dict[str, int]:
         vocab = {self.sp_model.id_to_piece(i): i for i in range(self.n_words)}
         vocab.update(self.special_tokens)
@@ -449,16 +472,7 @@ class ChatGLM2Tokenizer(_SentencePieceTokenizer):
     def get_command(self, token: str) -> int:
         """Id of a special token: "<bos>", "<eos>", "<pad>" or one of the appended tokens ("[gMASK]", "sop" ...)."""
         commands = {"<bos>": self._bos_id, "<eos>": self.eos_token_id, "<pad>": self.pad_token_id}
-        if token in commands:
-            return commands[token]
-        if token not in self.special_tokens:
-            raise KeyError(f"{token!r} is not a special token of {type(self).__name__}")
-        return self.special_tokens[token]
-
-    @property
-    def gmask_token_id(self) -> int:
-        """Id of [gMASK] (official: 64790)."""
-        return self.special_tokens["[gMASK]"]
+        return commands[token] if token in commands else self._appended_id(token)
 
     @property
     def sop_token_id(self) -> int:
@@ -495,13 +509,6 @@ class ChatGLM2Tokenizer(_SentencePieceTokenizer):
     def get_prefix_tokens(self) -> list[int]:
         """[gMASK] sop, which starts every ChatGLM2/3 input."""
         return [self.get_command("[gMASK]"), self.get_command("sop")]
-
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None):
-        """`[gMASK] sop + ids`; for a pair `[gMASK] sop + ids_0 + ids_1 + eos` (official layout)."""
-        ids = self.get_prefix_tokens() + token_ids_0
-        if token_ids_1 is not None:
-            ids = ids + token_ids_1 + [self.eos_token_id]
-        return ids
 
     # ------------------------------------------------------------------------------------------- decoding
     def _sp_index(self, index: int) -> int | None:

@@ -25,7 +25,7 @@ import shutil
 import tiktoken
 from transformers import PreTrainedTokenizer
 
-from .tokenization import _IGNORED_INIT_KWARGS
+from .tokenization import _IGNORED_INIT_KWARGS, AppendedSpecialTokensMixin
 
 GLM4_TOKENIZER_FILE = "tokenizer.model"
 
@@ -83,7 +83,7 @@ _BYTE_SYMBOLS = _byte_symbols()
 _SYMBOL_BYTES = {symbol: byte for byte, symbol in enumerate(_BYTE_SYMBOLS)}
 
 
-class ChatGLM4Tokenizer(PreTrainedTokenizer):
+class ChatGLM4Tokenizer(AppendedSpecialTokensMixin, PreTrainedTokenizer):
     """Tokenizer of GLM-4-9B / GLM-4-9B-Chat (see the module docstring for the layout)."""
 
     vocab_files_names = {"vocab_file": GLM4_TOKENIZER_FILE}
@@ -123,11 +123,6 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
         return super().from_pretrained(pretrained_model_name_or_path, *init_inputs, **kwargs)
 
     # ------------------------------------------------------------------------------------------ vocabulary
-    @property
-    def vocab_size(self) -> int:
-        """Ranks of tokenizer.model plus the 14 appended special tokens (151343 for GLM-4-9B)."""
-        return self.n_words + len(self.special_tokens)
-
     def get_vocab(self) -> dict[str, int]:
         vocab = {self._convert_id_to_token(i): i for i in range(self.vocab_size)}
         vocab.update(self._added_tokens_encoder)
@@ -137,15 +132,7 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
         """Id of a special token by its official name ("[gMASK]", "<sop>", "<|user|>" ...); "sop", "eop", "<eos>"
         and "<pad>" are accepted too, so that callers can treat all modes alike."""
         aliases = {"sop": "<sop>", "eop": "<eop>", "<eos>": "<|endoftext|>", "<pad>": "<|endoftext|>"}
-        token = aliases.get(token, token)
-        if token not in self.special_tokens:
-            raise KeyError(f"{token!r} is not a special token of {type(self).__name__}")
-        return self.special_tokens[token]
-
-    @property
-    def gmask_token_id(self) -> int:
-        """Id of [gMASK] (official: 151331)."""
-        return self.special_tokens["[gMASK]"]
+        return self._appended_id(aliases.get(token, token))
 
     def _convert_token_to_id(self, token: str) -> int:
         if token in self.special_tokens:
@@ -172,13 +159,6 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
     def get_prefix_tokens(self) -> list[int]:
         """[gMASK] <sop>, which starts every GLM-4 input."""
         return [self.special_tokens["[gMASK]"], self.special_tokens["<sop>"]]
-
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None):
-        """`[gMASK] <sop> + ids`; for a pair `[gMASK] <sop> + ids_0 + ids_1 + eos` (official layout)."""
-        ids = self.get_prefix_tokens() + token_ids_0
-        if token_ids_1 is not None:
-            ids = ids + token_ids_1 + [self.eos_token_id]
-        return ids
 
     def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False) -> list[int]:
         if already_has_special_tokens:
