@@ -449,6 +449,22 @@ def train_in_process(monkeypatch, one_thread):
     return run
 
 
+@pytest.fixture
+def deepspeed_engines(monkeypatch):
+    """The engines deepspeed.initialize returns while the test runs (train.py's own, in this process)."""
+    import deepspeed
+    engines = []
+    real_initialize = deepspeed.initialize
+
+    def initialize(*args, **kwargs):
+        result = real_initialize(*args, **kwargs)
+        engines.append(result[0])
+        return result
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    return engines
+
+
 def tiny_run_args(mode, train_type, base, out, epochs=1):
     return [*common_args(mode, train_type, epochs), "--model_name_or_path", base, "--output_dir", out]
 
@@ -495,20 +511,10 @@ def test_training_runs_in_train_mode_with_checkpointing_and_dropout(tiny_dirs, t
     assert 0.2 < dropped < 0.4, dropped
 
 
-def test_weight_decay_spares_norm_weights_and_biases(tiny_dirs, tmp_path, monkeypatch, train_in_process):
-    import deepspeed
-    engines = []
-    real_initialize = deepspeed.initialize
-
-    def initialize(*args, **kwargs):
-        result = real_initialize(*args, **kwargs)
-        engines.append(result[0])
-        return result
-
-    monkeypatch.setattr(deepspeed, "initialize", initialize)
+def test_weight_decay_spares_norm_weights_and_biases(tiny_dirs, tmp_path, train_in_process, deepspeed_engines):
     train_in_process(*tiny_run_args("glm2", "all", tiny_dirs["glm2"], tmp_path / "out"), "--weight_decay", 0.1,
                      "--max_steps", 1)
-    engine = engines[0]
+    engine = deepspeed_engines[0]
     names = {id(p): n for n, p in engine.module.named_parameters()}
     decay = {group["weight_decay"]: {names[id(p)] for p in params}  # what the optimizer holds, per group
              for group, params in zip(engine.optimizer.optimizer.param_groups, engine.optimizer.bit16_groups)}
@@ -520,23 +526,14 @@ def test_weight_decay_spares_norm_weights_and_biases(tiny_dirs, tmp_path, monkey
     assert "transformer.encoder.layers.0.self_attention.query_key_value.bias" in decay[0.0]
 
 
-def test_zero_buckets_are_sized_to_the_trainable_parameters(tiny_dirs, tmp_path, monkeypatch, train_in_process):
+def test_zero_buckets_are_sized_to_the_trainable_parameters(tiny_dirs, tmp_path, train_in_process,
+                                                           deepspeed_engines):
     """ds_zero2_no_offload.json's "auto" buckets: a LoRA run's are as large as its trainable parameters (DeepSpeed
     allocates them in full on every backward; its default is 5e8 elements, 1.9 GiB in bf16); a number is kept."""
-    import deepspeed
     import train
-    engines = []
-    real_initialize = deepspeed.initialize
-
-    def initialize(*args, **kwargs):
-        result = real_initialize(*args, **kwargs)
-        engines.append(result[0])
-        return result
-
-    monkeypatch.setattr(deepspeed, "initialize", initialize)
     train_in_process(*tiny_run_args("glm2", "lora", tiny_dirs["glm2"], tmp_path / "out"), "--max_steps", 1,
                      "--ds_file", ROOT / "ds_zero2_no_offload.json")
-    engine = engines[0]
+    engine = deepspeed_engines[0]
     trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     assert 0 < trainable < 10 ** 6
     assert engine.optimizer.reduce_bucket_size == trainable
