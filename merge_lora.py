@@ -141,7 +141,7 @@ def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def merge(args):
-    """(merged model, tokenizer, report dict); raises CheckpointError or, when the check fails, MergeCheckError."""
+    """(merged model, report dict); raises CheckpointError or, when the check fails, MergeCheckError."""
     spec = MODE[args.mode]
     device = inference_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else base_dtype(args.ori_model_dir)
@@ -172,7 +172,7 @@ def merge(args):
     if not difference <= tolerance:  # also catches NaN
         raise MergeCheckError(f"MERGE CHECK FAILED: the merged model's logits differ from base+adapter by "
                               f"{difference:.3e} (tolerance {tolerance:.1e}); nothing was written")
-    return merged, tokenizer, report
+    return merged, report
 
 
 class MergeCheckError(RuntimeError):
@@ -183,10 +183,9 @@ def save(merged, report, args) -> None:
     """Write the base directory with the merged weights into a temporary directory beside --output_dir, then rename
     it into place."""
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else None  # auto: each tensor as the base stores it
-    state = {name: tensor for name, tensor in merged.state_dict().items()}
     try:
         with atomic_directory(os.path.abspath(args.output_dir)) as staging:
-            changed = write_full_checkpoint(state, args.ori_model_dir, staging, dtype=dtype)
+            changed = write_full_checkpoint(merged.state_dict(), args.ori_model_dir, staging, dtype=dtype)
             with open(os.path.join(staging, "merge_lora.json"), "w", encoding="utf-8") as f:
                 json.dump({**report, "config_fields_changed": changed}, f, indent=2)
     except (ExportError, FileExistsError) as e:
@@ -202,7 +201,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     try:
         check_dirs(args)
-        merged, _, report = merge(args)
+        merged, report = merge(args)
         save(merged, report, args)
     except (CheckpointError, OSError) as e:
         print(f"merge_lora.py: error: {e}", file=sys.stderr)
