@@ -201,7 +201,8 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
     The base is `base_model_path`, else the training_args.json's model_name_or_path, else (LoRA) the
     adapter_config.json's base_model_name_or_path. dtype None: fp32 on the CPU, bf16 on a GPU that has it, else fp16.
     quantization_bit 4 or 8 loads the (base) model quantized through bitsandbytes (quantization.py), computing in
-    dtype; an adapter or prefix on top stays in full precision. The model comes back in eval mode on `device`. Problems raise CheckpointError with one line.
+    dtype; an adapter or prefix on top stays in full precision. The model comes back in eval mode on `device`.
+    Problems raise CheckpointError with one line.
     """
     from model import MODE, check_checkpoint_dir
 

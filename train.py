@@ -448,7 +448,8 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
             tokenizer.save_pretrained(staging)
         elif args.train_type == "ptuning":
             model.config.save_pretrained(staging)
-            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(staging, "prefix_encoder.safetensors"))
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      os.path.join(staging, "prefix_encoder.safetensors"))
             tokenizer.save_pretrained(staging)
         else:  # the base's files (tokenizer included) with the new weights in the base's dtype
             write_full_checkpoint(state, args.model_name_or_path, staging)

@@ -12,8 +12,9 @@ Each case runs train.py's parse_args -> fill_ds_config -> apply_train_type -> bu
 training mode) -> train_step, so what is measured is the training loop itself. QLoRA cases (qlora4, qlora8: LoRA
 with --quantization_bit 4 / 8) and ZeRO-3 cases (all, with ds_zero3_offload.json) write the random weights as a
 checkpoint first and load it through train.build_model, so the base is quantized, or partitioned, exactly as
-train.py does it. The peer runs under the same DeepSpeed config; only the model differs. MFU counts model FLOPs only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight
-gradients for the frozen base), plus attention, recomputation not counted.
+train.py does it. The peer runs under the same DeepSpeed config; only the model differs. MFU counts model FLOPs
+only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight gradients for the frozen base), plus
+attention, recomputation not counted.
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def train_args(train_type, batch, ckpt, shape, layers, mode="glm3", compile_bloc
 
 def flops_per_token(config, seq, train_type, peer=False):
     """Model FLOPs per trained token (forward x3 for full training, x2 when only adapters/prefix/some layers train)."""
-    hidden, layers, heads, head_dim = config.hidden_size, config.num_layers, config.num_attention_heads, config.kv_channels
+    hidden, layers, heads = config.hidden_size, config.num_layers, config.num_attention_heads
+    head_dim = config.kv_channels
     groups = config.multi_query_group_num
     matmul_params = layers * (hidden * (heads + 2 * groups) * head_dim + heads * head_dim * hidden
                               + 3 * hidden * config.ffn_hidden_size) + hidden * config.padded_vocab_size
@@ -161,7 +163,8 @@ def memory_trace(engine, step_fn, window) -> str:
 
     def mark(name):
         torch.cuda.synchronize()
-        marks.append(f"{name} {torch.cuda.memory_allocated() / 2 ** 30:.1f}/{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}")
+        now, peak = torch.cuda.memory_allocated() / 2 ** 30, torch.cuda.max_memory_allocated() / 2 ** 30
+        marks.append(f"{name} {now:.1f}/{peak:.1f}")
 
     forward, backward, step = engine.forward, engine.backward, engine.step
 

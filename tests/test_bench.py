@@ -1,6 +1,7 @@
 """bench/bench.py on the tiny shape (CPU): its cases go through train.py's own set-up, so what it measures is the
 model as train.py trains it (training mode, checkpointing on, the base quantized or partitioned as train.py loads
 it)."""
+import importlib.util
 import sys
 
 import pytest
@@ -10,8 +11,12 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-@pytest.mark.parametrize("case", ["lora:64x2:ckpt", "all:64x2:ckpt", pytest.param("qlora4:64x2:ckpt", marks=pytest.mark.skipif(
-    not __import__("importlib").util.find_spec("bitsandbytes"), reason="bitsandbytes missing"))])
+NEEDS_BITSANDBYTES = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                        reason="bitsandbytes missing")
+
+
+@pytest.mark.parametrize("case", ["lora:64x2:ckpt", "all:64x2:ckpt",
+                                  pytest.param("qlora4:64x2:ckpt", marks=NEEDS_BITSANDBYTES)])
 def test_bench_measures_the_model_train_py_trains(case, monkeypatch, one_thread):
     import bench
     import train
