@@ -276,23 +276,15 @@ DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket, 
 
 
 def size_buckets(ds_config: dict, model) -> None:
-    """Fill ZeRO's "auto" sizes (absent keys count as "auto" for the two bucket sizes).
-
-    Bucket sizes: no larger than the trainable parameters, at most DeepSpeed's default. ZeRO-2 allocates its gradient
-    reduce buckets at full size on every backward (two with overlap_comm): the default 5e8 elements are 1.9 GiB in
-    bf16, against the ~15M gradients of a LoRA run. A bucket still holds the largest gradient, as DeepSpeed needs.
-    ZeRO-3's prefetch bucket and persistence threshold take transformers' "auto" values (0.9 and 10 times the hidden
-    size squared / the hidden size), so DeepSpeed JSONs written for the HF Trainer run here unchanged."""
+    """Fill ZeRO's "auto" (or absent) bucket sizes: no larger than the trainable parameters, at most DeepSpeed's
+    default. ZeRO-2 allocates its gradient reduce buckets at full size on every backward (two with overlap_comm): the
+    default 5e8 elements are 1.9 GiB in bf16, against the ~15M gradients of a LoRA run. A bucket still holds the
+    largest gradient, as DeepSpeed needs. (DeepSpeed itself reads any other "auto" as its default.)"""
     zero = ds_config.get("zero_optimization", {})
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         if zero.get(key, "auto") == "auto":
             zero[key] = max(1, min(DEEPSPEED_BUCKET, trainable))
-    hidden = model.config.hidden_size
-    for key, value in (("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
-                       ("stage3_param_persistence_threshold", 10 * hidden)):
-        if zero.get(key) == "auto":
-            zero[key] = value
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
