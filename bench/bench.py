@@ -23,6 +23,7 @@ import copy
 import datetime
 import gc
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -59,8 +60,9 @@ def parse_case(case: str):
     return train_type, seq, batch, ckpt == "ckpt", compile_ == ["compile"]
 
 
-def train_args(train_type, batch, ckpt, shape, layers, mode="glm3", compile_blocks=False):
+def train_args(train_type, batch, ckpt, shape, layers, mode="glm3", compile_blocks=False, ds_file=None):
     """The flags a user would pass to train.py for this case."""
+    ds_file = ds_file or ("ds_zero3_offload.json" if train_type == "all" else "ds_zero2_no_offload.json")
     bits = QLORA.get(train_type)
     argv = ["--quantization_bit", str(bits)] if bits else []
     argv += ["--model_name_or_path", "-", "--mode", mode, "--train_type", "lora" if bits else train_type,
@@ -68,8 +70,7 @@ def train_args(train_type, batch, ckpt, shape, layers, mode="glm3", compile_bloc
             "--output_dir", "-", "--per_device_train_batch_size", str(batch), "--learning_rate", "1e-5",
             "--lora_dim", "16", "--lora_alpha", "32", "--lora_dropout", "0.0", "--lora_module_name", LORA_TARGETS,
             "--pre_seq_len", "128", "--freeze_module_name", ",".join(f"layers.{layers - i}." for i in range(1, 5)),
-            "--ds_file", os.path.join(ROOT, "ds_zero3_offload.json" if train_type == "all" else
-                                      "ds_zero2_no_offload.json")]
+            "--ds_file", os.path.join(ROOT, ds_file)]
     if ckpt:
         argv.append("--gradient_checkpointing")
     if compile_blocks:
@@ -156,6 +157,11 @@ def measure(engine, step_fn, window, steps, warmup, device):
     return tokens / elapsed, peak, float(loss)
 
 
+def host_peak_gib() -> float:
+    """The process's peak resident host memory: what the offloaded optimizer state and pinned buffers cost the host."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
 def memory_trace(engine, step_fn, window) -> str:
     """One more step with the allocator's figures around its phases (GiB now / peak since the step began), to see
     whether the peak comes from the forward, the backward or the optimizer step."""
@@ -202,14 +208,15 @@ def peer_step(engine, window):
     return loss.detach()
 
 
-def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mode="glm3", trace=False):
+def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mode="glm3", trace=False,
+             ds_file=None):
     import deepspeed
 
     train_type, seq, batch, ckpt, compile_blocks = parse_case(case)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = MODE[mode].config(**SHAPES[shape], pre_seq_len=128 if train_type == "ptuning" else None,
                                prefix_projection=False)
-    args = train_args(train_type, batch, ckpt, shape, config.num_layers, mode, compile_blocks)
+    args = train_args(train_type, batch, ckpt, shape, config.num_layers, mode, compile_blocks, ds_file)
     args.precision = dtype_name
     dtype = DTYPES[train.pick_precision(dtype_name)]
     ds_config = train.fill_ds_config(args, 1)
@@ -245,6 +252,7 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
                   f"{torch.cuda.memory_allocated() / 2 ** 30:.1f} GiB held before the first step", flush=True)
         try:
             speed, peak, loss = measure(engine, step_fn, window, steps, warmup, device)
+            print(f"{case} {who}: host peak RSS {host_peak_gib():.1f} GiB (the process so far)", flush=True)
             if trace and device == "cuda":
                 print(f"{case} {who}: {memory_trace(engine, step_fn, window)}", flush=True)
             mfu = speed * flops_per_token(config, seq, train_type) / (peak_tflops * 1e12) if device == "cuda" else None
@@ -293,6 +301,9 @@ def main():
     parser.add_argument("--cases", nargs="+", default=None,
                         help="train_type:SEQxBATCH:ckpt|nockpt[:compile] (default: the issue's table; :compile "
                              "passes train.py's --compile)")
+    parser.add_argument("--ds_file", default=None,
+                        help="DeepSpeed JSON for every case, relative to the repository (default: "
+                             "ds_zero3_offload.json for all, ds_zero2_no_offload.json otherwise)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -325,7 +336,8 @@ def main():
     for case in cases:
         rows = {who: row for who, *row in
                 [(r[0], *r[1:]) for r in run_case(case, shape, args.precision, args.steps, args.warmup,
-                                                  not args.no_peer, args.peak_tflops, mode, args.memory_trace)]}
+                                                  not args.no_peer, args.peak_tflops, mode, args.memory_trace,
+                                                  args.ds_file)]}
         ours, peer = rows["ours"], rows.get("peer")
         ratio = ours[0] / peer[0] if peer and peer[0] and ours[0] else None
         lines.append(f"| {case} | {fmt(ours[0], '.0f')} | {fmt(ours[1], '.1%')} | {fmt(ours[2], '.1f')} | "

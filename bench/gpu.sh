@@ -18,5 +18,5 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//9.0a/9.0}"
 for case in "$@"; do
   python3 bench/bench.py --output "$OUT/RESULTS.md" ${BENCH_ARGS:-} --cases "$case" 2>&1 | tee -a "$OUT/bench.log" \
-    | grep "^| \|^SDPA\|Error\|memory GiB\|set-up peak"
+    | grep "^| \|^SDPA\|Error\|memory GiB\|set-up peak\|host peak"
 done

@@ -239,7 +239,8 @@ def test_glm4_tool_calls_overfit_then_chat_calls_the_tool_and_answers(tiny_dirs,
         assert response == answer["content"]
 
 
-@pytest.mark.parametrize("ds_file", ["ds_zero2_no_offload.json", "ds_zero3_offload.json"])
+@pytest.mark.parametrize("ds_file", ["ds_zero2_no_offload.json", "ds_zero3_offload.json",
+                                     "ds_zero3_offload_optimizer.json"])
 def test_two_ranks(ds_file, tiny_dirs, tmp_path):
     """Training on 2 ranks; the eval loss over an odd-sized dev set (one rank gets a padding sample) equals the one
     process evaluation of the saved model: no sample counted twice."""
