@@ -6,15 +6,18 @@ otherwise pick (transformers' GlmForCausalLM, the same network, with PEFT LoRA, 
     python bench/bench.py --shape tiny --steps 3   # any machine: tiny shape (CPU: fp32, no memory column)
     python bench/bench.py --cases lora:2048x4:ckpt lora:1560x1:ckpt --output bench/RESULTS.md
     python bench/bench.py --cases qlora4:1560x1:ckpt qlora8:1560x1:ckpt   # QLoRA: --quantization_bit 4 / 8
+    python bench/bench.py --cases all:2048x2:ckpt --ds_file ds_zero3_offload_optimizer.json   # full, ZeRO-3
 
 Random weights are built directly on the device; batches are random token ids with every position labelled.
 Each case runs train.py's parse_args -> fill_ds_config -> apply_train_type -> build_engine (deepspeed.initialize,
 training mode) -> train_step, so what is measured is the training loop itself. QLoRA cases (qlora4, qlora8: LoRA
 with --quantization_bit 4 / 8) and ZeRO-3 cases (all, with ds_zero3_offload.json) write the random weights as a
 checkpoint first and load it through train.build_model, so the base is quantized, or partitioned, exactly as
-train.py does it. The peer runs under the same DeepSpeed config; only the model differs. MFU counts model FLOPs
-only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight gradients for the frozen base), plus
-attention, recomputation not counted.
+train.py does it. The peer runs for the lora and all cases, under the same DeepSpeed config and in the same
+process; only the model differs (for all: GlmForCausalLM built on the device, partitioned by deepspeed.initialize).
+`--ds_file` gives every case another DeepSpeed JSON (e.g. ds_zero3_offload_optimizer.json for all). MFU counts
+model FLOPs only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight gradients for the frozen
+base), plus attention, recomputation not counted.
 """
 from __future__ import annotations
 
@@ -222,7 +225,7 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
     ds_config = train.fill_ds_config(args, 1)
     window = random_window(config.padded_vocab_size, seq, batch, args.gradient_accumulation_steps)
     rows = []
-    for who in (["ours", "peer"] if with_peer and train_type == "lora" else ["ours"]):
+    for who in (["ours", "peer"] if with_peer and train_type in ("lora", "all") else ["ours"]):
         torch.manual_seed(0)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -232,6 +235,11 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
         elif who == "ours":
             model = train.apply_train_type(build_ours(config, dtype, device, mode), args)
             step_fn = our_step(1)
+        elif train_type == "all":  # every weight trains; ZeRO-3 partitions the built model in deepspeed.initialize
+            model = build_peer(config, dtype, device)
+            step_fn = peer_step
+            if ckpt:
+                enable_activation_checkpointing(model)
         else:
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(build_peer(config, dtype, device),
