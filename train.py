@@ -335,9 +335,11 @@ def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
     from torch.utils.data import DataLoader, DistributedSampler
 
     collate = DataCollator(pad_token_id)
+    # Pinned batches reach the GPU without a stream sync (a copy from pageable memory waits for the device's queue).
+    pin_memory = torch.cuda.is_available()
     if not shuffle:
         return DataLoader(EvalShard(dataset, rank, world_size), batch_size=args.per_device_train_batch_size,
-                          shuffle=False, collate_fn=collate)
+                          shuffle=False, collate_fn=collate, pin_memory=pin_memory)
     if args.group_by_length:
         sampler = LengthGroupedSampler([len(e["input_ids"]) for e in dataset.examples],
                                        args.per_device_train_batch_size, world_size, rank, seed=args.seed)
@@ -347,7 +349,7 @@ def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
     # Its own generator: iter() draws a base seed from it, not from the global one, whose state a checkpoint
     # restores (dropout draws from that), so resuming at any point replays the same random numbers.
     return DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate,
-                      drop_last=True, generator=torch.Generator().manual_seed(args.seed))
+                      drop_last=True, generator=torch.Generator().manual_seed(args.seed), pin_memory=pin_memory)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -136,11 +136,13 @@ def build_through_checkpoint(config, args, ds_config, dtype, device):
 
 
 def random_window(vocab, seq, batch, accumulation, seed=0):
+    """Host batches as train.py's DataLoader yields them: pinned where there is a GPU."""
     generator = torch.Generator().manual_seed(seed)
     window = []
     for _ in range(accumulation):
         ids = torch.randint(3, vocab, (batch, seq), generator=generator)
-        window.append({"input_ids": ids, "labels": ids.clone()})
+        batch_ = {"input_ids": ids, "labels": ids.clone()}
+        window.append({k: v.pin_memory() for k, v in batch_.items()} if torch.cuda.is_available() else batch_)
     return window
 
 

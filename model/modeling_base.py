@@ -80,15 +80,22 @@ def labelled_loss(head: LMHead, hidden_states, labels, reduction: str = "mean"):
 
     The labelled positions are found where the labels live: train.py leaves them on the host, so finding them costs
     the accelerator no sync, and only those rows of the hidden states reach the LM head (prompt tokens cost no
-    logits). reduction "mean" (over the labelled tokens) or "sum" (train.py divides by the token count of the
-    whole accumulation window, so every labelled token weighs the same)."""
+    logits). The two index tensors go to a CUDA device from pinned memory: CUDA performs a stream sync before any
+    copy from pageable host memory, which here would make the host wait for the whole forward before it could queue
+    the loss and the backward.
+
+    reduction "mean" (over the labelled tokens) or "sum" (train.py divides by the token count of the whole
+    accumulation window, so every labelled token weighs the same)."""
     batch, seq = labels.shape
     targets = labels[:, 1:].reshape(-1)
     positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # flat index over [batch, seq - 1]
     rows = positions // (seq - 1) * seq + positions % (seq - 1)  # the same positions in [batch, seq]
+    targets = targets[positions]
     device = hidden_states.device
+    if device.type == "cuda" and labels.device.type == "cpu":
+        rows, targets = rows.pin_memory(), targets.pin_memory()
     hidden = hidden_states.reshape(batch * seq, -1).index_select(0, rows.to(device, non_blocking=True))
-    loss = head(hidden, targets=targets[positions].to(device, non_blocking=True))
+    loss = head(hidden, targets=targets.to(device, non_blocking=True))
     if reduction == "sum":
         return loss
     return loss / max(positions.numel(), 1)
