@@ -13,8 +13,9 @@ Each case runs train.py's parse_args -> fill_ds_config -> apply_train_type -> bu
 training mode) -> train_step, so what is measured is the training loop itself. QLoRA cases (qlora4, qlora8: LoRA
 with --quantization_bit 4 / 8) and ZeRO-3 cases (all, with ds_zero3_offload.json) write the random weights as a
 checkpoint first and load it through train.build_model, so the base is quantized, or partitioned, exactly as
-train.py does it. The peer runs for the lora and all cases, under the same DeepSpeed config and in the same
-process; only the model differs (for all: GlmForCausalLM built on the device, partitioned by deepspeed.initialize).
+train.py does it. The peer runs for the lora and all cases, under the same DeepSpeed config; only the model
+differs (for all: GlmForCausalLM built on the device, partitioned by deepspeed.initialize). Each model of a case is
+measured in a fresh process, one after the other (run_in_child says why).
 `--ds_file` gives every case another DeepSpeed JSON (e.g. ds_zero3_offload_optimizer.json for all). MFU counts
 model FLOPs only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight gradients for the frozen
 base), plus attention, recomputation not counted.
@@ -25,6 +26,7 @@ import argparse
 import copy
 import datetime
 import gc
+import multiprocessing
 import os
 import resource
 import sys
@@ -213,8 +215,13 @@ def peer_step(engine, window):
     return loss.detach()
 
 
+def models_to_run(case: str, with_peer: bool) -> list[str]:
+    """Ours always; the peer for the train types it has (LoRA through PEFT, and full training)."""
+    return ["ours", "peer"] if with_peer and parse_case(case)[0] in ("lora", "all") else ["ours"]
+
+
 def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mode="glm3", trace=False,
-             ds_file=None):
+             ds_file=None, models=None):
     import deepspeed
 
     train_type, seq, batch, ckpt, compile_blocks = parse_case(case)
@@ -227,7 +234,7 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
     ds_config = train.fill_ds_config(args, 1)
     window = random_window(config.padded_vocab_size, seq, batch, args.gradient_accumulation_steps)
     rows = []
-    for who in (["ours", "peer"] if with_peer and train_type in ("lora", "all") else ["ours"]):
+    for who in models or models_to_run(case, with_peer):
         torch.manual_seed(0)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -262,7 +269,7 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
                   f"{torch.cuda.memory_allocated() / 2 ** 30:.1f} GiB held before the first step", flush=True)
         try:
             speed, peak, loss = measure(engine, step_fn, window, steps, warmup, device)
-            print(f"{case} {who}: host peak RSS {host_peak_gib():.1f} GiB (the process so far)", flush=True)
+            print(f"{case} {who}: host peak RSS {host_peak_gib():.1f} GiB", flush=True)
             if trace and device == "cuda":
                 print(f"{case} {who}: {memory_trace(engine, step_fn, window)}", flush=True)
             mfu = speed * flops_per_token(config, seq, train_type) / (peak_tflops * 1e12) if device == "cuda" else None
@@ -274,6 +281,29 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _run_one(case, who, options):
+    train.init_distributed()
+    return run_case(case, models=[who], **options)[0]
+
+
+def run_in_child(case, who, options):
+    """Measure one model of a case in a fresh process and return its row ((who, None, ...) if the process died,
+    e.g. killed for host memory). A DeepSpeed engine is not freed when the last Python name for it goes: no Python
+    referrer path reaches it after gc.collect(), so something outside Python's view keeps it and its model alive
+    (likely the hooks it registers on autograd's C++ nodes). Measured in one process, the second model
+    of a case carried the first one's weights (the peer's 23.9 GiB "before its first step" on the GPU was ours 11.8
+    plus its own 12.1)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_run_one, case, who, options).result()
+    except BrokenProcessPool:
+        print(f"{case} {who}: the measuring process died", flush=True)
+        return (who, None, None, None, None)
 
 
 def sdpa_backends(dtype, device) -> str:
@@ -331,7 +361,6 @@ def main():
     cases = args.cases or (DEFAULT_CASES if shape != "tiny" else
                            ["lora:256x2:ckpt", "lora:256x2:nockpt", "freeze:256x2:ckpt", "ptuning:256x2:ckpt",
                             "all:256x2:nockpt", "qlora4:256x2:ckpt", "qlora8:256x2:ckpt"])
-    train.init_distributed()
     device_name = torch.cuda.get_device_name() if gpu else "CPU"
     if gpu:
         print(sdpa_backends(DTYPES[train.pick_precision(args.precision)], "cuda"), flush=True)
@@ -343,11 +372,12 @@ def main():
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
 
+    options = dict(shape=shape, dtype_name=args.precision, steps=args.steps, warmup=args.warmup, with_peer=False,
+                   peak_tflops=args.peak_tflops, mode=mode, trace=args.memory_trace, ds_file=args.ds_file)
     for case in cases:
-        rows = {who: row for who, *row in
-                [(r[0], *r[1:]) for r in run_case(case, shape, args.precision, args.steps, args.warmup,
-                                                  not args.no_peer, args.peak_tflops, mode, args.memory_trace,
-                                                  args.ds_file)]}
+        rows = {}
+        for who in models_to_run(case, not args.no_peer):  # each in its own process: see run_in_child
+            _, *rows[who] = run_in_child(case, who, options)
         ours, peer = rows["ours"], rows.get("peer")
         ratio = ours[0] / peer[0] if peer and peer[0] and ours[0] else None
         lines.append(f"| {case} | {fmt(ours[0], '.0f')} | {fmt(ours[1], '.1%')} | {fmt(ours[2], '.1f')} | "
