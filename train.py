@@ -378,7 +378,8 @@ def train_step(engine, window, world_size: int):
     The gradient is the mean over every labelled token of the window on all ranks, so long and short answers
     weigh per token. Returns (summed loss of this rank, labelled tokens of all ranks), both on the device: nothing
     is read back to the host here."""
-    tokens = torch.tensor(float(sum(labelled_tokens(b) for b in window)), device=engine.device)
+    # torch.full writes the count with a kernel; torch.tensor would copy it from pageable memory (a stream sync).
+    tokens = torch.full((), float(sum(labelled_tokens(b) for b in window)), device=engine.device)
     torch.distributed.all_reduce(tokens)
     loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for batch in window:
