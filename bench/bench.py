@@ -284,17 +284,19 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
 
 
 def _run_one(case, who, options):
+    """A child's whole work: a world of one, then one model of one case."""
     train.init_distributed()
     return run_case(case, models=[who], **options)[0]
 
 
 def run_in_child(case, who, options):
     """Measure one model of a case in a fresh process and return its row ((who, None, ...) if the process died,
-    e.g. killed for host memory). A DeepSpeed engine is not freed when the last Python name for it goes: no Python
-    referrer path reaches it after gc.collect(), so something outside Python's view keeps it and its model alive
-    (likely the hooks it registers on autograd's C++ nodes). Measured in one process, the second model
-    of a case carried the first one's weights (the peer's 23.9 GiB "before its first step" on the GPU was ours 11.8
-    plus its own 12.1)."""
+    e.g. killed for host memory).
+
+    A DeepSpeed engine is not freed when the last Python name for it goes: no Python referrer path reaches it after
+    gc.collect(), so something outside Python's view keeps it and its model alive (likely the hooks it registers on
+    autograd's C++ nodes). Measured in one process, the second model of a case carried the first one's weights (the
+    peer's 23.9 GiB "before its first step" on the GPU was ours, 11.8, plus its own, about 12.1)."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
