@@ -221,17 +221,21 @@ def models_to_run(case: str, with_peer: bool) -> list[str]:
 
 
 def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mode="glm3", trace=False,
-             ds_file=None, models=None):
+             ds_file=None, models=None, peer_ds_file=None):
     import deepspeed
 
     train_type, seq, batch, ckpt, compile_blocks = parse_case(case)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = MODE[mode].config(**SHAPES[shape], pre_seq_len=128 if train_type == "ptuning" else None,
                                prefix_projection=False)
-    args = train_args(train_type, batch, ckpt, shape, config.num_layers, mode, compile_blocks, ds_file)
-    args.precision = dtype_name
+
+    def flags_and_ds_config(json_file):
+        flags = train_args(train_type, batch, ckpt, shape, config.num_layers, mode, compile_blocks, json_file)
+        flags.precision = dtype_name
+        return flags, train.fill_ds_config(flags, 1)
+
+    args, ds_config = flags_and_ds_config(ds_file)
     dtype = DTYPES[train.pick_precision(dtype_name)]
-    ds_config = train.fill_ds_config(args, 1)
     window = random_window(config.padded_vocab_size, seq, batch, args.gradient_accumulation_steps)
     rows = []
     for who in models or models_to_run(case, with_peer):
@@ -259,7 +263,7 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
         if who == "ours":  # train.py's own engine set-up (bucket sizes, training mode, the storage check)
             engine = train.build_engine(model, copy.deepcopy(ds_config), args, total_steps=steps + warmup + 1)
         else:
-            peer_config = copy.deepcopy(ds_config)
+            peer_config = flags_and_ds_config(peer_ds_file)[1] if peer_ds_file else copy.deepcopy(ds_config)
             train.size_buckets(peer_config, model)  # the same bucket sizes as ours
             engine, *_ = deepspeed.initialize(model=model, config=peer_config,
                                               model_parameters=[p for p in model.parameters() if p.requires_grad])
@@ -346,6 +350,9 @@ def main():
     parser.add_argument("--ds_file", default=None,
                         help="DeepSpeed JSON for every case, relative to the repository (default: "
                              "ds_zero3_offload.json for all, ds_zero2_no_offload.json otherwise)")
+    parser.add_argument("--peer_ds_file", default=None,
+                        help="DeepSpeed JSON for the peer (default: the same as ours), e.g. to measure ours with "
+                             "partial optimizer offload beside the peer with plain optimizer offload")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -375,7 +382,8 @@ def main():
         return "n/a" if value is None else format(value, spec)
 
     options = dict(shape=shape, dtype_name=args.precision, steps=args.steps, warmup=args.warmup, with_peer=False,
-                   peak_tflops=args.peak_tflops, mode=mode, trace=args.memory_trace, ds_file=args.ds_file)
+                   peak_tflops=args.peak_tflops, mode=mode, trace=args.memory_trace, ds_file=args.ds_file,
+                   peer_ds_file=args.peer_ds_file)
     for case in cases:
         rows = {}
         for who in models_to_run(case, not args.no_peer):  # each in its own process: see run_in_child

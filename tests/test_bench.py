@@ -64,3 +64,33 @@ def test_each_model_is_measured_in_a_fresh_process(monkeypatch):
     options = dict(shape="tiny", dtype_name="fp32", steps=1, warmup=0, with_peer=False, peak_tflops=1.0)
     who, speed, *_ = bench.run_in_child("lora:64x2:ckpt", "peer", options)
     assert who == "peer" and speed > 0
+
+
+def test_the_peer_can_run_under_its_own_deepspeed_json(monkeypatch, tmp_path, one_thread):
+    """--peer_ds_file: ours under one JSON, the peer under another (e.g. ours with partial optimizer offload, the
+    peer with the plain offload it was measured with)."""
+    import json
+
+    import bench
+    import deepspeed
+    import train
+
+    peer_json = tmp_path / "peer.json"
+    peer_json.write_text(json.dumps({**json.loads((ROOT / "ds_zero2_no_offload.json").read_text()),
+                                     "gradient_clipping": 0.5}))
+    seen = []
+    real_initialize = deepspeed.initialize
+
+    def initialize(*args, config, **kwargs):
+        seen.append(config["gradient_clipping"])
+        return real_initialize(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29691", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    train.init_distributed()
+    rows = bench.run_case("lora:64x2:ckpt", "tiny", "fp32", steps=1, warmup=0, with_peer=True, peak_tflops=1.0,
+                          peer_ds_file=str(peer_json))
+    assert [row[0] for row in rows] == ["ours", "peer"]
+    assert seen == [1.0, 0.5]  # ours: ds_zero2_no_offload.json's clipping; the peer: its own JSON's
