@@ -260,6 +260,7 @@ def build_engine(model, ds_config, args, total_steps: int):
     import deepspeed
 
     size_buckets(ds_config, model)
+    check_host_memory(ds_config, model, args.ds_file)
     factor = lr_factor(total_steps, warmup_steps(args, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model, config=ds_config, model_parameters=parameter_groups(model, args.weight_decay),
@@ -270,6 +271,49 @@ def build_engine(model, ds_config, args, total_steps: int):
     if args.quantization_bit:  # still quantized after DeepSpeed's casts and moves
         logger.info(quantization.describe(quantization.check_storage(engine.module, args.quantization_bit)))
     return engine
+
+
+def offloaded_host_bytes(ds_config: dict, model) -> int:
+    """The least host memory this node's ranks pin for what the DeepSpeed JSON offloads to the CPU: per trainable
+    parameter its fp32 master copy, two Adam moments and fp32 gradient (16 bytes, of the offloaded "ratio" of them:
+    ZeRO-3's partial offload); per parameter its 16-bit copy with offload_param. ZeRO spreads both over all ranks.
+    Measured on an H100 machine (ChatGLM3-6B, bench/RESULTS.md), the process's peak RSS was this plus about 24 GiB."""
+    zero = ds_config.get("zero_optimization", {})
+    offload_optimizer = (zero.get("offload_optimizer") or {}).get("device") == "cpu"
+    offload_param = (zero.get("offload_param") or {}).get("device") == "cpu"
+    if not (offload_optimizer or offload_param):
+        return 0
+
+    def numel(p):  # ZeRO-3 params are already partitioned: ds_numel is the full size
+        return getattr(p, "ds_numel", p.numel())
+
+    total = 0
+    if offload_optimizer:
+        ratio = float(zero["offload_optimizer"].get("ratio", 1.0))
+        total += 16 * ratio * sum(numel(p) for p in model.parameters() if p.requires_grad)
+    if offload_param:
+        total += 2 * sum(numel(p) for p in model.parameters())
+    local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return int(total * local_ranks / torch.distributed.get_world_size())
+
+
+def check_host_memory(ds_config: dict, model, ds_file: str) -> None:
+    """Refuse to start, in one line, when this node cannot hold even the state the JSON offloads: the kernel would
+    otherwise kill the run minutes later, after loading, with no message."""
+    import psutil  # a dependency of DeepSpeed
+
+    need = offloaded_host_bytes(ds_config, model)
+    if not need:
+        return
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise SystemExit(f"--ds_file {ds_file}: what it offloads to the CPU needs at least {need / 2 ** 30:.1f} GiB of "
+                         f"this node's memory and {available / 2 ** 30:.1f} GiB is available: keep part of the "
+                         f'optimizer state on the GPU (ZeRO-3: "ratio" below 1 in offload_optimizer), offload less, '
+                         f"or use more nodes")
+    if torch.distributed.get_rank() == 0:
+        logger.info("offloaded to the CPU: at least %.1f GiB of this node's memory (%.1f GiB available)",
+                    need / 2 ** 30, available / 2 ** 30)
 
 
 DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket, in elements

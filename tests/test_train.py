@@ -470,6 +470,40 @@ def tiny_run_args(mode, train_type, base, out, epochs=1):
     return [*common_args(mode, train_type, epochs), "--model_name_or_path", base, "--output_dir", out]
 
 
+def test_offload_that_cannot_fit_the_host_stops_in_one_line_before_deepspeed_allocates(
+        tiny_dirs, tmp_path, monkeypatch, train_in_process, deepspeed_engines):
+    """Full training under ds_zero3_offload_optimizer.json pins 16 bytes of optimizer state per trainable parameter
+    in host memory. Where the node has less available, train.py names the JSON and both sizes and stops before
+    deepspeed.initialize, instead of being killed minutes later with no message; where it fits, it logs them."""
+    import types
+
+    import psutil
+
+    import train
+
+    # ZeRO-3's zero.Init swaps in DeepSpeed's F.linear for the rest of the process: the later in-process tests get
+    # the real one back (as in test_bench).
+    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
+    out = tmp_path / "out"
+    args = [*tiny_run_args("glm3", "all", tiny_dirs["glm3"], out), "--ds_file", ROOT / "ds_zero3_offload_optimizer.json",
+            "--max_steps", 1]
+    seen = []
+    real_need = train.offloaded_host_bytes
+    monkeypatch.setattr(train, "offloaded_host_bytes", lambda *a: seen.append(real_need(*a)) or seen[-1])
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=1 << 20))
+    with pytest.raises(SystemExit) as stop:
+        train_in_process(*args)
+    message = str(stop.value)
+    assert "--ds_file" in message and "ds_zero3_offload_optimizer.json" in message and "GiB" in message
+    assert "\n" not in message and deepspeed_engines == [] and not list(out.iterdir())
+    parameters = sum(p.numel() for p in load_for_inference("glm3", tiny_dirs["glm3"])[0].parameters())
+    assert seen == [16 * parameters]  # every parameter trains; the whole optimizer is offloaded, on one rank
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=1 << 40))
+    train_in_process(*args, "--output_dir", tmp_path / "fits")  # the same run where the host holds it
+    assert len(deepspeed_engines) == 1
+
+
 def test_training_runs_in_train_mode_with_checkpointing_and_dropout(tiny_dirs, tmp_path, monkeypatch,
                                                                     train_in_process):
     """--gradient_checkpointing: in the first step every block is called in training mode, the inside of each block
