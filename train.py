@@ -277,7 +277,7 @@ def offloaded_host_bytes(ds_config: dict, model) -> int:
     """The least host memory this node's ranks pin for what the DeepSpeed JSON offloads to the CPU: per trainable
     parameter its fp32 master copy, two Adam moments and fp32 gradient (16 bytes, of the offloaded "ratio" of them:
     ZeRO-3's partial offload); per parameter its 16-bit copy with offload_param. ZeRO spreads both over all ranks.
-    Measured on an H100 machine (ChatGLM3-6B, bench/RESULTS.md), the process's peak RSS was this plus about 24 GiB."""
+    Measured on an H100 machine (ChatGLM3-6B, bench/RESULTS.md), the peak RSS was this plus 25 to 31 GiB."""
     zero = ds_config.get("zero_optimization", {})
     offload_optimizer = (zero.get("offload_optimizer") or {}).get("device") == "cpu"
     offload_param = (zero.get("offload_param") or {}).get("device") == "cpu"
