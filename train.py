@@ -283,16 +283,12 @@ def offloaded_host_bytes(ds_config: dict, model) -> int:
     offload_param = (zero.get("offload_param") or {}).get("device") == "cpu"
     if not (offload_optimizer or offload_param):
         return 0
-
-    def numel(p):  # ZeRO-3 params are already partitioned: ds_numel is the full size
-        return getattr(p, "ds_numel", p.numel())
-
+    trainable, parameters = count_parameters(model)
     total = 0
     if offload_optimizer:
-        ratio = float(zero["offload_optimizer"].get("ratio", 1.0))
-        total += 16 * ratio * sum(numel(p) for p in model.parameters() if p.requires_grad)
+        total += 16 * float(zero["offload_optimizer"].get("ratio", 1.0)) * trainable
     if offload_param:
-        total += 2 * sum(numel(p) for p in model.parameters())
+        total += 2 * parameters
     local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return int(total * local_ranks / torch.distributed.get_world_size())
 
@@ -325,7 +321,7 @@ def size_buckets(ds_config: dict, model) -> None:
     default 5e8 elements are 1.9 GiB in bf16, against the ~15M gradients of a LoRA run. A bucket still holds the
     largest gradient, as DeepSpeed needs. (DeepSpeed itself reads any other "auto" as its default.)"""
     zero = ds_config.get("zero_optimization", {})
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    trainable, _ = count_parameters(model)
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         if zero.get(key, "auto") == "auto":
             zero[key] = max(1, min(DEEPSPEED_BUCKET, trainable))
