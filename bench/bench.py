@@ -220,8 +220,9 @@ def models_to_run(case: str, with_peer: bool) -> list[str]:
     return ["ours", "peer"] if with_peer and parse_case(case)[0] in ("lora", "all") else ["ours"]
 
 
-def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mode="glm3", trace=False,
-             ds_file=None, models=None, peer_ds_file=None):
+def run_case(case, shape, dtype_name, steps, warmup, models, peak_tflops, mode="glm3", trace=False,
+             ds_file=None, peer_ds_file=None):
+    """Rows (who, tokens/s, MFU, peak GiB, loss) for each of `models` ("ours", "peer"), in this process."""
     import deepspeed
 
     train_type, seq, batch, ckpt, compile_blocks = parse_case(case)
@@ -238,7 +239,7 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
     dtype = DTYPES[train.pick_precision(dtype_name)]
     window = random_window(config.padded_vocab_size, seq, batch, args.gradient_accumulation_steps)
     rows = []
-    for who in models or models_to_run(case, with_peer):
+    for who in models:
         torch.manual_seed(0)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -248,15 +249,12 @@ def run_case(case, shape, dtype_name, steps, warmup, with_peer, peak_tflops, mod
         elif who == "ours":
             model = train.apply_train_type(build_ours(config, dtype, device, mode), args)
             step_fn = our_step(1)
-        elif train_type == "all":  # every weight trains; ZeRO-3 partitions the built model in deepspeed.initialize
+        else:  # for all, every weight trains: ZeRO-3 partitions the built model in deepspeed.initialize
             model = build_peer(config, dtype, device)
-            step_fn = peer_step
-            if ckpt:
-                enable_activation_checkpointing(model)
-        else:
-            from peft import LoraConfig, get_peft_model
-            model = get_peft_model(build_peer(config, dtype, device),
-                                   LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PEER_TARGETS))
+            if train_type == "lora":
+                from peft import LoraConfig, get_peft_model
+                model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                         target_modules=PEER_TARGETS))
             if ckpt:
                 enable_activation_checkpointing(model)
             step_fn = peer_step
@@ -381,7 +379,7 @@ def main():
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
 
-    options = dict(shape=shape, dtype_name=args.precision, steps=args.steps, warmup=args.warmup, with_peer=False,
+    options = dict(shape=shape, dtype_name=args.precision, steps=args.steps, warmup=args.warmup,
                    peak_tflops=args.peak_tflops, mode=mode, trace=args.memory_trace, ds_file=args.ds_file,
                    peer_ds_file=args.peer_ds_file)
     for case in cases:
