@@ -58,6 +58,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def one_rank_env(monkeypatch, port) -> None:
+    """The environment the deepspeed launcher gives a world of one process, on the CPU (gloo)."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def real_f_linear(monkeypatch):
+    """For tests that run ZeRO-3 in this process: its zero.Init swaps in DeepSpeed's own F.linear for the rest of the
+    process ("persists unless manually reset"); the real one is put back afterwards, so later in-process tests do
+    not trace DeepSpeed's."""
+    import torch
+    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
+
+
 def shared_path(*parts) -> Path:
     """A path under ../shared, or skip the test with the reason when it is absent."""
     path = SHARED.joinpath(*parts)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, one_rank_env
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -17,7 +17,7 @@ NEEDS_BITSANDBYTES = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes")
 
 @pytest.mark.parametrize("case", ["lora:64x2:ckpt", "all:64x2:ckpt",
                                   pytest.param("qlora4:64x2:ckpt", marks=NEEDS_BITSANDBYTES)])
-def test_bench_measures_the_model_train_py_trains(case, monkeypatch, one_thread):
+def test_bench_measures_the_model_train_py_trains(case, monkeypatch, one_thread, real_f_linear):
     import bench
     import train
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -35,18 +35,12 @@ def test_bench_measures_the_model_train_py_trains(case, monkeypatch, one_thread)
         return engine
 
     monkeypatch.setattr(train, "build_engine", build_engine)
-    # ZeRO-3's zero.Init swaps in DeepSpeed's own F.linear for the rest of the process ("persists unless manually
-    # reset"): put the real one back after this test, so later in-process tests do not trace DeepSpeed's
-    import torch
-    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29690", "DS_ACCELERATOR": "cpu"}.items():
-        monkeypatch.setenv(key, value)
+    one_rank_env(monkeypatch, 29690)
     train.init_distributed()
-    # The peer (GlmForCausalLM) runs for full training too, under the same ZeRO-3 config, in the same process.
-    with_peer = case.startswith("all")
-    rows = bench.run_case(case, "tiny", "fp32", steps=1, warmup=0, with_peer=with_peer, peak_tflops=1.0)
-    assert [row[0] for row in rows] == ["ours", "peer"][:1 + with_peer]
+    # The peer (GlmForCausalLM) runs for full training too, under the same ZeRO-3 config.
+    models = bench.models_to_run(case, with_peer=case.startswith("all"))
+    rows = bench.run_case(case, "tiny", "fp32", steps=1, warmup=0, models=models, peak_tflops=1.0)
+    assert [row[0] for row in rows] == ["ours", "peer"][:1 + case.startswith("all")]
     assert all(row[1] > 0 for row in rows)  # tokens/s measured
     assert seen == [(True, bench.SHAPES["tiny"]["num_layers"], True)]
 
@@ -61,7 +55,7 @@ def test_each_model_is_measured_in_a_fresh_process(monkeypatch):
         raise AssertionError("measured in the parent process")
 
     monkeypatch.setattr(bench, "run_case", in_this_process)
-    options = dict(shape="tiny", dtype_name="fp32", steps=1, warmup=0, with_peer=False, peak_tflops=1.0)
+    options = dict(shape="tiny", dtype_name="fp32", steps=1, warmup=0, peak_tflops=1.0)
     who, speed, *_ = bench.run_in_child("lora:64x2:ckpt", "peer", options)
     assert who == "peer" and speed > 0
 
@@ -86,11 +80,9 @@ def test_the_peer_can_run_under_its_own_deepspeed_json(monkeypatch, tmp_path, on
         return real_initialize(*args, config=config, **kwargs)
 
     monkeypatch.setattr(deepspeed, "initialize", initialize)
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29691", "DS_ACCELERATOR": "cpu"}.items():
-        monkeypatch.setenv(key, value)
+    one_rank_env(monkeypatch, 29691)
     train.init_distributed()
-    rows = bench.run_case("lora:64x2:ckpt", "tiny", "fp32", steps=1, warmup=0, with_peer=True, peak_tflops=1.0,
-                          peer_ds_file=str(peer_json))
+    rows = bench.run_case("lora:64x2:ckpt", "tiny", "fp32", steps=1, warmup=0, models=["ours", "peer"],
+                          peak_tflops=1.0, peer_ds_file=str(peer_json))
     assert [row[0] for row in rows] == ["ours", "peer"]
     assert seen == [1.0, 0.5]  # ours: ds_zero2_no_offload.json's clipping; the peer: its own JSON's

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, shared_path
+from conftest import ROOT, one_rank_env, shared_path
 from dropin_checks import TRAIN_EXTRAS, assert_dropin
 from model import MODE, template
 from dataset import InstructionDataset
@@ -443,9 +443,7 @@ def train_in_process(monkeypatch, one_thread):
     import train
 
     def run(*argv):
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(next(PORTS)), "DS_ACCELERATOR": "cpu"}.items():
-            monkeypatch.setenv(key, value)
+        one_rank_env(monkeypatch, next(PORTS))
         return train.main([str(a) for a in argv])
     return run
 
@@ -471,7 +469,7 @@ def tiny_run_args(mode, train_type, base, out, epochs=1):
 
 
 def test_offload_that_cannot_fit_the_host_stops_in_one_line_before_deepspeed_allocates(
-        tiny_dirs, tmp_path, monkeypatch, train_in_process, deepspeed_engines):
+        tiny_dirs, tmp_path, monkeypatch, train_in_process, deepspeed_engines, real_f_linear):
     """Full training under ds_zero3_offload_optimizer.json pins 16 bytes of optimizer state per trainable parameter
     in host memory. Where the node has less available, train.py names the JSON and both sizes and stops before
     deepspeed.initialize, instead of being killed minutes later with no message; where it fits, it logs them."""
@@ -481,9 +479,6 @@ def test_offload_that_cannot_fit_the_host_stops_in_one_line_before_deepspeed_all
 
     import train
 
-    # ZeRO-3's zero.Init swaps in DeepSpeed's F.linear for the rest of the process: the later in-process tests get
-    # the real one back (as in test_bench).
-    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
     out = tmp_path / "out"
     args = [*tiny_run_args("glm3", "all", tiny_dirs["glm3"], out), "--ds_file", ROOT / "ds_zero3_offload_optimizer.json",
             "--max_steps", 1]
