@@ -199,6 +199,55 @@ def memory_trace(engine, step_fn, window) -> str:
     return "memory GiB (now/peak): " + "; ".join(marks)
 
 
+def device_timeline(intervals, long_gap_us: float = 100.0) -> tuple[float, float]:
+    """(busy, idle in long gaps), in the intervals' unit (us), from the (start, end) of every kernel and copy: busy is
+    the length of their union, however many streams overlap; idle gaps shorter than `long_gap_us` are launch latency,
+    longer ones are the device waiting for the host."""
+    busy, long_idle, reach = 0.0, 0.0, None
+    for start, end in sorted(intervals):
+        if reach is None or start >= reach:
+            if reach is not None and start - reach > long_gap_us:
+                long_idle += start - reach
+            busy += end - start
+            reach = end
+        elif end > reach:
+            busy += end - reach
+            reach = end
+    return busy, long_idle
+
+
+def profile_steps(engine, step_fn, window, steps, device, trace_path=None) -> str:
+    """`steps` more steps under torch.profiler: whether the device idles while the host prepares work (busy share of
+    the wall time, kernels launched per step, the idle time in gaps longer than 100 us), then the ops that take the
+    most device time (CPU: host time). The profiler slows the host, so the busy share is a lower bound.
+    `trace_path` (*.json.gz) keeps the whole trace for chrome://tracing or Perfetto."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    synchronize()
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step_fn(engine, window)
+        synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
+    if trace_path:
+        profiler.export_chrome_trace(trace_path)
+    device_events = [(e.time_range.start, e.time_range.end) for e in profiler.events()
+                     if e.device_type == DeviceType.CUDA]
+    summary = f"profile: {wall_us / steps / 1e3:.1f} ms a step"
+    if device_events:
+        busy, idle = device_timeline(device_events)
+        summary += (f"; device busy {busy / steps / 1e3:.1f} ms ({busy / wall_us:.0%} of the wall time), "
+                    f"{len(device_events) / steps:.0f} kernels and copies a step, idle in gaps over 100 us "
+                    f"{idle / steps / 1e3:.1f} ms a step")
+    sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=60)
+    return "\n".join([summary] + [f"profile| {line}" for line in table.splitlines() if line.strip()])
+
+
 def our_step(world_size):
     def step(engine, window):
         loss_sum, tokens = train.train_step(engine, window, world_size)
@@ -221,7 +270,7 @@ def models_to_run(case: str, with_peer: bool) -> list[str]:
 
 
 def run_case(case, shape, dtype_name, steps, warmup, models, peak_tflops, mode="glm3", trace=False,
-             ds_file=None, peer_ds_file=None):
+             ds_file=None, peer_ds_file=None, profile=0, profile_dir=None):
     """Rows (who, tokens/s, MFU, peak GiB, loss) for each of `models` ("ours", "peer"), in this process."""
     import deepspeed
 
@@ -274,6 +323,11 @@ def run_case(case, shape, dtype_name, steps, warmup, models, peak_tflops, mode="
             print(f"{case} {who}: host peak RSS {host_peak_gib():.1f} GiB", flush=True)
             if trace and device == "cuda":
                 print(f"{case} {who}: {memory_trace(engine, step_fn, window)}", flush=True)
+            if profile:
+                trace_path = (os.path.join(profile_dir, f"{case.replace(':', '-')}-{who}.json.gz")
+                              if profile_dir else None)
+                print(f"{case} {who}: {profile_steps(engine, step_fn, window, profile, device, trace_path)}",
+                      flush=True)
             mfu = speed * flops_per_token(config, seq, train_type) / (peak_tflops * 1e12) if device == "cuda" else None
             rows.append((who, speed, mfu, peak, loss))
         except torch.OutOfMemoryError:
@@ -361,7 +415,14 @@ def main():
     parser.add_argument("--output", default=None, help="append the table (with date and device) to this file")
     parser.add_argument("--memory_trace", action="store_true",
                         help="GPU: after timing, print allocated/peak memory around forward, backward and step")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile this many more steps of each model: the device's busy share of "
+                             "the wall time, kernels a step, and the ops that take the most time")
+    parser.add_argument("--profile_dir", default=None,
+                        help="with --profile: also write each model's whole trace here (CASE-WHO.json.gz)")
     args = parser.parse_args()
+    if args.profile_dir:
+        os.makedirs(args.profile_dir, exist_ok=True)
     gpu = torch.cuda.is_available()
     shape = args.shape or ("chatglm3-6b" if gpu else "tiny")
     mode = args.mode or SHAPE_MODES[shape]
@@ -381,7 +442,7 @@ def main():
 
     options = dict(shape=shape, dtype_name=args.precision, steps=args.steps, warmup=args.warmup,
                    peak_tflops=args.peak_tflops, mode=mode, trace=args.memory_trace, ds_file=args.ds_file,
-                   peer_ds_file=args.peer_ds_file)
+                   peer_ds_file=args.peer_ds_file, profile=args.profile, profile_dir=args.profile_dir)
     for case in cases:
         rows = {}
         for who in models_to_run(case, not args.no_peer):  # each in its own process: see run_in_child

@@ -5,6 +5,8 @@
 # Each case runs in its own process, so one case's memory (or an out-of-memory) never spills into the next.
 #   device run: bash bench/gpu.sh CASE [CASE ...]     (with carry: [".whl"]; BENCH_ARGS="--steps 5 --warmup 2")
 # A 1560 x 1 step takes about 0.3 s on an H100: time 20 or more of them, or one slow moment moves the row.
+# Where the device idles: BENCH_ARGS="--steps 20 --warmup 3 --profile 3 --profile_dir \$OUT/traces" (a summary line
+# and the top ops in the output, whole traces back as files).
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -19,5 +21,5 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//9.0a/9.0}"
 for case in "$@"; do
   python3 bench/bench.py --output "$OUT/RESULTS.md" ${BENCH_ARGS:-} --cases "$case" 2>&1 | tee -a "$OUT/bench.log" \
-    | grep "^| \|^SDPA\|Error\|memory GiB\|set-up peak\|host peak"
+    | grep "^| \|^SDPA\|Error\|memory GiB\|set-up peak\|host peak\|profile"
 done

@@ -86,3 +86,30 @@ def test_the_peer_can_run_under_its_own_deepspeed_json(monkeypatch, tmp_path, on
                           peak_tflops=1.0, peer_ds_file=str(peer_json))
     assert [row[0] for row in rows] == ["ours", "peer"]
     assert seen == [1.0, 0.5]  # ours: ds_zero2_no_offload.json's clipping; the peer: its own JSON's
+
+
+def test_device_timeline_counts_overlap_once_and_only_long_gaps_as_idle():
+    import bench
+
+    # two streams overlapping (0-10 and 5-12), a short gap (12-20: launch latency), a long one (30-250)
+    busy, idle = bench.device_timeline([(250, 260), (5, 12), (0, 10), (20, 30)], long_gap_us=100)
+    assert (busy, idle) == (12 + 10 + 10, 220)
+    assert bench.device_timeline([(0, 100), (10, 20)]) == (100, 0)  # a kernel inside another's span
+
+
+def test_profile_prints_the_summary_and_writes_the_trace(monkeypatch, tmp_path, capsys, one_thread):
+    """--profile / --profile_dir: after timing, the profiled steps' summary and top ops, and a trace that loads."""
+    import gzip
+    import json
+
+    import bench
+    import train
+
+    one_rank_env(monkeypatch, 29692)
+    train.init_distributed()
+    bench.run_case("lora:64x2:nockpt", "tiny", "fp32", steps=1, warmup=0, models=["ours"], peak_tflops=1.0,
+                   profile=1, profile_dir=str(tmp_path))
+    out = capsys.readouterr().out
+    assert "lora:64x2:nockpt ours: profile: " in out and "profile| " in out and "aten::" in out
+    trace = json.loads(gzip.open(tmp_path / "lora-64x2-nockpt-ours.json.gz").read())
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
