@@ -398,6 +398,8 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
 
     def _chat_generate_kwargs(self, tokenizer, kwargs):
         gen = dict(self.chat_defaults)
+        if kwargs.get("max_new_tokens") is not None:  # the caller's limit replaces the default total length
+            gen.pop("max_length", None)
         gen.update(kwargs)
         gen.setdefault("eos_token_id", template.stop_token_ids(tokenizer, self.mode))
         gen.setdefault("pad_token_id", tokenizer.pad_token_id)
