@@ -47,7 +47,7 @@ def read_records(path: str) -> list[tuple[int, dict]]:
 
 
 def sample_to_messages(mode: str, sample, where: str) -> list[dict]:
-    """A sample of the seed format (instruction, input, output, optional history) or a ChatGLM3 `conversations`
+    """A sample of the seed format (instruction, input, output, optional history) or a ChatGLM3/GLM-4 `conversations`
     list, as template messages. `where` ("file:line") prefixes every error."""
     if not isinstance(sample, dict):
         raise DataError(f"{where}: a sample must be a JSON object, got {type(sample).__name__}")
@@ -100,7 +100,7 @@ def fit_prompt(tokenizer, mode: str, messages: list[dict], max_src_len: int) -> 
     and whether anything was cut.
 
     Whole old rounds go first, oldest first (a round: a user turn and what follows it up to the next user turn);
-    system messages and the last round (the question being answered, and for glm3 any tool call and observation
+    system messages and the last round (the question being answered, and for glm3/glm4 any tool call and observation
     after it) stay. If that is still too long, the oldest remaining text is cut, character by character from the
     start (the system message first, then the question). The template's own tokens ([gMASK] sop, role tokens, the
     answer cue) are never cut: the result is always a prompt `chat()` could have built."""
@@ -166,7 +166,7 @@ class InstructionDataset(Dataset):
             where = f"{path}:{number}"
             messages, truncated = fit_prompt(tokenizer, mode, sample_to_messages(mode, sample, where), max_src_len)
             ids, labels, answer_start = template.encode_messages(tokenizer, mode, messages, learn_all_turns)
-            if answer_start > max_src_len:  # the template of the final round alone is longer (glm3 tool turns)
+            if answer_start > max_src_len:  # the template of the final round alone is longer (glm3/glm4 tool turns)
                 raise DataError(f"{where}: the prompt keeps {answer_start} tokens of template after cutting every "
                                 f"text, more than max_src_len={max_src_len}")
             self.stats.samples += 1

@@ -2,12 +2,12 @@
 adapter on its base, or a P-Tuning prefix on its base, with one-line errors naming the directory or file."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import torch
 
+from model.config import read_json
 from utils import DTYPES, _DTYPE_NAMES, auto_precision
 
 logger = logging.getLogger("chatglm")
@@ -52,17 +52,6 @@ def inference_dtype(dtype, device) -> "torch.dtype":
         raise CheckpointError(f"dtype {dtype!r}: expected auto, fp32, fp16 or bf16") from None
 
 
-def read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return value
-
-
 def checkpoint_kind(model_path: str) -> str:
     """'lora' (a PEFT adapter), 'ptuning' (a prefix encoder) or 'full' (config.json + weights), by the files in it."""
     if not os.path.isdir(model_path):
@@ -87,10 +76,10 @@ def _base_of(mode: str, model_path: str, kind: str, base_model_path: str | None)
     base = base_model_path
     args_file = os.path.join(model_path, "training_args.json")
     if base is None and os.path.isfile(args_file):
-        base, where = read_json(args_file).get("model_name_or_path"), args_file
+        base, where = read_json(args_file, CheckpointError).get("model_name_or_path"), args_file
     adapter_file = os.path.join(model_path, "adapter_config.json")
     if base is None and kind == "lora":
-        base, where = read_json(adapter_file).get("base_model_name_or_path"), adapter_file
+        base, where = read_json(adapter_file, CheckpointError).get("base_model_name_or_path"), adapter_file
     if not base:
         raise CheckpointError(f"{model_path}: a {kind} checkpoint needs its base model: pass --base_model_path "
                               f"(no training_args.json names one)")
@@ -160,7 +149,7 @@ def check_trained_mode(checkpoint_dir: str, mode: str) -> None:
     """A checkpoint train.py wrote records its --mode in training_args.json: it must be `mode`."""
     args_file = os.path.join(checkpoint_dir, "training_args.json")
     if os.path.isfile(args_file):
-        trained_mode = read_json(args_file).get("mode")
+        trained_mode = read_json(args_file, CheckpointError).get("mode")
         if trained_mode and trained_mode != mode:
             raise CheckpointError(f"{args_file}: this checkpoint was trained with --mode {trained_mode}, "
                                   f"but --mode is {mode}")

@@ -27,14 +27,13 @@ from collections import Counter
 import torch
 
 from model import MODE, check_checkpoint_dir, template
-from model.export import ExportError, atomic_directory, write_full_checkpoint
-from inference import (CheckpointError, attach_lora, check_trained_mode, inference_device, load_tokenizer,
-                       read_json)
-from utils import DTYPES
+from model.config import read_json
+from model.export import SAFETENSORS_DTYPES, ExportError, atomic_directory, config_dtype, write_full_checkpoint
+from inference import CheckpointError, attach_lora, check_trained_mode, inference_device, load_tokenizer
+from utils import DTYPES, PRECISIONS, setup_logging
 
 logger = logging.getLogger("chatglm")
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 # (query, history as (question, answer) pairs): the prompts on which merged and unmerged logits must agree.
 CHECK_PROMPTS = [
@@ -54,7 +53,7 @@ def parse_args(argv=None):
                        help="LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
     group = parser.add_argument_group("output")
     group.add_argument("--output_dir", required=True, help="new directory for the merged model (absent or empty)")
-    group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+    group.add_argument("--dtype", default="auto", choices=PRECISIONS,
                        help="dtype of the merged weights; auto: the base checkpoint's own")
     group.add_argument("--device", default="cpu", help="where to merge and check: cpu, cuda or cuda:N")
     return parser.parse_args(argv)
@@ -79,7 +78,7 @@ def check_dirs(args) -> None:
     if not os.path.isfile(adapter_config):
         raise CheckpointError(f"--model_dir {args.model_dir}: no adapter_config.json, so this is no LoRA adapter "
                               f"(P-Tuning and full checkpoints need no merging)")
-    config = read_json(adapter_config)
+    config = read_json(adapter_config, CheckpointError)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise CheckpointError(f"{adapter_config}: peft_type is {config.get('peft_type')!r}, not LORA")
     check_trained_mode(args.model_dir, args.mode)
@@ -109,15 +108,11 @@ def base_dtype(path: str) -> torch.dtype:
             with safe_open(os.path.join(path, name), framework="pt") as f:
                 for key in f.keys():
                     dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
-                    if dtype is not None:
+                    if dtype is not None and dtype.is_floating_point:
                         counts[dtype] += 1
     if counts:
         return counts.most_common(1)[0][0]
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
-    return getattr(torch, name, torch.float32) if isinstance(getattr(torch, name, None), torch.dtype) \
-        else torch.float32
+    return config_dtype(read_json(os.path.join(path, "config.json"), CheckpointError)) or torch.float32
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -195,7 +190,7 @@ def save(merged, report, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    setup_logging(rank=0)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -36,7 +36,7 @@ from model import MODE, template
 from model.export import atomic_write_text
 from dataset import DataError, read_records, sample_to_messages
 from inference import CheckpointError, load_for_inference
-from utils import add_bool_flag
+from utils import PRECISIONS, add_bool_flag, setup_logging
 
 logger = logging.getLogger("chatglm")
 
@@ -51,7 +51,7 @@ def parse_args(argv=None):
                        help="base model under a LoRA adapter / P-Tuning prefix (default: from training_args.json)")
     group.add_argument("--device", default=None,
                        help="cpu, or a GPU index (0, 1, ...) / cuda:N (default: GPU 0 if there is one, else cpu)")
-    group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+    group.add_argument("--dtype", default="auto", choices=PRECISIONS,
                        help="auto: fp32 on the CPU, bf16 on a GPU that supports it, else fp16")
     quantization.add_flag(group, "an adapter or prefix on top stays in full precision (low-memory inference)")
 
@@ -105,7 +105,7 @@ def answer_text(response) -> str:
 def reference_answer(tokenizer, mode: str, messages: list[dict]) -> str:
     """The reference (the final assistant message) as chat() would return it had the model generated exactly the
     tokens training teaches for it: encoded by the template, then decoded and post-processed like every prediction
-    (glm: ASCII punctuation beside Chinese becomes full-width; glm3: a tool call becomes {"name", "content"}; all:
+    (glm: ASCII punctuation beside Chinese becomes full-width; glm3/glm4: a tool call becomes {"name", "content"}; all:
     the official stripping). So a prediction identical token for token to the reference scores as equal."""
     ids, _, answer_start = template.encode_messages(tokenizer, mode, messages, learn_all_turns=False)
     return decode_answer(tokenizer, mode, ids[answer_start:], messages[:-1])
@@ -248,7 +248,7 @@ def chat_loop(model, tokenizer, gen_kwargs: dict, stdin=None, stdout=None) -> No
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    setup_logging(rank=0)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -14,7 +14,7 @@ Everything about the quantized base lives here, so train.py, predict.py and infe
 What stays unquantized (the established QLoRA practice, as in the QLoRA paper, PEFT and LLaMA-Factory): only the
 nn.Linear layers of the transformer blocks are quantized (query_key_value, dense, dense_h_to_4h, dense_4h_to_h). The
 word embedding and the norms are no Linear layers, so bitsandbytes never touches them; the LM head (`lm_head` of
-ChatGLM-6B, `transformer.output_layer` of ChatGLM2/3) is skipped (`llm_int8_skip_modules`) because its quantization
+ChatGLM-6B, `transformer.output_layer` of ChatGLM2/3 and GLM-4) is skipped (`llm_int8_skip_modules`) because its quantization
 error would land on every logit and because our LMHead computes the loss in chunks straight from its fp weight;
 the P-Tuning prefix encoder is skipped too (it is trained, in fp32).
 """
@@ -33,7 +33,7 @@ BITS = (4, 8)
 # (transformers only replaces modules whose type is exactly nn.Linear, so our LMHead subclass would stay as it is
 # anyway; naming it keeps it so should that rule change. check_storage verifies it after every set-up.)
 SKIP_MODULES = ["lm_head", "transformer.output_layer", "transformer.prefix_encoder"]
-HEAD_NAMES = ("lm_head", "output_layer")  # the LM head of ChatGLM-6B, and of ChatGLM2/3
+HEAD_NAMES = ("lm_head", "output_layer")  # the LM head of ChatGLM-6B, and of ChatGLM2/3 and GLM-4
 SUPPORTED = "--quantization_bit works with --train_type lora under ZeRO stage 0, 1 or 2 (e.g. ds_zero2_no_offload.json)"
 
 

@@ -1,4 +1,4 @@
-"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with DeepSpeed: freeze, LoRA, P-Tuning v2 or full training.
+"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B with DeepSpeed: freeze, LoRA, P-Tuning v2 or full training.
 
 One GPU, several, or several machines (DeepSpeed's launcher and a hostfile):
 
@@ -34,7 +34,7 @@ from model import MODE, template
 from model.compat import enable_activation_checkpointing
 from model.modeling_base import LMHead
 from dataset import DataCollator, DataError, EvalShard, InstructionDataset, LengthGroupedSampler
-from utils import DTYPES, add_bool_flag, auto_precision, count_parameters, setup_logging
+from utils import DTYPES, PRECISIONS, add_bool_flag, auto_precision, count_parameters, setup_logging
 
 logger = logging.getLogger("chatglm")
 TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
@@ -88,7 +88,7 @@ def parse_args(argv=None):
                        help="share of the T optimizer steps warming up: W = ceil(ratio * T); step s (1-based) runs at "
                             "lr * min(s / W, (T + 1 - s) / (T - W)): linear up to the peak at step W, then linear "
                             "down, reaching 0 just after the last step")
-    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="auto: bf16 where the GPU supports it, else fp16; fp32 on CPU")
     group.add_argument("--seed", type=int, default=1234, help="random seed")
 
@@ -180,7 +180,7 @@ def fill_ds_config(args, world_size: int) -> dict:
     if config.pop("scheduler", None):
         logger.info("%s: its \"scheduler\" is replaced by the --warmup_ratio schedule", args.ds_file)
     zero = config.get("zero_optimization", {})
-    for key in ("offload_param", "offload_optimizer"):  # "auto" in the seed's JSON means: no offload
+    for key in ("offload_param", "offload_optimizer"):  # JSONs written for HF's Trainer say "auto": no offload here
         if zero.get(key, {}).get("device") == "auto":
             zero[key]["device"] = "none"
     return config
@@ -402,7 +402,7 @@ def real_tokens(batch, pad_token_id: int) -> int:
 
 def labelled_tokens(batch) -> int:
     """Tokens that carry a label (each position predicts the next token's label), counted on the host."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != template.IGNORE_INDEX).sum())
 
 
 def batch_loss(engine, batch):

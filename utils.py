@@ -39,6 +39,7 @@ def setup_logging(rank: int) -> None:
 # precision and parameter counts
 # ------------------------------------------------------------------------------------------------------------------
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("auto", *DTYPES)  # the choices of every --precision / --dtype flag; auto_precision says what auto is
 _DTYPE_NAMES = {**DTYPES, "float32": torch.float32, "float16": torch.float16, "half": torch.float16,
                 "bfloat16": torch.bfloat16}
 

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402  train.py's own functions
 from model import MODE  # noqa: E402
 from model.compat import enable_activation_checkpointing  # noqa: E402
-from utils import DTYPES, add_bool_flag  # noqa: E402
+from utils import DTYPES, PRECISIONS, add_bool_flag  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # the official chatglm3-6b and glm-4-9b-chat config.json, and a tiny one for machines without a GPU
@@ -65,7 +65,7 @@ def parse_case(case: str):
     return train_type, seq, batch, ckpt == "ckpt", compile_ == ["compile"]
 
 
-def train_args(train_type, batch, ckpt, shape, layers, mode="glm3", compile_blocks=False, ds_file=None):
+def train_args(train_type, batch, ckpt, layers, mode="glm3", compile_blocks=False, ds_file=None):
     """The flags a user would pass to train.py for this case."""
     ds_file = ds_file or ("ds_zero3_offload.json" if train_type == "all" else "ds_zero2_no_offload.json")
     bits = QLORA.get(train_type)
@@ -83,7 +83,7 @@ def train_args(train_type, batch, ckpt, shape, layers, mode="glm3", compile_bloc
     return train.parse_args(argv)
 
 
-def flops_per_token(config, seq, train_type, peer=False):
+def flops_per_token(config, seq, train_type):
     """Model FLOPs per trained token (forward x3 for full training, x2 when only adapters/prefix/some layers train)."""
     hidden, layers, heads = config.hidden_size, config.num_layers, config.num_attention_heads
     head_dim = config.kv_channels
@@ -280,7 +280,7 @@ def run_case(case, shape, dtype_name, steps, warmup, models, peak_tflops, mode="
                                prefix_projection=False)
 
     def flags_and_ds_config(json_file):
-        flags = train_args(train_type, batch, ckpt, shape, config.num_layers, mode, compile_blocks, json_file)
+        flags = train_args(train_type, batch, ckpt, config.num_layers, mode, compile_blocks, json_file)
         flags.precision = dtype_name
         return flags, train.fill_ds_config(flags, 1)
 
@@ -397,7 +397,7 @@ def main():
     parser.add_argument("--mode", choices=("glm2", "glm3", "glm4"), default=None,
                         help="our model class and config defaults (default: glm4 for glm-4-9b, else glm3)")
     parser.add_argument("--cases", nargs="+", default=None,
-                        help="train_type:SEQxBATCH:ckpt|nockpt[:compile] (default: the issue's table; :compile "
+                        help="train_type:SEQxBATCH:ckpt|nockpt[:compile] (default: DEFAULT_CASES; :compile "
                              "passes train.py's --compile)")
     parser.add_argument("--ds_file", default=None,
                         help="DeepSpeed JSON for every case, relative to the repository (default: "
@@ -407,14 +407,14 @@ def main():
                              "partial optimizer offload beside the peer with plain optimizer offload")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="as train.py: bf16 on a GPU that has it, fp32 on CPU")
     add_bool_flag(parser, "--no_peer", "skip the transformers + PEFT peer")
     parser.add_argument("--peak_tflops", type=float, default=790.0,
                         help="the chip's measured dense bf16 peak, for MFU (H100 SXM: about 790)")
     parser.add_argument("--output", default=None, help="append the table (with date and device) to this file")
-    parser.add_argument("--memory_trace", action="store_true",
-                        help="GPU: after timing, print allocated/peak memory around forward, backward and step")
+    add_bool_flag(parser, "--memory_trace",
+                  "GPU: after timing, print allocated/peak memory around forward, backward and step")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing, profile this many more steps of each model: the device's busy share of "
                              "the wall time, kernels a step, and the ops that take the most time")

@@ -190,6 +190,21 @@ def detect_version(config_dict: dict) -> str | None:
     return None
 
 
+def read_json(path: str, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in `path`. Invalid JSON, or JSON that is not an object, raises `error` with one line naming
+    the file (and line): the caller picks the error class its entry point reports."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object")
+    return value
+
+
 def check_checkpoint_dir(path: str, mode: str) -> dict:
     """Fail with one clear line unless `path` is a checkpoint directory of the version `mode` names."""
     config_file = os.path.join(path, "config.json")
@@ -197,11 +212,7 @@ def check_checkpoint_dir(path: str, mode: str) -> dict:
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{config_file} not found: {path} is not a ChatGLM checkpoint directory")
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            config_dict = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    config_dict = read_json(config_file)
     version = detect_version(config_dict)
     if version is None:
         raise ValueError(f"{config_file}: not a ChatGLM config (model_type={config_dict.get('model_type')!r})")

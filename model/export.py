@@ -30,6 +30,8 @@ import tempfile
 
 import torch
 
+from .config import read_json
+
 # Files of ours that a base directory may hold when it is itself an output of this project (training_args.json of a
 # train.py checkpoint, merge_lora.json of a merge). They describe the run that wrote the base, not the new one, so
 # they are not carried over; the tool that writes the new directory writes its own.
@@ -41,7 +43,7 @@ CHANGED_CONFIG_FIELDS = ("torch_dtype",)
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 SAFE_SINGLE = "model.safetensors"
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
 
@@ -133,20 +135,12 @@ def is_weight_file(name: str) -> bool:
         name.startswith("pytorch_model") and name.endswith(".bin"))
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-
-
 def base_weight_layout(base_dir: str) -> tuple[dict[str, str], list[str]]:
     """(weight name -> the base file holding it, the base's weight files in shard order)."""
     names = set(os.listdir(base_dir))
     for index in (SAFE_INDEX, BIN_INDEX):
         if index in names:
-            weight_map = _read_json(os.path.join(base_dir, index)).get("weight_map")
+            weight_map = read_json(os.path.join(base_dir, index), ExportError).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ExportError(f"{os.path.join(base_dir, index)}: no weight_map")
             return dict(weight_map), sorted(set(weight_map.values()))
@@ -175,7 +169,7 @@ def _base_dtypes(base_dir: str, files: list[str], default: torch.dtype) -> dict[
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(base_dir, name), framework="pt") as f:
                 for key in f.keys():
-                    dtypes[key] = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype(), default)
+                    dtypes[key] = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype(), default)
     return dtypes
 
 
@@ -225,7 +219,7 @@ def write_full_checkpoint(state_dict: dict[str, torch.Tensor], base_dir: str, ou
     config_file = os.path.join(base_dir, "config.json")
     if not os.path.isfile(config_file):
         raise ExportError(f"{config_file} not found: the base directory must be a checkpoint directory")
-    base_config = _read_json(config_file)
+    base_config = read_json(config_file, ExportError)
     layout, base_files = base_weight_layout(base_dir)
 
     base_names, ours = set(layout), set(state_dict)

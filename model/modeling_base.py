@@ -17,8 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from . import template
 from .compat import CACHE_NAME, given_cache, output_cache
 from .config import VERSION_KEY, check_checkpoint_dir
-
-IGNORE_INDEX = -100
+from .template import IGNORE_INDEX
 
 
 # ----------------------------------------------------------------------------------------------------------------

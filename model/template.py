@@ -29,7 +29,8 @@ message on its own, as the official `build_chat_input` does.
 Why glm learns only the last answer: ChatGLM-6B attends bidirectionally over everything before [gMASK] <sop>, so the
 answers of earlier rounds sit in the bidirectional context and cannot be trained as next-token targets.
 
-What an answer learns (labels): glm its text and <eop>; glm2 its text and eos; glm3 "\\n" + its text, then eos at the
+What an answer learns (labels): glm its text and <eop>; glm2 its text, and eos after the last answer only (the
+official glm2 chat() puts none between rounds); glm3 "\\n" + its text, then eos at the
 end of the sample or, for an earlier turn, the role token that follows it. glm4 follows THUDM's GLM-4 finetune_demo,
 the official reference: an assistant message learns everything after its <|assistant|> ("{metadata}\\n" + content,
 so a tool call's name and arguments too) and the role token that follows it (<|user|>, <|observation|> ...);
@@ -125,7 +126,8 @@ def check_conversation(mode: str, messages: list[dict]) -> None:
     else:
         for message in messages:
             if message["role"] not in ROLES:
-                raise ValueError(f"--mode glm3: unknown role {message['role']!r} (expected one of {', '.join(ROLES)})")
+                raise ValueError(f"--mode {mode}: unknown role {message['role']!r} (expected one of "
+                                 f"{', '.join(ROLES)})")
 
 
 def _pieces(tokenizer, mode: str, messages: list[dict], learn_all_turns: bool) -> list[Piece]:

@@ -124,7 +124,7 @@ class _SentencePieceTokenizer(PreTrainedTokenizer):
     """What the three ChatGLM tokenizers share: the vocabulary file, loading, saving, left padding and decoding.
 
     Subclasses set `vocab_files_names` and `checkpoint_kind` and implement the id <-> piece mapping, `encode_text`,
-    `build_inputs_with_special_tokens` and the decode hooks `_sp_index`, `_decode_piece`, `_skipped_ids` and
+    `build_inputs_with_special_tokens` and the decode hooks `_decode_piece`, `_skipped_ids` and
     `_pieces_to_text`.
     """
 
@@ -203,10 +203,6 @@ class _SentencePieceTokenizer(PreTrainedTokenizer):
         return [0 if index == marker else 1 for index in built]
 
     # -------------------------------------------------------------------------------------------- decoding
-    def _sp_index(self, index: int) -> int | None:
-        """The sentencepiece id behind token id `index`, or None when it is not a piece of the file."""
-        raise NotImplementedError
-
     def _decode_piece(self, index: int) -> str:
         """What the official tokenizer hands sentencepiece for token id `index` when decoding."""
         raise NotImplementedError
@@ -365,6 +361,7 @@ class ChatGLMTokenizer(_SentencePieceTokenizer):
 
     # ------------------------------------------------------------------------------------------- decoding
     def _sp_index(self, index: int) -> int | None:
+        """The sentencepiece id behind token id `index` (after the image tokens), or None outside the file."""
         sp_index = index - self.num_image_tokens
         return sp_index if 0 <= sp_index < self.sp_model.get_piece_size() else None
 
@@ -511,9 +508,6 @@ class ChatGLM2Tokenizer(AppendedSpecialTokensMixin, _SentencePieceTokenizer):
         return [self.get_command("[gMASK]"), self.get_command("sop")]
 
     # ------------------------------------------------------------------------------------------- decoding
-    def _sp_index(self, index: int) -> int | None:
-        return index if 0 <= index < self.n_words else None
-
     def _decode_piece(self, index: int) -> str:
         # Official: the appended tokens are '' (ChatGLM2) or their names (ChatGLM3); bos, eos and pad are ''. Ids
         # outside the vocabulary (a padded embedding row) give '' too.

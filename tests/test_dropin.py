@@ -16,7 +16,7 @@ from dropin_checks import MERGE_EXTRAS, TRAIN_EXTRAS, assert_dropin, read_weight
 from model import MODE, detect_version
 from model.export import CHANGED_CONFIG_FIELDS, atomic_directory, publish, staging_path
 from model.tiny import OFFICIAL_TOKENIZER_CONFIGS
-from test_merge_lora import LORA_MODULES, make_lora_adapter, merge_in_process  # noqa: F401 (LORA_MODULES: same adapter)
+from test_merge_lora import make_lora_adapter, merge_in_process
 from test_train import run_train
 
 MODES = ["glm", "glm2", "glm3", "glm4"]
