@@ -120,16 +120,11 @@ def load_sentencepiece(path: str, checkpoint: str) -> SentencePieceProcessor:
         raise ValueError(f"{path} is not a sentencepiece model: {error}") from None
 
 
-class _SentencePieceTokenizer(PreTrainedTokenizer):
-    """What the three ChatGLM tokenizers share: the vocabulary file, loading, saving, left padding and decoding.
+class VocabFileMixin:
+    """Loading from and saving to a checkpoint directory by the one vocabulary file every ChatGLM tokenizer reads
+    (`vocab_files_names["vocab_file"]`), for the sentencepiece tokenizers and GLM-4's tiktoken one alike.
+    `checkpoint_kind` names the checkpoint in errors."""
 
-    Subclasses set `vocab_files_names` and `checkpoint_kind` and implement the id <-> piece mapping, `encode_text`,
-    `build_inputs_with_special_tokens` and the decode hooks `_decode_piece`, `_skipped_ids` and
-    `_pieces_to_text`.
-    """
-
-    model_input_names = ["input_ids", "attention_mask"]
-    padding_side = "left"
     checkpoint_kind = "ChatGLM"
 
     @classmethod
@@ -147,20 +142,9 @@ class _SentencePieceTokenizer(PreTrainedTokenizer):
             kwargs["vocab_file"] = vocab_file
         return super().from_pretrained(pretrained_model_name_or_path, *init_inputs, **kwargs)
 
-    def _load_vocab_file(self, vocab_file: str | None, kwargs: dict) -> None:
-        """Load the sentencepiece file; called by subclasses before `super().__init__`, which needs the vocab."""
-        if vocab_file is None:
-            # from_pretrained on a hub name whose repository lacks the file: name the file we looked for.
-            vocab_file = os.path.join(kwargs.get("name_or_path", ""), self.vocab_files_names["vocab_file"])
-        self.vocab_file = vocab_file
-        self.sp_model = load_sentencepiece(vocab_file, self.checkpoint_kind)
-        for key in _IGNORED_INIT_KWARGS:
-            kwargs.pop(key, None)
-
-    # ----------------------------------------------------------------------------------------------- saving
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        """Copy the sentencepiece file, byte for byte, under its official name (or into `save_directory` if that
-        is a file path)."""
+        """Copy the vocabulary file, byte for byte, under its official name (or into `save_directory` if that is
+        a file path)."""
         if os.path.isdir(save_directory):
             name = self.vocab_files_names["vocab_file"]
             target = os.path.join(save_directory, f"{filename_prefix}-{name}" if filename_prefix else name)
@@ -170,6 +154,28 @@ class _SentencePieceTokenizer(PreTrainedTokenizer):
         if not (os.path.exists(target) and os.path.samefile(self.vocab_file, target)):
             shutil.copyfile(self.vocab_file, target)
         return (target,)
+
+
+class _SentencePieceTokenizer(VocabFileMixin, PreTrainedTokenizer):
+    """What the three sentencepiece ChatGLM tokenizers share: the vocabulary file, left padding and decoding.
+
+    Subclasses set `vocab_files_names` and `checkpoint_kind` and implement the id <-> piece mapping, `encode_text`,
+    `build_inputs_with_special_tokens` and the decode hooks `_decode_piece`, `_skipped_ids` and
+    `_pieces_to_text`.
+    """
+
+    model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "left"
+
+    def _load_vocab_file(self, vocab_file: str | None, kwargs: dict) -> None:
+        """Load the sentencepiece file; called by subclasses before `super().__init__`, which needs the vocab."""
+        if vocab_file is None:
+            # from_pretrained on a hub name whose repository lacks the file: name the file we looked for.
+            vocab_file = os.path.join(kwargs.get("name_or_path", ""), self.vocab_files_names["vocab_file"])
+        self.vocab_file = vocab_file
+        self.sp_model = load_sentencepiece(vocab_file, self.checkpoint_kind)
+        for key in _IGNORED_INIT_KWARGS:
+            kwargs.pop(key, None)
 
     # -------------------------------------------------------------------------------------------- encoding
     def tokenize(self, text: str, **kwargs) -> list[str]:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import shutil
 
 import tiktoken
 from transformers import PreTrainedTokenizer
 
-from .tokenization import _IGNORED_INIT_KWARGS, AppendedSpecialTokensMixin
+from .tokenization import _IGNORED_INIT_KWARGS, AppendedSpecialTokensMixin, VocabFileMixin, clean_up_spaces
 
 GLM4_TOKENIZER_FILE = "tokenizer.model"
 
@@ -83,10 +82,11 @@ _BYTE_SYMBOLS = _byte_symbols()
 _SYMBOL_BYTES = {symbol: byte for byte, symbol in enumerate(_BYTE_SYMBOLS)}
 
 
-class ChatGLM4Tokenizer(AppendedSpecialTokensMixin, PreTrainedTokenizer):
+class ChatGLM4Tokenizer(VocabFileMixin, AppendedSpecialTokensMixin, PreTrainedTokenizer):
     """Tokenizer of GLM-4-9B / GLM-4-9B-Chat (see the module docstring for the layout)."""
 
     vocab_files_names = {"vocab_file": GLM4_TOKENIZER_FILE}
+    checkpoint_kind = "GLM-4"
     model_input_names = ["input_ids", "attention_mask"]
     padding_side = "left"
 
@@ -109,18 +109,6 @@ class ChatGLM4Tokenizer(AppendedSpecialTokensMixin, PreTrainedTokenizer):
         # split_special_tokens: transformers' tokenize() must not turn "<|endoftext|>" typed in text into eos.
         super().__init__(padding_side=padding_side, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
                          split_special_tokens=True, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *init_inputs, **kwargs):
-        """Load from a checkpoint directory (official or saved by `save_pretrained`); its tokenizer.model must be
-        there (named explicitly, so that transformers' own lookup cannot pick another file)."""
-        path = os.fspath(pretrained_model_name_or_path)
-        if os.path.isdir(path) and kwargs.get("vocab_file") is None:
-            vocab_file = os.path.join(path, GLM4_TOKENIZER_FILE)
-            if not os.path.isfile(vocab_file):
-                raise FileNotFoundError(f"{vocab_file} not found: not a GLM-4 checkpoint directory")
-            kwargs["vocab_file"] = vocab_file
-        return super().from_pretrained(pretrained_model_name_or_path, *init_inputs, **kwargs)
 
     # ------------------------------------------------------------------------------------------ vocabulary
     def get_vocab(self) -> dict[str, int]:
@@ -192,19 +180,7 @@ class ChatGLM4Tokenizer(AppendedSpecialTokensMixin, PreTrainedTokenizer):
         text = "".join(parts)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
-        return self.clean_up_tokenization(text) if clean_up_tokenization_spaces else text
+        return clean_up_spaces(text) if clean_up_tokenization_spaces else text
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return self._decode(self.convert_tokens_to_ids(tokens))
-
-    # --------------------------------------------------------------------------------------------- saving
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        """Copy tokenizer.model byte for byte under its official name (or to `save_directory` if that is a file)."""
-        if os.path.isdir(save_directory):
-            name = GLM4_TOKENIZER_FILE
-            target = os.path.join(save_directory, f"{filename_prefix}-{name}" if filename_prefix else name)
-        else:
-            target = save_directory
-        if not (os.path.exists(target) and os.path.samefile(self.vocab_file, target)):
-            shutil.copyfile(self.vocab_file, target)
-        return (target,)
