@@ -9,7 +9,20 @@ WORK="${WORK:-demo-$MODE}"
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export DS_ACCELERATOR=cpu  # DeepSpeed's CPU accelerator and the gloo backend
 fi
-rm -rf "$WORK"
+# Start afresh, but delete only what an earlier demo wrote: a WORK holding anything else is the user's, and stays.
+if [ -e "$WORK" ] && [ ! -d "$WORK" ]; then
+  echo "demo.sh: WORK=$WORK is a file; choose a directory" >&2
+  exit 2
+elif [ -e "$WORK" ]; then
+  for entry in "$WORK"/* "$WORK"/.[!.]*; do
+    case "$(basename "$entry")" in
+      base|output|predictions.jsonl|predictions.metrics.json|'*'|'.[!.]*') ;;
+      *) echo "demo.sh: WORK=$WORK holds $(basename "$entry"), which the demo did not write; choose another WORK" >&2
+         exit 2 ;;
+    esac
+  done
+  rm -rf "$WORK"
+fi
 python -m model.tiny --mode "$MODE" --output_dir "$WORK/base"
 deepspeed --num_gpus 1 train.py --mode "$MODE" --model_name_or_path "$WORK/base" --train_type lora \
   --lora_dim 8 --lora_alpha 32 --lora_module_name "query_key_value,dense_h_to_4h,dense_4h_to_h,dense" \

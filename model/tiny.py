@@ -116,11 +116,15 @@ def draw_strong_weights(model, seed: int) -> None:
 
 
 def write_tiny_checkpoint(mode: str, output_dir: str, seed: int = 0) -> str:
-    """Build the tokenizer and a random model of `mode`; write both into output_dir (replaced whole)."""
+    """Build the tokenizer and a random model of `mode`; write both into output_dir, which must not exist or be
+    empty (FileExistsError otherwise: nothing of the user's is overwritten)."""
     from safetensors.torch import save_file
 
     spec = MODE[mode]
-    with atomic_directory(output_dir, replace=True) as staging:
+    output_dir = os.path.abspath(output_dir)
+    if os.path.lexists(output_dir) and not (os.path.isdir(output_dir) and not os.listdir(output_dir)):
+        raise FileExistsError(f"{output_dir} exists and is not an empty directory")
+    with atomic_directory(output_dir) as staging:
         tokenizer_file = os.path.join(staging, spec.tokenizer_file)
         build_ranks_file(tokenizer_file) if mode == "glm4" else build_tokenizer_file(mode, tokenizer_file)
         tokenizer = spec.tokenizer.from_pretrained(staging)
@@ -139,10 +143,15 @@ def write_tiny_checkpoint(mode: str, output_dir: str, seed: int = 0) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=sorted(MODE), default="glm3", help="ChatGLM version of the checkpoint")
-    parser.add_argument("--output_dir", default=None, help="where to write it (default: tiny-<mode>)")
+    parser.add_argument("--output_dir", default=None,
+                        help="where to write it, a new or empty directory (default: tiny-<mode>)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     args = parser.parse_args()
-    path = write_tiny_checkpoint(args.mode, args.output_dir or f"tiny-{args.mode}", args.seed)
+    output_dir = args.output_dir or f"tiny-{args.mode}"
+    try:
+        path = write_tiny_checkpoint(args.mode, output_dir, args.seed)
+    except FileExistsError:
+        parser.error(f"--output_dir {output_dir} exists and is not an empty directory; choose a new one")
     print(f"wrote a tiny {args.mode} checkpoint to {path}")
 
 
