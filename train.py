@@ -30,14 +30,26 @@ import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import quantization
-from model import MODE, template
+from model import MODE, check_checkpoint_dir, template
+from model.config import read_json
 from model.compat import enable_activation_checkpointing
-from model.modeling_base import LMHead
+from model.modeling_base import LMHead, check_safetensors_headers
 from dataset import DataCollator, DataError, EvalShard, InstructionDataset, LengthGroupedSampler
 from utils import DTYPES, PRECISIONS, add_bool_flag, auto_precision, count_parameters, setup_logging
 
 logger = logging.getLogger("chatglm")
 TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# What a resumed run must share with the run that wrote its checkpoint: the flags that decide which parameters train
+# and which samples come in which order. Epochs, --max_steps, the lr, logging and saving may change.
+RESUME_FIXED = {
+    "any": ("model_name_or_path", "mode", "train_type", "quantization_bit", "train_path", "max_len", "max_src_len",
+            "is_skip", "last_turn_only", "group_by_length", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "seed", "world_size"),
+    "lora": ("lora_dim", "lora_alpha", "lora_module_name"),
+    "ptuning": ("pre_seq_len", "prefix_projection"),
+    "freeze": ("freeze_module_name",),
+}
 
 
 def parse_args(argv=None):
@@ -93,7 +105,9 @@ def parse_args(argv=None):
     group.add_argument("--seed", type=int, default=1234, help="random seed")
 
     group = parser.add_argument_group("run")
-    group.add_argument("--ds_file", default="ds_zero2_no_offload.json", help="DeepSpeed JSON (ZeRO, clipping)")
+    group.add_argument("--ds_file", default="ds_zero2_no_offload.json",
+                       help="DeepSpeed JSON (ZeRO, offload, clipping); a shipped one's bare name works from any "
+                            "directory")
     group.add_argument("--output_dir", required=True, help="where checkpoints and logs go")
     group.add_argument("--save_model_step", type=int, default=None, help="also save every N optimizer steps")
     group.add_argument("--save_total_limit", type=int, default=None,
@@ -103,6 +117,7 @@ def parse_args(argv=None):
     add_bool_flag(group, "--resume", "continue from the last checkpoint in output_dir")
     group.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
+    args.ds_file = find_ds_file(parser, args.ds_file)
     if args.max_src_len >= args.max_len:
         parser.error(f"--max_src_len ({args.max_src_len}) must be smaller than --max_len ({args.max_len})")
     for flag in ("max_src_len", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
@@ -115,6 +130,17 @@ def parse_args(argv=None):
         parser.error(f"--warmup_ratio must be between 0 and 1, got {args.warmup_ratio}")
     if not 0 <= args.lora_dropout < 1:
         parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    for flag in ("learning_rate", "lora_alpha"):
+        if not getattr(args, flag) > 0:
+            parser.error(f"--{flag} must be above 0, got {getattr(args, flag)}")
+    if not args.weight_decay >= 0:
+        parser.error(f"--weight_decay must be at least 0, got {args.weight_decay}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    if args.eval_step and not args.dev_path:
+        parser.error("--eval_step evaluates on --dev_path: give one, or leave --eval_step out")
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        parser.error("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has none): use bf16 or fp32")
     quantization.check_train_args(parser, args)
     if args.compile and quantization.zero_stage(args.ds_file) == 3:
         # ZeRO-3 gathers each parameter in module hooks that torch.compile must not trace: the parts would fall
@@ -124,9 +150,85 @@ def parse_args(argv=None):
     return args
 
 
+def find_ds_file(parser, ds_file: str) -> str:
+    """--ds_file as given, or a shipped JSON (ds_zero2_no_offload.json ...) by its bare name from any directory;
+    refused in one line unless it holds a JSON object."""
+    if not os.path.exists(ds_file) and os.path.dirname(ds_file) == "" and os.path.isfile(os.path.join(HERE, ds_file)):
+        ds_file = os.path.join(HERE, ds_file)
+    if not os.path.isfile(ds_file):
+        parser.error(f"--ds_file {ds_file}: no such file")
+    try:
+        read_json(ds_file)
+    except ValueError as error:
+        parser.error(f"--ds_file {error}")
+    return ds_file
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # set-up
 # ------------------------------------------------------------------------------------------------------------------
+def check_inputs(args, world_size: int) -> str | None:
+    """Before anything is loaded or written, in one line each: the checkpoint directory is one of --mode, the
+    output directory is usable, and a --resume continues the run its checkpoint came from. Returns the checkpoint tag
+    to resume from, or None."""
+    with checkpoint_errors_in_one_line():
+        check_checkpoint_dir(args.model_name_or_path, args.mode)
+        check_safetensors_headers(args.model_name_or_path)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise SystemExit(f"--output_dir {args.output_dir} is a file; choose a directory")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.resume:
+        raise SystemExit(f"--output_dir {args.output_dir} exists and is not empty: pass --resume to continue "
+                         f"it, or choose another directory")
+    tag = last_checkpoint(args.output_dir) if args.resume and os.path.isdir(args.output_dir) else None
+    if tag:
+        check_resume(args, tag, world_size)
+    return tag
+
+
+@contextmanager
+def checkpoint_errors_in_one_line():
+    """What our loaders raise for a bad checkpoint directory (a missing or unreadable file, named in the message),
+    reported in one line under --model_name_or_path rather than as a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--model_name_or_path: {error}") from None
+
+
+def run_record(args, world_size: int) -> dict:
+    """training_args.json: the flags, with the paths made absolute, and the number of ranks."""
+    paths = {flag: os.path.abspath(getattr(args, flag)) for flag in ("model_name_or_path", "train_path", "dev_path",
+                                                                      "ds_file") if getattr(args, flag)}
+    return {**vars(args), **paths, "world_size": world_size}
+
+
+def check_resume(args, tag: str, world_size: int) -> None:
+    """--resume: the checkpoint must come from this run (RESUME_FIXED), and no later checkpoint name may be taken by
+    a directory that is not a complete checkpoint (the resumed run would fail to save there after training)."""
+    step = int(tag.rsplit("-", 1)[1])
+    later = sorted(name for name in os.listdir(args.output_dir)
+                   if name.startswith("epoch-") and "-step-" in name and name.rsplit("-", 1)[1].isdigit()
+                   and int(name.rsplit("-", 1)[1]) > step)
+    if later:
+        raise SystemExit(f"--resume: {os.path.join(args.output_dir, later[0])} is later than the last complete "
+                         f"checkpoint {tag} but has no deepspeed/ state to resume from; move it out of --output_dir")
+    record_file = os.path.join(args.output_dir, tag, "training_args.json")
+    if not os.path.isfile(record_file):
+        return
+    try:
+        before = read_json(record_file)
+    except ValueError as error:
+        raise SystemExit(f"--resume: {error}") from None
+    now = run_record(args, world_size)
+    for flag in RESUME_FIXED["any"] + RESUME_FIXED.get(args.train_type, ()):
+        if flag in ("model_name_or_path", "train_path") and flag in before:  # older records: relative paths
+            before[flag] = os.path.abspath(before[flag])
+        if flag in before and before[flag] != now[flag]:
+            what = "ranks" if flag == "world_size" else f"--{flag}"
+            raise SystemExit(f"--resume: {what} is {now[flag]!r}, but {tag} was trained with {before[flag]!r} "
+                             f"({record_file}); resume with the same value, or train into a new --output_dir")
+
+
 def init_distributed():
     """One process without the launcher is a world of one; gloo where there is no GPU."""
     import deepspeed
@@ -196,11 +298,12 @@ def build_model(args, ds_config):
         # Lets from_pretrained build the model under deepspeed.zero.Init: each rank only holds its shard.
         from transformers.integrations import HfDeepSpeedConfig
         zero3_context = HfDeepSpeedConfig(ds_config)  # must stay alive while loading
-    if args.quantization_bit:  # QLoRA (ZeRO-3 was refused in parse_args)
-        model = quantization.prepare_for_training(quantization.load_quantized(
-            MODE[args.mode].model, args.model_name_or_path, args.quantization_bit, dtype))
-    else:
-        model = MODE[args.mode].model.from_pretrained(args.model_name_or_path, dtype=dtype, **extra)
+    with checkpoint_errors_in_one_line():
+        if args.quantization_bit:  # QLoRA (ZeRO-3 was refused in parse_args)
+            model = quantization.prepare_for_training(quantization.load_quantized(
+                MODE[args.mode].model, args.model_name_or_path, args.quantization_bit, dtype))
+        else:
+            model = MODE[args.mode].model.from_pretrained(args.model_name_or_path, dtype=dtype, **extra)
     del zero3_context
     return apply_train_type(model, args)
 
@@ -489,7 +592,7 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
         else:  # the base's files (tokenizer included) with the new weights in the base's dtype
             write_full_checkpoint(state, args.model_name_or_path, staging)
         with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
-            json.dump({**vars(args), "model_name_or_path": os.path.abspath(args.model_name_or_path)}, f, indent=2)
+            json.dump(run_record(args, torch.distributed.get_world_size()), f, indent=2)
     torch.distributed.barrier()
     engine.save_checkpoint(os.path.join(staging, "deepspeed"), tag="state", client_state=resume_state,
                            exclude_frozen_parameters=args.train_type != "all")
@@ -581,14 +684,12 @@ def train(args):
     setup_logging(rank)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.resume:
-        raise SystemExit(f"--output_dir {args.output_dir} exists and is not empty: pass --resume to continue "
-                         f"it, or choose another directory")
-    resume_tag = last_checkpoint(args.output_dir) if args.resume and os.path.isdir(args.output_dir) else None
+    resume_tag = check_inputs(args, world_size)
     torch.distributed.barrier()  # every rank has looked before anything is written
     os.makedirs(args.output_dir, exist_ok=True)
 
-    tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
+    with checkpoint_errors_in_one_line():
+        tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
     train_set, dev_set = build_data(args, tokenizer)
     train_loader = make_loader(train_set, args, rank, world_size, True, tokenizer.pad_token_id)
     dev_loader = make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id) if dev_set else None

@@ -20,6 +20,21 @@ from .config import VERSION_KEY, check_checkpoint_dir
 from .template import IGNORE_INDEX
 
 
+def check_safetensors_headers(directory: str) -> None:
+    """Open the header of every *.safetensors file in `directory` (cheap: no tensor is read), so that a truncated or
+    foreign file is named in one line instead of failing deep inside loading with safetensors' own message."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(directory, name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                raise ValueError(f"{os.path.join(directory, name)}: not a readable safetensors file ({error})") \
+                    from None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loss: cross-entropy over the labelled positions only, in chunks, never holding fp32 logits for the whole batch.
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,6 +344,7 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
         check_checkpoint_dir(path, cls.mode)
         if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(path)):
             raise FileNotFoundError(f"{path}: no *.safetensors or *.bin weight files in this checkpoint directory")
+        check_safetensors_headers(path)
         want_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
