@@ -2,6 +2,7 @@
 adapter on its base, or a P-Tuning prefix on its base, with one-line errors naming the directory or file."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -162,6 +163,12 @@ def attach_lora(model, adapter_dir: str, where: str, **peft_kwargs):
 
     from peft import PeftModel
 
+    from model.modeling_base import check_safetensors_headers
+
+    try:
+        check_safetensors_headers(adapter_dir)  # a truncated adapter file, named, not safetensors' bare message
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
     try:
         with warnings.catch_warnings():  # names that fit no module: check_adapter_loaded says it in one line
             warnings.filterwarnings("ignore", message="Found missing adapter keys")
@@ -171,6 +178,18 @@ def attach_lora(model, adapter_dir: str, where: str, **peft_kwargs):
         raise CheckpointError(f"{where}: the adapter does not fit the base: {first_line}") from None
     check_adapter_loaded(peft_model, adapter_dir)
     return peft_model
+
+
+@contextlib.contextmanager
+def checkpoint_errors():
+    """The model layer's own one-line errors for a bad directory or file (OSError, ValueError: a missing or
+    truncated file, a tokenizer file of another version) as CheckpointError, which the scripts print in one line."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load_tokenizer(spec, checkpoint_dir: str, base_dir: str):
@@ -210,7 +229,7 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
             return quantization.load_quantized(spec.model, path, quantization_bit, dtype, device, **kwargs)
         return spec.model.from_pretrained(path, dtype=dtype, **kwargs)
 
-    try:
+    with checkpoint_errors():
         if kind == "full":
             check_checkpoint_dir(model_path, mode)
             model = load(model_path)
@@ -227,12 +246,7 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
         else:
             base = _base_of(mode, model_path, kind, base_model_path)
             model = attach_lora(load(base), model_path, f"{model_path} (on {base})")
-    except CheckpointError:
-        raise
-    except (OSError, ValueError) as e:  # the model layer's own one-line errors
-        raise CheckpointError(str(e)) from None
-
-    tokenizer = load_tokenizer(spec, model_path, base)
+        tokenizer = load_tokenizer(spec, model_path, base)
     if not quantization_bit:  # a quantized model was loaded onto the device already
         model = model.to(device)
     else:

@@ -28,8 +28,10 @@ import torch
 
 from model import MODE, check_checkpoint_dir, template
 from model.config import read_json
+from model.modeling_base import check_safetensors_headers
 from model.export import SAFETENSORS_DTYPES, ExportError, atomic_directory, config_dtype, write_full_checkpoint
-from inference import CheckpointError, attach_lora, check_trained_mode, inference_device, load_tokenizer
+from inference import (CheckpointError, attach_lora, check_trained_mode, checkpoint_errors, inference_device,
+                       load_tokenizer)
 from utils import DTYPES, PRECISIONS, setup_logging
 
 logger = logging.getLogger("chatglm")
@@ -102,6 +104,7 @@ def base_dtype(path: str) -> torch.dtype:
     """The floating dtype most weights of a checkpoint are stored in (safetensors headers, else config.json)."""
     from safetensors import safe_open
 
+    check_safetensors_headers(path)
     counts = Counter()
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
@@ -139,12 +142,13 @@ def merge(args):
     """(merged model, report dict); raises CheckpointError or, when the check fails, MergeCheckError."""
     spec = MODE[args.mode]
     device = inference_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else base_dtype(args.ori_model_dir)
-    logger.info("loading %s on %s as %s", args.ori_model_dir, device, str(dtype).replace("torch.", ""))
-    base = spec.model.from_pretrained(args.ori_model_dir, dtype=dtype).to(device).eval()
-    model = attach_lora(base, args.model_dir, f"--model_dir {args.model_dir}", autocast_adapter_dtype=False)
-    model = model.to(device).eval()
-    tokenizer = load_tokenizer(spec, args.model_dir, args.ori_model_dir)
+    with checkpoint_errors():
+        dtype = DTYPES[args.dtype] if args.dtype != "auto" else base_dtype(args.ori_model_dir)
+        logger.info("loading %s on %s as %s", args.ori_model_dir, device, str(dtype).replace("torch.", ""))
+        base = spec.model.from_pretrained(args.ori_model_dir, dtype=dtype).to(device).eval()
+        model = attach_lora(base, args.model_dir, f"--model_dir {args.model_dir}", autocast_adapter_dtype=False)
+        model = model.to(device).eval()
+        tokenizer = load_tokenizer(spec, args.model_dir, args.ori_model_dir)
 
     prompts = check_prompt_ids(tokenizer, args.mode)
     expected = prompt_logits(model, prompts, device)

@@ -84,7 +84,19 @@ def parse_args(argv=None):
         parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.do_sample and args.temperature <= 0:
         parser.error(f"--temperature must be positive, got {args.temperature}")
+    if args.query is not None and not is_utf8(args.query):
+        parser.error("--query is not UTF-8 text (set the terminal to UTF-8)")
     return args
+
+
+def is_utf8(text: str) -> bool:
+    """False for text Python decoded with surrogate escapes: bytes of another encoding (e.g. GBK) from the terminal
+    or argv, which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def generation_kwargs(args, tokenizer, mode: str) -> dict:
@@ -218,6 +230,9 @@ def chat_loop(model, tokenizer, gen_kwargs: dict, stdin=None, stdout=None) -> No
             break
         query = line.strip()
         if not query:
+            continue
+        if not is_utf8(query):  # the conversation so far stays
+            stdout.write("输入不是 UTF-8 文本，请重新输入 (the input is not UTF-8 text; set the terminal to UTF-8)\n")
             continue
         if query == "exit":
             break
