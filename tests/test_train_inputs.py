@@ -31,34 +31,52 @@ def truncated_checkpoint(tiny_dirs, tmp_path):
     return base
 
 
-CASES = {  # name -> (extra flags or a function of (tiny_dirs, tmp_path) giving them, expected last line part)
+FLAG_CASES = {  # name -> (extra flags or a function of tmp_path giving them, expected part of the last line)
     "missing ds_file": (["--ds_file", "nope.json"], "--ds_file nope.json: no such file"),
-    "invalid ds_file": (lambda dirs, tmp: ["--ds_file", bad_json(tmp)], "bad.json:2: not valid JSON"),
-    "no checkpoint": (["--model_name_or_path", "/nonexistent/ckpt"],
-                      "--model_name_or_path: /nonexistent/ckpt: no such checkpoint directory"),
-    "other version": (lambda dirs, tmp: ["--model_name_or_path", dirs["glm4"]],
-                      "this is a glm4 checkpoint, but --mode is glm3"),
-    "truncated weights": (lambda dirs, tmp: ["--model_name_or_path", truncated_checkpoint(dirs, tmp)],
-                          "model.safetensors: not a readable safetensors file"),
+    "invalid ds_file": (lambda tmp: ["--ds_file", bad_json(tmp)], "bad.json:2: not valid JSON"),
     "negative lr": (["--learning_rate", "-1"], "--learning_rate must be above 0, got -1.0"),
     "zero lr": (["--learning_rate", "0"], "--learning_rate must be above 0, got 0.0"),
     "negative alpha": (["--lora_alpha", "-30"], "--lora_alpha must be above 0, got -30"),
     "negative decay": (["--weight_decay", "-0.1"], "--weight_decay must be at least 0, got -0.1"),
     "negative seed": (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
     "eval without dev": (["--eval_step", "2"], "--eval_step evaluates on --dev_path"),
-    "output is a file": (lambda dirs, tmp: ["--output_dir", (tmp / "a_file").absolute()], "is a file"),
 }
 if not torch.cuda.is_available():
-    CASES["fp16 on the CPU"] = (["--precision", "fp16"], "--precision fp16 needs a GPU")
+    FLAG_CASES["fp16 on the CPU"] = (["--precision", "fp16"], "--precision fp16 needs a GPU")
+
+CHECKPOINT_CASES = {  # name -> (a function of (tiny_dirs, tmp_path) giving the extra flags, expected last line part)
+    "no checkpoint": (lambda dirs, tmp: ["--model_name_or_path", "/nonexistent/ckpt"],
+                      "--model_name_or_path: /nonexistent/ckpt: no such checkpoint directory"),
+    "other version": (lambda dirs, tmp: ["--model_name_or_path", dirs["glm4"]],
+                      "this is a glm4 checkpoint, but --mode is glm3"),
+    "truncated weights": (lambda dirs, tmp: ["--model_name_or_path", truncated_checkpoint(dirs, tmp)],
+                          "model.safetensors: not a readable safetensors file"),
+    "output is a file": (lambda dirs, tmp: ["--output_dir", (tmp / "a_file").absolute()], "is a file"),
+}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_stops_in_one_line_and_writes_nothing(case, tiny_dirs, tmp_path):
-    extra, expected = CASES[case]
+@pytest.mark.parametrize("case", sorted(FLAG_CASES))
+def test_bad_flags_stop_in_one_line_before_anything_starts(case, tiny_dirs, tmp_path, capsys):
+    """train.main in this process: the flags are refused before DeepSpeed or any file is touched."""
+    import train
+
+    extra, expected = FLAG_CASES[case]
+    extra = extra(tmp_path) if callable(extra) else extra
+    argv = ["--model_name_or_path", tiny_dirs["glm3"], "--output_dir", tmp_path / "out", "--mode", "glm3",
+            "--train_path", TRAIN, *extra]
+    with pytest.raises(SystemExit) as stop:
+        train.main([str(a) for a in argv])
+    assert stop.value.code == 2
+    assert expected in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_a_bad_checkpoint_or_output_dir_stops_in_one_line_and_writes_nothing(case, tiny_dirs, tmp_path):
+    extra, expected = CHECKPOINT_CASES[case]
     (tmp_path / "a_file").write_text("mine")
-    extra = extra(tiny_dirs, tmp_path) if callable(extra) else extra
-    result = run_train(tiny_dirs["glm3"], tmp_path / "out", "--mode", "glm3", "--train_path", TRAIN, *extra,
-                       expect_ok=False, launcher=False)
+    result = run_train(tiny_dirs["glm3"], tmp_path / "out", "--mode", "glm3", "--train_path", TRAIN,
+                       *extra(tiny_dirs, tmp_path), expect_ok=False, launcher=False)
     one_line_error(result, expected)
     assert not (tmp_path / "out").exists() and (tmp_path / "a_file").read_text() == "mine"
 
