@@ -96,7 +96,9 @@ def check_dirs(args) -> None:
             raise CheckpointError(f"--output_dir {args.output_dir} is {flag} or inside it; choose a new directory")
         if _inside(directory, output):
             raise CheckpointError(f"--output_dir {args.output_dir} contains {flag}; choose a new directory")
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise CheckpointError(f"--output_dir {args.output_dir} is a file; choose a new directory")
+    if os.path.isdir(output) and os.listdir(output):
         raise CheckpointError(f"--output_dir {args.output_dir} exists and is not empty; choose a new directory")
 
 

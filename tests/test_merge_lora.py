@@ -162,6 +162,8 @@ def test_refuses_to_write_into_or_over_its_inputs(tiny_dirs, adapters, tmp_path,
     (full / "keep.txt").write_text("x")
     assert "exists and is not empty" in bad_merge(capsys, *common, full)
     assert (full / "keep.txt").read_text() == "x"
+    assert f"--output_dir {full / 'keep.txt'} is a file" in bad_merge(capsys, *common, full / "keep.txt")
+    assert (full / "keep.txt").read_text() == "x"
     assert (snapshot(base), snapshot(adapter)) == before
 
 
