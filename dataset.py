@@ -2,9 +2,11 @@
 with labels and truncation, the dev-set shard, the collator and the length-grouped sampler."""
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -22,28 +24,91 @@ class DataError(ValueError):
     """Bad input data: the message names file and line."""
 
 
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON counts as whitespace between values
+
+
 def read_records(path: str) -> list[tuple[int, dict]]:
-    """(line number, object) for a JSONL file or a JSON array; a parse error names `file:line`."""
+    """(line number, object) for a JSON Lines file (one sample per line, numbered by its line) or a JSON array
+    (numbered by the line on which each element starts). The text must be UTF-8 (a leading byte-order mark is
+    accepted). Every problem is a DataError naming `file:line` (or the file, when it cannot be read at all)."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a data file (JSON Lines or a JSON array)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    text = _decode_utf8(path, raw)
     if text.lstrip().startswith("["):
+        return _array_records(path, text)
+    if text.lstrip().startswith("{") and text.strip().count("\n"):  # one object over several lines?
         try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: {e.msg}") from None
-        # line of each array element is not kept by json; number them from 1 in order
-        return [(i + 1, item) for i, item in enumerate(items)]
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            raise DataError(f"{path}: the file holds one JSON object spread over several lines; it must hold a "
+                            f"JSON array of samples or one JSON object per line (JSON Lines)")
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    lines = text.split("\n")  # JSON Lines separates on \n only (a JSON string may hold U+2028, \x85 ...)
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             records.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: {e.msg} (column {e.colno})") from None
+            raise DataError(f"{path}:{number}: {e.msg} (column {e.colno}){_spans_lines(lines, number)}") from None
     return records
+
+
+def _decode_utf8(path: str, raw: bytes) -> str:
+    """The file's text (utf-8-sig: a leading BOM is dropped); bytes that are not UTF-8 name their line and column."""
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[line_start:e.start].decode("utf-8")) + 1  # everything before the first bad byte decodes
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}; save the "
+                        f"file as UTF-8)") from None
+
+
+def _array_records(path: str, text: str) -> list[tuple[int, dict]]:
+    """The elements of a JSON array, each with the line on which it starts."""
+    try:
+        json.loads(text)  # the whole file first: a syntax error names its line and column as json finds them
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: {e.msg} (column {e.colno})") from None
+    decoder = json.JSONDecoder()
+    records, line, counted = [], 1, 0  # `line` is the line of offset `counted`
+    position = _JSON_WHITESPACE.match(text, text.index("[") + 1).end()
+    while text[position] != "]":
+        item, end = decoder.raw_decode(text, position)
+        line += text.count("\n", counted, position)
+        counted = position
+        records.append((line, item))
+        position = _JSON_WHITESPACE.match(text, end).end()
+        if text[position] == ",":
+            position = _JSON_WHITESPACE.match(text, position + 1).end()
+    return records
+
+
+def _spans_lines(lines: list[str], number: int) -> str:
+    """A hint when the JSON value that starts on line `number` (counted from 1) goes on over later lines: valid
+    JSON, but not JSON Lines."""
+    text = "\n".join(lines[number - 1:])
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip(" \t\r")))
+    except json.JSONDecodeError:
+        return ""
+    last = number + text.count("\n", 0, end)
+    if last == number:
+        return ""
+    return f"; the sample on lines {number}-{last} must be on one line (JSON Lines), or make the file a JSON array"
 
 
 def sample_to_messages(mode: str, sample, where: str) -> list[dict]:

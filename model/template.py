@@ -120,14 +120,29 @@ def _rounds(messages: list[dict], mode: str) -> list[list]:
 
 
 def check_conversation(mode: str, messages: list[dict]) -> None:
-    """Raise ValueError (one line) unless the template of `mode` can hold this conversation."""
+    """Raise ValueError (one line) unless the template of `mode` can hold this conversation.
+
+    glm3/glm4 (the official ChatGLM3 / GLM-4 formats): after any system messages the first turn is a user turn, and
+    an observation turn (a tool's result) comes right after the assistant turn whose tool call it answers, or after
+    another observation (several tool calls in a row, then their results in a row, as GLM-4's openai_api_server
+    renders parallel calls). Anything else those formats allow stays allowed: several assistant turns in a row,
+    tool call -> observation -> assistant, system messages later on."""
     if mode in ("glm", "glm2"):
         _rounds(messages, mode)
-    else:
-        for message in messages:
-            if message["role"] not in ROLES:
-                raise ValueError(f"--mode {mode}: unknown role {message['role']!r} (expected one of "
-                                 f"{', '.join(ROLES)})")
+        return
+    for message in messages:
+        if message["role"] not in ROLES:
+            raise ValueError(f"--mode {mode}: unknown role {message['role']!r} (expected one of {', '.join(ROLES)})")
+    first = next((m["role"] for m in messages if m["role"] != "system"), "user")
+    if first != "user":
+        raise ValueError(f"--mode {mode}: the conversation starts with an {first} turn (after any system messages "
+                         f"it must start with a user turn)")
+    for number, (before, message) in enumerate(zip(messages, messages[1:]), start=2):
+        # several tool calls in a row are answered by as many observations in a row (GLM-4's openai_api_server)
+        if message["role"] == "observation" and before["role"] not in ("assistant", "observation"):
+            raise ValueError(f"--mode {mode}: turn {number} is an observation following the {before['role']} turn (an "
+                             f"observation must come right after the assistant turn whose tool call it answers, or "
+                             f"after another observation)")
 
 
 def _pieces(tokenizer, mode: str, messages: list[dict], learn_all_turns: bool) -> list[Piece]:
