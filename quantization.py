@@ -20,7 +20,6 @@ the P-Tuning prefix encoder is skipped too (it is trained, in fp32).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -48,9 +47,10 @@ def add_flag(group, what: str) -> None:
 
 def zero_stage(ds_file: str) -> int | None:
     """The ZeRO stage a DeepSpeed JSON asks for, or None when the file cannot be read (train.py reports that)."""
+    from model.config import read_json
+
     try:
-        with open(ds_file, encoding="utf-8") as f:
-            return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
+        return int(read_json(ds_file).get("zero_optimization", {}).get("stage", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return None
 

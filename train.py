@@ -268,8 +268,7 @@ def fill_ds_config(args, world_size: int) -> dict:
     """The one place flags reach the DeepSpeed JSON: batch keys, optimizer and precision. The JSON keeps what it owns
     (ZeRO stage, offload, clipping); the lr schedule is train.py's own (`lr_factor`), so a "scheduler" in the JSON is
     dropped."""
-    with open(args.ds_file, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(args.ds_file)  # checked in parse_args
     config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
     config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     config["train_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size

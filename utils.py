@@ -30,9 +30,11 @@ def add_bool_flag(group, flag: str, help: str, default: bool = False) -> None:
 
 
 def setup_logging(rank: int) -> None:
-    """INFO on rank 0, warnings only elsewhere: one voice in the console."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if rank <= 0 else logging.WARNING, force=True)
+    """INFO on rank 0, warnings only elsewhere: one voice in the console. Handlers a host process already put on the
+    root logger (pytest's, a notebook's) stay; ours is added only where there is none."""
+    level = logging.INFO if rank <= 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=level)
+    logging.getLogger().setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------------------------
