@@ -784,4 +784,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # Left to interpreter shutdown, gloo's worker threads can still hold asynchronous work (ZeRO-3 issues it)
+        # whose tensors need the interpreter: the process then aborts after a successful run with "terminate called
+        # without an active exception" (pytorch/pytorch#190489, #179291); seen twice in CPU test runs of two ranks.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -342,7 +342,10 @@ def run_case(case, shape, dtype_name, steps, warmup, models, peak_tflops, mode="
 def _run_one(case, who, options):
     """A child's whole work: a world of one, then one model of one case."""
     train.init_distributed()
-    return run_case(case, models=[who], **options)[0]
+    try:
+        return run_case(case, models=[who], **options)[0]
+    finally:
+        torch.distributed.destroy_process_group()  # before interpreter shutdown, as train.py does
 
 
 def run_in_child(case, who, options):
