@@ -22,14 +22,13 @@ import json
 import logging
 import os
 import sys
-from collections import Counter
 
 import torch
 
 from model import MODE, check_checkpoint_dir, template
 from model.config import read_json
 from model.modeling_base import check_safetensors_headers
-from model.export import SAFETENSORS_DTYPES, ExportError, atomic_directory, config_dtype, write_full_checkpoint
+from model.export import ExportError, atomic_directory, stored_dtype, write_full_checkpoint
 from inference import (CheckpointError, attach_lora, check_trained_mode, checkpoint_errors, inference_device,
                        load_tokenizer)
 from utils import DTYPES, PRECISIONS, setup_logging
@@ -102,24 +101,6 @@ def check_dirs(args) -> None:
         raise CheckpointError(f"--output_dir {args.output_dir} exists and is not empty; choose a new directory")
 
 
-def base_dtype(path: str) -> torch.dtype:
-    """The floating dtype most weights of a checkpoint are stored in (safetensors headers, else config.json)."""
-    from safetensors import safe_open
-
-    check_safetensors_headers(path)
-    counts = Counter()
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                for key in f.keys():
-                    dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
-                    if dtype is not None and dtype.is_floating_point:
-                        counts[dtype] += 1
-    if counts:
-        return counts.most_common(1)[0][0]
-    return config_dtype(read_json(os.path.join(path, "config.json"), CheckpointError)) or torch.float32
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # the merge and its check
 # ------------------------------------------------------------------------------------------------------------------
@@ -145,7 +126,8 @@ def merge(args):
     spec = MODE[args.mode]
     device = inference_device(args.device)
     with checkpoint_errors():
-        dtype = DTYPES[args.dtype] if args.dtype != "auto" else base_dtype(args.ori_model_dir)
+        check_safetensors_headers(args.ori_model_dir)  # a truncated base named in one line, before its dtypes are read
+        dtype = DTYPES[args.dtype] if args.dtype != "auto" else stored_dtype(args.ori_model_dir)
         logger.info("loading %s on %s as %s", args.ori_model_dir, device, str(dtype).replace("torch.", ""))
         base = spec.model.from_pretrained(args.ori_model_dir, dtype=dtype).to(device).eval()
         model = attach_lora(base, args.model_dir, f"--model_dir {args.model_dir}", autocast_adapter_dtype=False)

@@ -35,11 +35,13 @@ from model.config import read_json
 from model.compat import enable_activation_checkpointing
 from model.modeling_base import LMHead, check_safetensors_headers
 from dataset import DataCollator, DataError, EvalShard, InstructionDataset, LengthGroupedSampler
+from inference import CheckpointError, checkpoint_errors
 from utils import DTYPES, PRECISIONS, add_bool_flag, auto_precision, count_parameters, setup_logging
 
 logger = logging.getLogger("chatglm")
 TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
 HERE = os.path.dirname(os.path.abspath(__file__))
+PATH_FLAGS = ("model_name_or_path", "train_path", "dev_path", "ds_file")  # absolute in training_args.json
 # What a resumed run must share with the run that wrote its checkpoint: the flags that decide which parameters train
 # and which samples come in which order. Epochs, --max_steps, the lr, logging and saving may change.
 RESUME_FIXED = {
@@ -171,7 +173,7 @@ def check_inputs(args, world_size: int) -> str | None:
     """Before anything is loaded or written, in one line each: the checkpoint directory is one of --mode, the
     output directory is usable, and a --resume continues the run its checkpoint came from. Returns the checkpoint tag
     to resume from, or None."""
-    with checkpoint_errors_in_one_line():
+    with checkpoint_errors():
         check_checkpoint_dir(args.model_name_or_path, args.mode)
         check_safetensors_headers(args.model_name_or_path)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
@@ -185,30 +187,17 @@ def check_inputs(args, world_size: int) -> str | None:
     return tag
 
 
-@contextmanager
-def checkpoint_errors_in_one_line():
-    """What our loaders raise for a bad checkpoint directory (a missing or unreadable file, named in the message),
-    reported in one line under --model_name_or_path rather than as a traceback."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"--model_name_or_path: {error}") from None
-
-
 def run_record(args, world_size: int) -> dict:
     """training_args.json: the flags, with the paths made absolute, and the number of ranks."""
-    paths = {flag: os.path.abspath(getattr(args, flag)) for flag in ("model_name_or_path", "train_path", "dev_path",
-                                                                      "ds_file") if getattr(args, flag)}
+    paths = {flag: os.path.abspath(getattr(args, flag)) for flag in PATH_FLAGS if getattr(args, flag)}
     return {**vars(args), **paths, "world_size": world_size}
 
 
 def check_resume(args, tag: str, world_size: int) -> None:
     """--resume: the checkpoint must come from this run (RESUME_FIXED), and no later checkpoint name may be taken by
     a directory that is not a complete checkpoint (the resumed run would fail to save there after training)."""
-    step = int(tag.rsplit("-", 1)[1])
-    later = sorted(name for name in os.listdir(args.output_dir)
-                   if name.startswith("epoch-") and "-step-" in name and name.rsplit("-", 1)[1].isdigit()
-                   and int(name.rsplit("-", 1)[1]) > step)
+    step = checkpoint_step(tag)
+    later = sorted(name for name in os.listdir(args.output_dir) if (checkpoint_step(name) or 0) > step)
     if later:
         raise SystemExit(f"--resume: {os.path.join(args.output_dir, later[0])} is later than the last complete "
                          f"checkpoint {tag} but has no deepspeed/ state to resume from; move it out of --output_dir")
@@ -221,7 +210,7 @@ def check_resume(args, tag: str, world_size: int) -> None:
         raise SystemExit(f"--resume: {error}") from None
     now = run_record(args, world_size)
     for flag in RESUME_FIXED["any"] + RESUME_FIXED.get(args.train_type, ()):
-        if flag in ("model_name_or_path", "train_path") and flag in before:  # older records: relative paths
+        if flag in PATH_FLAGS and flag in before:  # older records: relative paths
             before[flag] = os.path.abspath(before[flag])
         if flag in before and before[flag] != now[flag]:
             what = "ranks" if flag == "world_size" else f"--{flag}"
@@ -297,7 +286,7 @@ def build_model(args, ds_config):
         # Lets from_pretrained build the model under deepspeed.zero.Init: each rank only holds its shard.
         from transformers.integrations import HfDeepSpeedConfig
         zero3_context = HfDeepSpeedConfig(ds_config)  # must stay alive while loading
-    with checkpoint_errors_in_one_line():
+    with checkpoint_errors():
         if args.quantization_bit:  # QLoRA (ZeRO-3 was refused in parse_args)
             model = quantization.prepare_for_training(quantization.load_quantized(
                 MODE[args.mode].model, args.model_name_or_path, args.quantization_bit, dtype))
@@ -606,11 +595,17 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
     return final
 
 
+def checkpoint_step(name: str) -> int | None:
+    """S of a checkpoint directory name epoch-E-step-S, else None."""
+    step = name.rsplit("-", 1)[1] if name.startswith("epoch-") and "-step-" in name else ""
+    return int(step) if step.isdigit() else None
+
+
 def checkpoint_tags(output_dir) -> list[str]:
     """The complete checkpoints (epoch-E-step-S with DeepSpeed state) in output_dir, oldest step first."""
-    tags = [d for d in os.listdir(output_dir) if d.startswith("epoch-") and "-step-" in d and
+    tags = [d for d in os.listdir(output_dir) if checkpoint_step(d) is not None and
             os.path.isdir(os.path.join(output_dir, d, "deepspeed"))]
-    return sorted(tags, key=lambda d: int(d.rsplit("-", 1)[1]))
+    return sorted(tags, key=checkpoint_step)
 
 
 def prune_checkpoints(output_dir, limit: int, keep: str) -> None:
@@ -687,7 +682,7 @@ def train(args):
     torch.distributed.barrier()  # every rank has looked before anything is written
     os.makedirs(args.output_dir, exist_ok=True)
 
-    with checkpoint_errors_in_one_line():
+    with checkpoint_errors():
         tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
     train_set, dev_set = build_data(args, tokenizer)
     train_loader = make_loader(train_set, args, rank, world_size, True, tokenizer.pad_token_id)
@@ -781,6 +776,8 @@ def main(argv=None):
         return train(args)
     except DataError as error:
         raise SystemExit(str(error)) from None
+    except CheckpointError as error:  # in train.py only --model_name_or_path is loaded through checkpoint_errors
+        raise SystemExit(f"--model_name_or_path: {error}") from None
 
 
 if __name__ == "__main__":

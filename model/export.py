@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 
 import torch
 
@@ -102,6 +103,7 @@ def publish(staging: str, final: str, replace: bool = False) -> str:
 def atomic_directory(final: str, replace: bool = False):
     """`with atomic_directory(path) as staging:` write into `staging`; on success it becomes `path`, on an error
     nothing is left behind. For one process; train.py's ranks use `begin_staging` / `publish` themselves."""
+    final = os.path.abspath(final)  # "." too: an empty current directory can be taken over by its full path
     staging = begin_staging(final)
     try:
         yield staging
@@ -171,6 +173,15 @@ def _base_dtypes(base_dir: str, files: list[str], default: torch.dtype) -> dict[
                 for key in f.keys():
                     dtypes[key] = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype(), default)
     return dtypes
+
+
+def stored_dtype(base_dir: str) -> torch.dtype:
+    """The floating dtype most of a checkpoint's weights are stored in (safetensors headers), else the one its
+    config.json declares, else float32."""
+    declared = config_dtype(read_json(os.path.join(base_dir, "config.json"), ExportError)) or torch.float32
+    counts = Counter(dtype for dtype in _base_dtypes(base_dir, base_weight_layout(base_dir)[1], declared).values()
+                     if dtype.is_floating_point)
+    return counts.most_common(1)[0][0] if counts else declared
 
 
 def _load_base_tensors(base_dir: str, layout: dict[str, str], keys: list[str]) -> dict[str, torch.Tensor]:
