@@ -156,6 +156,35 @@ def check_trained_mode(checkpoint_dir: str, mode: str) -> None:
                                   f"but --mode is {mode}")
 
 
+def recorded_quantization_bit(checkpoint_dir: str) -> int | None:
+    """The --quantization_bit a checkpoint was trained with (4 or 8: QLoRA), from the training_args.json train.py
+    writes beside it; None when it records none (no record, or a run without quantization)."""
+    import quantization
+
+    args_file = os.path.join(checkpoint_dir, "training_args.json")
+    if not os.path.isfile(args_file):
+        return None
+    bits = read_json(args_file, CheckpointError).get("quantization_bit")
+    if bits is None:
+        return None
+    if bits not in quantization.BITS:
+        raise CheckpointError(f"{args_file}: quantization_bit is {bits!r}, expected one of "
+                              f"{', '.join(map(str, quantization.BITS))} or null")
+    return bits
+
+
+def choose_quantization(asked: int | None, trained: int | None) -> tuple[int | None, str]:
+    """(bits to load the base in, or None for full precision; why, for the log). asked: --quantization_bit (None: as
+    the checkpoint was trained; 0: full precision); trained: what its training_args.json records."""
+    if asked is None:
+        if trained:
+            return trained, "as the adapter was trained (training_args.json); --quantization_bit 0 loads it unquantized"
+        return None, ""
+    if trained and asked != trained:
+        return asked or None, f"--quantization_bit {asked}; the adapter was trained on a {trained}-bit base"
+    return asked or None, "as the adapter was trained" if trained else ""
+
+
 def attach_lora(model, adapter_dir: str, where: str, **peft_kwargs):
     """The PEFT adapter in `adapter_dir` on top of `model` (not merged), every weight checked to fit; `where`
     starts the one-line error."""
@@ -209,7 +238,9 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
     The base is `base_model_path`, else the training_args.json's model_name_or_path, else (LoRA) the
     adapter_config.json's base_model_name_or_path. dtype None: fp32 on the CPU, bf16 on a GPU that has it, else fp16.
     quantization_bit 4 or 8 loads the (base) model quantized through bitsandbytes (quantization.py), computing in
-    dtype; an adapter or prefix on top stays in full precision. The model comes back in eval mode on `device`.
+    dtype; an adapter or prefix on top stays in full precision. None (the default) loads a LoRA adapter on the base
+    quantized as it was trained (its training_args.json's quantization_bit: QLoRA), anything else unquantized; 0
+    loads the base unquantized in any case. The log line says which. The model comes back in eval mode on `device`.
     Problems raise CheckpointError with one line.
     """
     from model import MODE, check_checkpoint_dir
@@ -222,6 +253,8 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
     check_trained_mode(model_path, mode)
     device = inference_device(device)
     dtype = inference_dtype(dtype, device)
+    trained_bits = recorded_quantization_bit(model_path) if kind == "lora" else None
+    quantization_bit, why = choose_quantization(quantization_bit, trained_bits)
 
     def load(path, **kwargs):
         if quantization_bit:
@@ -254,6 +287,7 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
         # refuses for a bias that requires grad when called outside inference_mode/no_grad.
         model.requires_grad_(False)
     model.eval()
-    logger.info("loaded %s checkpoint %s (%s, base %s) on %s as %s%s", mode, model_path, kind, base, device,
-                str(dtype).replace("torch.", ""), f", base {quantization_bit}-bit" if quantization_bit else "")
+    quantized = f", base {quantization_bit}-bit" if quantization_bit else (", base not quantized" if why else "")
+    logger.info("loaded %s checkpoint %s (%s, base %s) on %s as %s%s%s", mode, model_path, kind, base, device,
+                str(dtype).replace("torch.", ""), quantized, f" ({why})" if why else "")
     return model, tokenizer

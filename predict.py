@@ -53,7 +53,9 @@ def parse_args(argv=None):
                        help="cpu, or a GPU index (0, 1, ...) / cuda:N (default: GPU 0 if there is one, else cpu)")
     group.add_argument("--dtype", default="auto", choices=PRECISIONS,
                        help="auto: fp32 on the CPU, bf16 on a GPU that supports it, else fp16")
-    quantization.add_flag(group, "an adapter or prefix on top stays in full precision (low-memory inference)")
+    quantization.add_flag(group, "an adapter or prefix on top stays in full precision (low-memory inference); 0: "
+                                 "full precision; default: a LoRA adapter on the base quantized as it was trained "
+                                 "(training_args.json), anything else unquantized", off=True)
 
     group = parser.add_argument_group("what to answer (default: chat in the terminal)")
     group.add_argument("--query", default=None, help="answer this one query on stdout and exit")

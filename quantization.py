@@ -39,8 +39,9 @@ SUPPORTED = "--quantization_bit works with --train_type lora under ZeRO stage 0,
 # ------------------------------------------------------------------------------------------------------------------
 # flags
 # ------------------------------------------------------------------------------------------------------------------
-def add_flag(group, what: str) -> None:
-    group.add_argument("--quantization_bit", type=int, choices=BITS, default=None,
+def add_flag(group, what: str, off: bool = False) -> None:
+    """--quantization_bit 4|8 (off: also 0, full precision, for a default that is not "unquantized")."""
+    group.add_argument("--quantization_bit", type=int, choices=((0,) if off else ()) + BITS, default=None,
                        help=f"load the base quantized through bitsandbytes: 4 (NF4, double quantization) or 8 "
                             f"(LLM.int8); {what}")
 

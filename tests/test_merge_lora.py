@@ -95,6 +95,7 @@ def test_merged_model_is_base_plus_adapter(mode, tiny_dirs, adapters, tmp_path):
     result = run_merge("--mode", mode, "--ori_model_dir", base, "--model_dir", adapter, "--output_dir", out)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "max abs logit difference merged vs base+adapter" in result.stdout
+    assert "merge check: 8 merged layers equal W + scale * B @ A within the rounding to float32" in result.stdout
     assert (snapshot(base), snapshot(adapter)) == before  # neither input directory was touched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary directory left behind
 
@@ -107,6 +108,7 @@ def test_merged_model_is_base_plus_adapter(mode, tiny_dirs, adapters, tmp_path):
         assert {merged_file.get_slice(k).get_dtype() for k in merged_file.keys()} == {"F32"}
     report = json.loads((out / "merge_lora.json").read_text())
     assert report["max_abs_logit_difference"] <= report["tolerance"]
+    assert report["merge_check"]["share_of_rounding_bound"] <= 1.0 and report["quantization_bit"] is None
 
     merged = MODE[mode].model.from_pretrained(str(out)).eval()  # plain, strict load: no peft involved
     tokenizer = MODE[mode].tokenizer.from_pretrained(str(out))
@@ -131,14 +133,97 @@ def test_bf16_merge_and_empty_output_dir(tiny_dirs, adapters, tmp_path, capsys):
     assert MODE["glm3"].model.from_pretrained(str(out)).dtype == torch.bfloat16
 
 
-def test_failed_check_writes_nothing(tiny_dirs, adapters, tmp_path, monkeypatch, capsys):
-    import merge_lora
+def wide_checkpoint(mode: str, tiny_dir, output_dir, hidden_size: int = 128) -> str:
+    """A tiny checkpoint of `mode` twice as wide as model.tiny's (hidden 128, head size 32 for glm2/3/4), new strong
+    random weights drawn as model.tiny draws them, the same tokenizer files."""
+    from safetensors.torch import save_file
 
-    monkeypatch.setattr(merge_lora, "TOLERANCE", {torch.float32: -1.0})  # no difference can pass
+    from model.tiny import draw_strong_weights
+
+    output_dir = Path(shutil.copytree(tiny_dir, output_dir))
+    config = json.loads((output_dir / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    if mode == "glm":
+        config.update(hidden_size=hidden_size, inner_hidden_size=4 * hidden_size)
+    else:
+        config.update(hidden_size=hidden_size, kv_channels=hidden_size // heads, ffn_hidden_size=2 * hidden_size)
+    (output_dir / "config.json").write_text(json.dumps(config, indent=2))
+    spec = MODE[mode]
+    model = spec.model(spec.config.from_pretrained(str(output_dir)))
+    draw_strong_weights(model, seed=0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    return str(output_dir)
+
+
+@pytest.fixture(scope="module")
+def wide_glm2(tiny_dirs, tmp_path_factory):
+    """(base, adapter): a glm2 checkpoint 128 wide and a LoRA adapter on it. In fp32 a correct merge of it moves the
+    logits by ~2e-4, beyond the old end-to-end tolerance of 1e-5 x the largest logit (1.4e-4): issue 19, point 15."""
+    directory = tmp_path_factory.mktemp("wide")
+    base = wide_checkpoint("glm2", tiny_dirs["glm2"], directory / "base")
+    return base, make_lora_adapter("glm2", base, directory / "adapter")
+
+
+@pytest.mark.parametrize("dtype,stored", [("fp32", "F32"), ("bf16", "BF16"), ("fp16", "F16")])
+def test_wide_model_merges_in_every_dtype(dtype, stored, wide_glm2, tmp_path, capsys):
+    """A correct merge of a wider model passes in every dtype (the merge check no longer measures rounding that grows
+    with width), and what is written is base + adapter."""
+    base, adapter = wide_glm2
+    out = tmp_path / "merged"
+    assert merge_in_process("--mode", "glm2", "--ori_model_dir", base, "--model_dir", adapter, "--output_dir", out,
+                            "--dtype", dtype) == 0, capsys.readouterr().err[-3000:]
+    assert "merge check: 8 merged layers equal W + scale * B @ A" in capsys.readouterr().out
+    report = json.loads((out / "merge_lora.json").read_text())
+    assert report["merge_check"]["layers"] == 8 and report["merge_check"]["share_of_rounding_bound"] <= 1.0
+    assert report["quantization_bit"] is None and "max_abs_logit_difference_vs_trained" not in report
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {stored}
+    if dtype == "fp32":  # in float64, the written model is base + adapter up to the fp32 rounding of its weights
+        merged = MODE["glm2"].model.from_pretrained(str(out), dtype=torch.float64).eval()
+        reference = unmerged("glm2", base, adapter).to(torch.float64)
+        prompts = prompt_ids("glm2", MODE["glm2"].tokenizer.from_pretrained(base))
+        expected, got = logits(reference, prompts), logits(merged, prompts)
+        scale = max(x.abs().max().item() for x in expected)
+        assert max((a - b).abs().max().item() for a, b in zip(expected, got)) < 1e-5 * scale
+
+
+def corrupt_merge(monkeypatch, factor: float, layers: int = 1):
+    """Make peft's merge add `factor` times the delta to the first `layers` layers it merges: a wrong merge."""
+    from peft.tuners.lora import layer as lora_layer
+
+    delta_weight = lora_layer.Linear.get_delta_weight
+    calls = []
+
+    def wrong_delta(self, adapter):
+        calls.append(adapter)
+        return delta_weight(self, adapter) * (factor if len(calls) <= layers else 1.0)
+
+    monkeypatch.setattr(lora_layer.Linear, "get_delta_weight", wrong_delta)
+
+
+@pytest.mark.parametrize("dtype,factor", [("fp32", 1.001), ("bf16", 0.0), ("fp16", 2.0)],
+                         ids=["fp32-delta-off-by-0.1%", "bf16-layer-not-merged", "fp16-delta-twice"])
+def test_wrong_merge_is_refused_and_writes_nothing(dtype, factor, wide_glm2, tmp_path, monkeypatch, capsys):
+    """The check still catches a wrong merge of a single layer of the wide model, in each dtype: a delta off by 0.1%
+    in fp32, a layer left unmerged in bf16, a delta added twice in fp16."""
+    base, adapter = wide_glm2
+    corrupt_merge(monkeypatch, factor)
+    out = tmp_path / "merged"
+    assert merge_in_process("--mode", "glm2", "--ori_model_dir", base, "--model_dir", adapter, "--output_dir", out,
+                            "--dtype", dtype) == 1
+    err = capsys.readouterr().err
+    assert "MERGE CHECK FAILED: 1 of 8 merged layers are not base layer + adapter: " \
+           "transformer.encoder.layers.0.self_attention.query_key_value differs by" in err, err[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_check_writes_nothing(tiny_dirs, adapters, tmp_path, monkeypatch, capsys):
+    corrupt_merge(monkeypatch, 0.0, layers=8)  # no layer merged at all
     out = tmp_path / "merged"
     assert merge_in_process("--mode", "glm2", "--ori_model_dir", tiny_dirs["glm2"], "--model_dir",
                             adapters["glm2"], "--output_dir", out) == 1
-    assert "MERGE CHECK FAILED" in capsys.readouterr().err
+    assert "MERGE CHECK FAILED: 8 of 8 merged layers" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
