@@ -116,8 +116,11 @@ def test_qlora_trains_merges_and_predicts(mode, bits, ranks, tiny_dirs, tmp_path
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
     saved = load_file(adapter / "adapter_model.safetensors")
     assert saved and all("lora_" in k and t.dtype == torch.float32 for k, t in saved.items())
-    unmerged, tokenizer = load_for_inference(mode, str(adapter))
+    assert json.loads((adapter / "training_args.json").read_text())["quantization_bit"] == bits  # the run record
+    unmerged, tokenizer = load_for_inference(mode, str(adapter), quantization_bit=0)  # the fp32 base + adapter
     merge_and_compare(mode, base_dir, adapter, unmerged, tokenizer, tmp_path / "merged")
+    merge_report = json.loads((tmp_path / "merged" / "merge_lora.json").read_text())
+    assert merge_report["quantization_bit"] == bits and merge_report["max_abs_logit_difference_vs_trained"] > 0
 
     # predict.py loads base + adapter with the base quantized again
     quantized, _ = load_for_inference(mode, str(adapter), quantization_bit=bits)
@@ -136,8 +139,8 @@ def test_qlora_trains_merges_and_predicts(mode, bits, ranks, tiny_dirs, tmp_path
     import predict
     caplog.set_level(logging.INFO, logger="chatglm")
     assert predict.main(["--mode", mode, "--model_path", str(adapter), "--query", "发动机水温高",
-                         "--max_new_tokens", "4", "--quantization_bit", str(bits)]) == 0
-    assert f"(lora, base {Path(base_dir)}) on cpu as float32, base {bits}-bit" in caplog.text
+                         "--max_new_tokens", "4"]) == 0  # no flag: the base quantized as the adapter was trained
+    assert f"(lora, base {Path(base_dir)}) on cpu as float32, base {bits}-bit (as the adapter was trained" in caplog.text
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -217,3 +220,86 @@ def test_strict_loader_on_quantized_checkpoints(bits, tiny_dirs, tmp_path):
 def quantization_suffixes(bits):
     return (".weight.absmax", ".weight.quant_map", ".weight.nested_absmax", ".weight.nested_quant_map",
             ".weight.quant_state.bitsandbytes__nf4") if bits == 4 else (".SCB", ".weight_format")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a QLoRA adapter after training: merge_lora.py and predict.py know what it was trained on (issue 19, point 9)
+# ---------------------------------------------------------------------------------------------------------------
+def qlora_adapter(mode, base_dir, output_dir, bits) -> Path:
+    """A LoRA adapter whose run record says --quantization_bit `bits`, as train.py's training_args.json does (its
+    run_record holds every flag; test_qlora_trains_merges_and_predicts checks that on real runs)."""
+    from test_merge_lora import make_lora_adapter
+
+    adapter = Path(make_lora_adapter(mode, base_dir, output_dir))
+    record = json.loads((adapter / "training_args.json").read_text())
+    (adapter / "training_args.json").write_text(json.dumps({**record, "quantization_bit": bits}))
+    return adapter
+
+
+def check_prompt_logits(model, mode, tokenizer):
+    import merge_lora
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([ids])).logits[0].float()
+                for ids in merge_lora.check_prompt_ids(tokenizer, mode)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_reports_the_difference_to_what_was_trained(bits, tiny_dirs, tmp_path, capsys, one_thread):
+    """merge_lora.py on a QLoRA adapter: checked against the full-precision base + adapter (what it merges), and
+    compared with what was trained (the adapter on the quantized base); merge_lora.json records both and the bits."""
+    import merge_lora
+    mode = "glm2"
+    adapter = qlora_adapter(mode, tiny_dirs[mode], tmp_path / "adapter", bits)
+    out = tmp_path / "merged"
+    assert merge_lora.main(["--mode", mode, "--ori_model_dir", str(tiny_dirs[mode]), "--model_dir", str(adapter),
+                            "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "merge_lora.json").read_text())
+    assert report["quantization_bit"] == bits
+    assert report["merge_check"]["share_of_rounding_bound"] <= 1.0  # the check: merged = fp32 base + adapter
+    assert f"merged vs what was trained ({bits}-bit base + adapter): " in printed
+
+    # the reported difference is the merged model's against the adapter on the base quantized as in training
+    trained, tokenizer = load_for_inference(mode, str(adapter))  # quantized as trained (the default)
+    assert quantization.check_storage(trained, bits)["bits"] == bits
+    merged = MODE[mode].model.from_pretrained(str(out)).eval()
+    expected = max((a - b).abs().max().item() for a, b in zip(check_prompt_logits(merged, mode, tokenizer),
+                                                               check_prompt_logits(trained, mode, tokenizer)))
+    assert report["max_abs_logit_difference_vs_trained"] == pytest.approx(expected, rel=1e-3)
+    # and it is the base's quantization error, far above the merge's own rounding
+    assert report["max_abs_logit_difference_vs_trained"] > 100 * report["max_abs_logit_difference"]
+
+
+def test_predict_loads_a_qlora_adapter_on_the_base_quantized_as_trained(tiny_dirs, tmp_path, caplog, capsys,
+                                                                          one_thread):
+    """predict.py (and load_for_inference) on a QLoRA adapter: by default the base quantized as training_args.json
+    records, --quantization_bit 0 the full-precision base; the log says which. A plain adapter stays unquantized."""
+    import predict
+    mode, bits = "glm3", 4
+    base = Path(tiny_dirs[mode])
+    adapter = qlora_adapter(mode, base, tmp_path / "adapter", bits)
+    caplog.set_level(logging.INFO, logger="chatglm")
+    query = ["--mode", mode, "--model_path", str(adapter), "--query", "发动机水温高", "--max_new_tokens", "4"]
+
+    assert predict.main(query) == 0
+    assert (f"(lora, base {base}) on cpu as float32, base 4-bit (as the adapter was trained (training_args.json); "
+            f"--quantization_bit 0 loads it unquantized)") in caplog.text
+    model, _ = load_for_inference(mode, str(adapter))
+    assert quantization.check_storage(model, bits)["layers"] == 8
+
+    caplog.clear()
+    assert predict.main(query + ["--quantization_bit", "0"]) == 0
+    assert (f"(lora, base {base}) on cpu as float32, base not quantized (--quantization_bit 0; the adapter was "
+            f"trained on a 4-bit base)") in caplog.text
+    model, _ = load_for_inference(mode, str(adapter), quantization_bit=0)
+    assert not quantization.quantized_layers(model)
+
+    caplog.clear()
+    assert predict.main(query + ["--quantization_bit", "8"]) == 0
+    assert "base 8-bit (--quantization_bit 8; the adapter was trained on a 4-bit base)" in caplog.text
+
+    # an adapter trained without quantization loads on the full-precision base, as before
+    from test_merge_lora import make_lora_adapter
+    plain = make_lora_adapter(mode, base, tmp_path / "plain")
+    model, _ = load_for_inference(mode, plain)
+    assert not quantization.quantized_layers(model)
