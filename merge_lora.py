@@ -47,7 +47,7 @@ logger = logging.getLogger("chatglm")
 # largest logit where that exceeds 1): reported beside the measured difference, not enforced, because rounding grows
 # with width and depth (a correct merge of a tiny model 128 wide exceeds it in fp32). The check is per layer.
 LOGIT_ROUNDING = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-# (query, history as (question, answer) pairs): the prompts on which merged and unmerged logits must agree.
+# (query, history as (question, answer) pairs): the prompts on which merged and unmerged logits are compared.
 CHECK_PROMPTS = [
     ("你好", []),
     ("你现在是一个信息抽取模型，请你帮我抽取出相关三元组。文本：发动机水温高，风扇低速转动。", []),
@@ -180,13 +180,13 @@ def row_chunks(weight: torch.Tensor):
 
 def exact_merge(weight: torch.Tensor, factors, rows: slice) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Rows of W + sum scale * B @ A in float64, and of sum |scale| |B| @ |A| (the size of the products the merge
-    rounds), and the largest rank."""
+    rounds), and the summed rank."""
     exact = weight[rows].to(torch.float64)
     size = torch.zeros_like(exact)
     for scale, b, a in factors:
         exact += scale * (b[rows] @ a)
         size += abs(scale) * (b[rows].abs() @ a.abs())
-    return exact, size, max(a.shape[0] for _, _, a in factors)
+    return exact, size, sum(a.shape[0] for _, _, a in factors)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -236,7 +236,7 @@ def merged_weight_share(before: torch.Tensor, factors, after: torch.Tensor) -> t
     return share, largest
 
 
-def merge_and_check(peft_model, dtype: torch.dtype):
+def merge_and_check(peft_model):
     """peft's safe merge of every LoRA layer, each checked entry by entry against W + scale * B @ A in float64 before
     the next; then the LoRA wrappers removed (peft's unload). Returns (merged model, report); MergeCheckError if a
     layer is wrong."""
@@ -248,7 +248,10 @@ def merge_and_check(peft_model, dtype: torch.dtype):
         factors = adapter_factors(layer)
         check_forward_is_delta(name, layer, factors, generator)
         before = layer.get_base_layer().weight.data  # peft's safe merge writes a new tensor: this stays W
-        layer.merge(safe_merge=True)
+        try:
+            layer.merge(safe_merge=True)
+        except ValueError as e:  # peft's own check: NaN or inf in the merged weight
+            raise MergeCheckError(f"MERGE CHECK FAILED: {name}: {e}; nothing was written") from None
         after = layer.get_base_layer().weight.data
         share, largest = merged_weight_share(before, factors, after)
         del before
@@ -304,7 +307,7 @@ def merge(args):
     with model.disable_adapter():
         plain = prompt_logits(model, prompts, device)
     adapter_effect = max_difference(expected, plain)
-    merged, layer_check = merge_and_check(model, dtype)
+    merged, layer_check = merge_and_check(model)
     got = prompt_logits(merged, prompts, device)
     difference = max_difference(expected, got)
     scale = max(x.abs().max().item() for x in expected)

@@ -218,6 +218,16 @@ def test_wrong_merge_is_refused_and_writes_nothing(dtype, factor, wide_glm2, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_nan_merge_is_refused(wide_glm2, tmp_path, monkeypatch, capsys):
+    base, adapter = wide_glm2
+    corrupt_merge(monkeypatch, float("nan"))
+    assert merge_in_process("--mode", "glm2", "--ori_model_dir", base, "--model_dir", adapter, "--output_dir",
+                            tmp_path / "merged") == 1
+    assert "MERGE CHECK FAILED: transformer.encoder.layers.0.self_attention.query_key_value: NaNs detected" in \
+        capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_check_writes_nothing(tiny_dirs, adapters, tmp_path, monkeypatch, capsys):
     corrupt_merge(monkeypatch, 0.0, layers=8)  # no layer merged at all
     out = tmp_path / "merged"

@@ -140,7 +140,8 @@ def test_qlora_trains_merges_and_predicts(mode, bits, ranks, tiny_dirs, tmp_path
     caplog.set_level(logging.INFO, logger="chatglm")
     assert predict.main(["--mode", mode, "--model_path", str(adapter), "--query", "发动机水温高",
                          "--max_new_tokens", "4"]) == 0  # no flag: the base quantized as the adapter was trained
-    assert f"(lora, base {Path(base_dir)}) on cpu as float32, base {bits}-bit (as the adapter was trained" in caplog.text
+    assert f"(lora, base {Path(base_dir)}) on cpu as float32, base {bits}-bit (as the adapter was trained" \
+        in caplog.text
 
 
 @pytest.mark.parametrize("extra,message", [
