@@ -141,7 +141,9 @@ def fake_generation(tokenizer, mode, monkeypatch):
     a model emits for those messages, post-processed by predict.py as any generation."""
     by_prompt = {}
     for conversation in CONVERSATIONS:
-        for start in predict.answer_turns(conversation):
+        starts = [i for i, m in enumerate(conversation) if m["role"] == "assistant" and conversation[i - 1]["role"]
+                  != "assistant"]  # 2 and 4; 2 (two calls in a row: one turn) and 6; 2
+        for start in starts:
             context = conversation[:start]
             ids, _, _ = template.encode_messages(tokenizer, mode, context + GENERATED[context[-1]["content"]], False)
             prompt = template.encode_context(tokenizer, mode, context)
