@@ -13,12 +13,22 @@ from --base_model_path or from the checkpoint's training_args.json), a merge_lor
     python predict.py --mode glm3 --model_path output-glm3/epoch-2-step-100 \\
         --test_path data/test.jsonl --output_path output-glm3/test.predictions.jsonl --batch_size 8
 
+    # chat with tools (glm3, glm4): a call shows as name + arguments, then you give the tool's result
+    python predict.py --mode glm4 --model_path output-glm4/epoch-2-step-100 --tools tools.json
+
 Batch prediction writes one JSON line per sample {"prompt", "reference", "prediction"} (in the order of the test
 file; reference and prediction both post-processed as the official chat() post-processes an answer, so that they
 compare alike) to --output_path, and the metrics (exact match, triple precision/recall/F1, BLEU-4, ROUGE-1/2/L; see
 metrics.py) to <output stem>.metrics.json beside it; both appear only once complete. The prompt is built exactly as
 in training: query = instruction + input, after the sample's history (or a `conversations` list whose last assistant
-message is the reference).
+message is the reference). In a glm3/glm4 conversation with tools (a system message with `tools`, or a call), every
+assistant turn is predicted from the reference history before it (only the last with --last_turn_only), several
+calls in a row being one turn, and the metrics add the tool-call scores of metrics.py (call decision, name, argument
+validity / exact match / key-value F1, call-set and parallel-call precision/recall); each line then also carries
+"where" (file:line) and "turn" (the index of the turn's first message in the conversation).
+
+chat() returns a text answer as text, one tool call as {"name", "content"} (the arguments as JSON text), and the
+calls of one turn (the model writes them in one generation, <|assistant|> between them) as a list of such dicts.
 """
 from __future__ import annotations
 
@@ -210,10 +220,12 @@ def read_test_set(path: str, mode: str, last_turn_only: bool = False) -> list[di
             if not prompt_messages:
                 raise DataError(f"{where}: nothing to answer before the reference (the conversation is one answer)")
             last = prompt_messages[-1]
-            if last["role"] == "assistant" or (mode not in template.MESSAGE_MODES and last["role"] != "user") \
-                    or (tools and last["role"] not in ("user", "observation")):
+            if last["role"] == "assistant" or (mode not in template.MESSAGE_MODES and last["role"] != "user"):
                 raise DataError(f"{where}: the message before the reference must come from the user, "
                                 f"not {last['role']!r}")
+            if tools and last["role"] not in ("user", "observation"):
+                raise DataError(f"{where}: the message before assistant turn {start + 1} must be a user turn or "
+                                f"a tool's observation, not {last['role']!r}")
             samples.append({"query": last["content"], "role": last["role"], "history": prompt_messages[:-1],
                             "reference": messages[end - 1]["content"], "messages": messages[:end], "start": start,
                             "where": where, "turn": start if tools else None})
@@ -282,9 +294,8 @@ def predict_file(args, model, tokenizer, samples: list[dict]) -> dict:
                 responses[index] = decode_response_of(tokenizer, mode, ids, history)
             progress.update(len(indices))
 
-    # normalised alike
     gold = [reference_response(tokenizer, mode, s["messages"], s["start"]) for s in samples]
-    predictions, references = [answer_text(r) for r in responses], [answer_text(r) for r in gold]
+    predictions, references = [answer_text(r) for r in responses], [answer_text(r) for r in gold]  # alike
     metrics = compute_metrics(predictions, references)
     if any(s["turn"] is not None for s in samples):  # conversations with tools: the tool-call metrics too
         metrics.update(tool_call_metrics(responses, gold))
