@@ -363,10 +363,11 @@ def chat_turn(model, tokenizer, query: str, history, role: str, gen_kwargs: dict
     return response, history
 
 
-def read_observation(call: dict, stdin, stdout) -> str | None:
-    """The result of one tool call, typed on one line or read from the file named after @; None at end of input."""
+def read_observation(call: dict, stdin, stdout, which: str = "") -> str | None:
+    """The result of one tool call, typed on one line or read from the file named after @; None at end of input.
+    `which` tells the calls of one turn apart ("（调用 1/2）")."""
     while True:
-        stdout.write(f"工具 {call['name']} 的结果：")
+        stdout.write(f"工具 {call['name']} 的结果{which}：")
         stdout.flush()
         line = stdin.readline()
         if not line:
@@ -423,8 +424,9 @@ def chat_loop(model, tokenizer, gen_kwargs: dict, stdin=None, stdout=None, tools
             results = []
             for call in calls:
                 stdout.write(f"调用工具 {call['name']}，参数：{call['content'].strip()}\n")
-            for call in calls:
-                result = read_observation(call, stdin, stdout)
+            for number, call in enumerate(calls, start=1):
+                which = f"（调用 {number}/{len(calls)}）" if len(calls) > 1 else ""
+                result = read_observation(call, stdin, stdout, which)
                 if result is None:  # end of input
                     stdout.write("\n")
                     return

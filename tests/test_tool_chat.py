@@ -161,7 +161,8 @@ call and its result; after another `clear` a turn that needs no tool."""
     parallel = turns[1]
     assert 'ChatGLM：调用工具 read_fault_codes，参数：{"system": "发动机"}\n' \
            '调用工具 read_fault_codes，参数：{"system": "变速箱"}\n' in parallel
-    assert parallel.count("工具 read_fault_codes 的结果：") == 3  # the second asked again after the missing file
+    assert parallel.count("工具 read_fault_codes 的结果（调用 1/2）：") == 1
+    assert parallel.count("工具 read_fault_codes 的结果（调用 2/2）：") == 2  # asked again after the missing file
     assert f"无法读取 {tmp_path / 'missing.json'}" in parallel
     assert parallel.endswith("ChatGLM：变速箱有故障码 P0700。\n\n")
     assert "对话历史已清空" in turns[2]
