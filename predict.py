@@ -73,8 +73,8 @@ def parse_args(argv=None):
     add_bool_flag(group, "--overwrite", "replace an existing --output_path")
     group.add_argument("--batch_size", type=int, default=8, help="with --test_path: prompts generated together")
     add_bool_flag(group, "--last_turn_only", "with --test_path: in conversations with tools, predict only the last "
-                                             "assistant turn (default: every assistant turn, each given the reference "
-                                             "history before it)")
+                                             "assistant turn rather than every one (each from the reference history "
+                                             "before it)")
 
     group = parser.add_argument_group("tools (glm3, glm4)")
     group.add_argument("--tools", default=None,
