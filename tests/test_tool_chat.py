@@ -148,6 +148,7 @@ def test_terminal_chat_with_tools_through_stdin(tool_checkpoints, tmp_path, monk
     with @FILE, after a file that cannot be read), then the answer; after `clear` (which keeps the tools) a single
 call and its result; after another `clear` a turn that needs no tool."""
     checkpoint = tool_checkpoints("glm4")
+    capsys.readouterr()  # building the checkpoint imports DeepSpeed, whose accelerator warning goes to stdout
     result_file = tmp_path / "gearbox.json"
     result_file.write_text('{"codes": ["P0700"]}\n', encoding="utf-8")
     typed = ["发动机和变速箱都查一下", '{"codes": []}', f"@{tmp_path / 'missing.json'}", f"@{result_file}",
@@ -174,6 +175,7 @@ call and its result; after another `clear` a turn that needs no tool."""
 
 def test_query_with_tools_prints_the_calls_as_json(tool_checkpoints, tmp_path, capsys):
     checkpoint, tools = tool_checkpoints("glm3"), tools_file(tmp_path)
+    capsys.readouterr()  # building the checkpoint imports DeepSpeed, whose accelerator warning goes to stdout
     base = ["--mode", "glm3", "--model_path", checkpoint, "--tools", tools, "--max_new_tokens", "100"]
     assert predict.main([*base, "--query", "发动机故障灯亮了"]) == 0
     single = json.loads(capsys.readouterr().out)
