@@ -24,11 +24,37 @@ predict.reference_answer), or a prediction identical to its reference can score 
   tokens, averaged over the samples. A sample with no n-gram on either side scores 1.0 when the two texts are
   equal character for character, else 0.0; with n-grams on one side only it scores 0.0.
 
+Tool calls (`tool_call_metrics`, for glm3/glm4 conversations with tools): a turn's prediction and reference are each
+what `chat()` returns: a text answer (str), one call {"name", "content"} (content: the arguments as JSON text) or a
+list of such calls (several calls in one turn). A call's arguments are VALID when they parse as a JSON object (blank
+arguments count as {}: a call without arguments); two arguments are EQUAL when they are the same JSON value, key order
+and whitespace aside (compared as canonical JSON: keys sorted, so 1 and 1.0, or true and 1, differ); invalid ones are
+equal only as identical stripped text. Within a turn each reference call is paired with at most one predicted call:
+the pairing with the most same-name pairs, then the most equal arguments, then the most shared key/value pairs (the
+order of parallel calls does not count). Then:
+- call_decision_accuracy: share of all turns where the prediction calls a tool exactly when the reference does.
+- call_name_accuracy: share of the reference calls paired with a predicted call of the same name (a turn answered
+  with text where a call was due scores 0 for each of its calls).
+- call_argument_validity: share of all predicted calls (in any turn) whose arguments are valid.
+- call_argument_exact_match: share of the reference calls paired with a call of the same name and equal arguments.
+- call_argument_f1: micro F1 = 2 TP / (predicted + reference) of the top-level (key, value) pairs of the arguments,
+  over the turns whose reference calls: TP are the pairs shared by paired calls of the same name; predicted pairs
+  are those of every predicted call of those turns (none for invalid arguments), reference pairs those of every
+  reference call (values compared as canonical JSON).
+- call_set_precision / call_set_recall / call_set_f1: every turn's calls as a multiset of (name, arguments), summed
+  over all turns: true positives = the multiset intersection, precision = TP / predicted calls, recall = TP /
+  reference calls, F1 = 2 TP / (predicted + reference) (a single call is a set of one; a call predicted where text
+  was due is a false positive).
+- parallel_call_precision / parallel_call_recall: the same, over the turns whose reference makes two or more calls.
+A score whose denominator is 0 (no predicted call, no reference call, no parallel turn) is None (null in JSON).
+
 Character tokens: every non-whitespace character is a token, which is how Chinese text is usually scored without a
 word segmenter (Latin letters count one by one too).
 """
 from __future__ import annotations
 
+import itertools
+import json
 import math
 from collections import Counter
 
@@ -177,3 +203,119 @@ def compute_metrics(predictions: list[str], references: list[str]) -> dict:
             "triple_precision": triples["precision"], "triple_recall": triples["recall"],
             "triple_f1": triples["f1"], "bleu4": corpus_bleu(predictions, references),
             **corpus_rouge(predictions, references)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tool calls
+# ---------------------------------------------------------------------------------------------------------------
+MAX_CALLS_TO_PERMUTE = 7  # beyond this many calls in one turn, pairs are formed in order (7! pairings at most)
+
+
+def as_calls(response) -> list[dict] | None:
+    """The calls of a chat() response ({"name", "content"} or a list of them), or None for a text answer."""
+    if isinstance(response, dict):
+        return [response]
+    if isinstance(response, list):
+        return list(response)
+    return None
+
+
+def parse_arguments(text) -> dict | None:
+    """The arguments of a call as a dict, or None when they are not a JSON object (blank arguments are {})."""
+    if isinstance(text, dict):
+        return text
+    if not isinstance(text, str):
+        return None
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _call_key(call: dict) -> tuple[str, str]:
+    """(name, arguments) as compared for equality: canonical JSON, or the stripped text when not a JSON object."""
+    arguments = parse_arguments(call.get("content"))
+    text = canonical_json(arguments) if arguments is not None else "\0" + str(call.get("content")).strip()
+    return str(call.get("name")).strip(), text
+
+
+def _key_values(call: dict) -> set[tuple[str, str]]:
+    arguments = parse_arguments(call.get("content")) or {}
+    return {(key, canonical_json(value)) for key, value in arguments.items()}
+
+
+def _pair_score(reference: dict, predicted: dict | None) -> tuple[int, int, int]:
+    """(same name, equal arguments, shared key/value pairs) of one pairing."""
+    if predicted is None or _call_key(reference)[0] != _call_key(predicted)[0]:
+        return 0, 0, 0
+    return 1, int(_call_key(reference) == _call_key(predicted)), len(_key_values(reference) & _key_values(predicted))
+
+
+def pair_calls(references: list[dict], predictions: list[dict]) -> list[tuple[dict, dict | None]]:
+    """Each reference call with its predicted call (or None), by the pairing the module doc describes."""
+    slots = list(predictions) + [None] * max(0, len(references) - len(predictions))
+    if max(len(references), len(predictions)) > MAX_CALLS_TO_PERMUTE:
+        return list(zip(references, slots))
+    best, best_score = None, None
+    for order in itertools.permutations(range(len(slots)), len(references)):
+        pairs = [(ref, slots[i]) for ref, i in zip(references, order)]
+        score = tuple(map(sum, zip((0, 0, 0), *(_pair_score(r, p) for r, p in pairs))))
+        if best_score is None or score > best_score:
+            best, best_score = pairs, score
+    return best
+
+
+def _share(hits: int, total: int):
+    return hits / total if total else None
+
+
+def _count_f1(true_positives: int, predicted: int, reference: int):
+    """F1 from counts (2 TP / (predicted + reference), the harmonic mean of precision and recall)."""
+    return 2 * true_positives / (predicted + reference) if predicted + reference else None
+
+
+def tool_call_metrics(predictions: list, references: list) -> dict:
+    """Tool-call scores of chat() responses against the references, turn by turn (see the module doc)."""
+    _check_pairs(predictions, references)
+    decisions = n_ref = n_pred = names = exact = valid = 0
+    kv_tp = kv_pred = kv_ref = 0
+    set_tp = set_pred = set_ref = 0
+    parallel_turns = par_tp = par_pred = par_ref = 0
+    call_turns = 0
+    for prediction, reference in zip(predictions, references):
+        predicted, gold = as_calls(prediction), as_calls(reference)
+        decisions += (predicted is not None) == (gold is not None)
+        predicted, gold = predicted or [], gold or []
+        n_pred += len(predicted)
+        valid += sum(parse_arguments(call.get("content")) is not None for call in predicted)
+        shared = sum((Counter(map(_call_key, predicted)) & Counter(map(_call_key, gold))).values())
+        set_tp, set_pred, set_ref = set_tp + shared, set_pred + len(predicted), set_ref + len(gold)
+        if len(gold) > 1:
+            parallel_turns += 1
+            par_tp, par_pred, par_ref = par_tp + shared, par_pred + len(predicted), par_ref + len(gold)
+        if not gold:
+            continue
+        call_turns += 1
+        n_ref += len(gold)
+        for ref_call, pred_call in pair_calls(gold, predicted):
+            same_name, equal, shared_kv = _pair_score(ref_call, pred_call)
+            names, exact, kv_tp = names + same_name, exact + equal, kv_tp + shared_kv
+        kv_pred += sum(len(_key_values(call)) for call in predicted)
+        kv_ref += sum(len(_key_values(call)) for call in gold)
+    return {"turns": len(predictions), "call_turns": call_turns, "reference_calls": n_ref, "predicted_calls": n_pred,
+            "call_decision_accuracy": _share(decisions, len(predictions)),
+            "call_name_accuracy": _share(names, n_ref),
+            "call_argument_validity": _share(valid, n_pred),
+            "call_argument_exact_match": _share(exact, n_ref),
+            "call_argument_f1": _count_f1(kv_tp, kv_pred, kv_ref),
+            "call_set_precision": _share(set_tp, set_pred), "call_set_recall": _share(set_tp, set_ref),
+            "call_set_f1": _count_f1(set_tp, set_pred, set_ref),
+            "parallel_turns": parallel_turns,
+            "parallel_call_precision": _share(par_tp, par_pred), "parallel_call_recall": _share(par_tp, par_ref)}

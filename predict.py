@@ -13,12 +13,22 @@ from --base_model_path or from the checkpoint's training_args.json), a merge_lor
     python predict.py --mode glm3 --model_path output-glm3/epoch-2-step-100 \\
         --test_path data/test.jsonl --output_path output-glm3/test.predictions.jsonl --batch_size 8
 
+    # chat with tools (glm3, glm4): a call shows as name + arguments, then you give the tool's result
+    python predict.py --mode glm4 --model_path output-glm4/epoch-2-step-100 --tools tools.json
+
 Batch prediction writes one JSON line per sample {"prompt", "reference", "prediction"} (in the order of the test
 file; reference and prediction both post-processed as the official chat() post-processes an answer, so that they
 compare alike) to --output_path, and the metrics (exact match, triple precision/recall/F1, BLEU-4, ROUGE-1/2/L; see
 metrics.py) to <output stem>.metrics.json beside it; both appear only once complete. The prompt is built exactly as
 in training: query = instruction + input, after the sample's history (or a `conversations` list whose last assistant
-message is the reference).
+message is the reference). In a glm3/glm4 conversation with tools (a system message with `tools`, or a call), every
+assistant turn is predicted from the reference history before it (only the last with --last_turn_only), several
+calls in a row being one turn, and the metrics add the tool-call scores of metrics.py (call decision, name, argument
+validity / exact match / key-value F1, call-set and parallel-call precision/recall); each line then also carries
+"where" (file:line) and "turn" (the index of the turn's first message in the conversation).
+
+chat() returns a text answer as text, one tool call as {"name", "content"} (the arguments as JSON text), and the
+calls of one turn (the model writes them in one generation, <|assistant|> between them) as a list of such dicts.
 """
 from __future__ import annotations
 
@@ -31,7 +41,7 @@ import sys
 import torch
 
 import quantization
-from metrics import compute_metrics
+from metrics import as_calls, compute_metrics, tool_call_metrics
 from model import MODE, template
 from model.export import atomic_write_text
 from dataset import DataError, read_records, sample_to_messages
@@ -64,6 +74,19 @@ def parse_args(argv=None):
     group.add_argument("--output_path", default=None, help="with --test_path: the predictions, one JSON a line")
     add_bool_flag(group, "--overwrite", "replace an existing --output_path")
     group.add_argument("--batch_size", type=int, default=8, help="with --test_path: prompts generated together")
+    add_bool_flag(group, "--last_turn_only", "with --test_path: in conversations with tools, predict only the last "
+                                             "assistant turn rather than every one (each from the reference history "
+                                             "before it)")
+
+    group = parser.add_argument_group("tools (glm3, glm4)")
+    group.add_argument("--tools", default=None,
+                       help="JSON file with the tool list, as the data's system message carries it: [{\"type\": "
+                            "\"function\", \"function\": {\"name\", \"description\", \"parameters\"}}, ...]; "
+                            "the chat then shows each call and asks for the tool's result; --query prints a call as "
+                            "JSON")
+    group.add_argument("--system", default="",
+                       help="with --tools: the content of the system message that carries the tools (give what the "
+                            "training data's system messages say; default empty)")
 
     group = parser.add_argument_group("generation")
     group.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens")
@@ -86,6 +109,12 @@ def parse_args(argv=None):
         parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.do_sample and args.temperature <= 0:
         parser.error(f"--temperature must be positive, got {args.temperature}")
+    if args.tools is not None and args.mode not in template.MESSAGE_MODES:
+        parser.error(f"--tools needs --mode glm3 or glm4 (--mode {args.mode} has no tool calls)")
+    if args.tools is not None and args.test_path:
+        parser.error("--tools and --test_path exclude each other (test samples declare their tools themselves)")
+    if args.system and args.tools is None:
+        parser.error("--system goes with --tools")
     if args.query is not None and not is_utf8(args.query):
         parser.error("--query is not UTF-8 text (set the terminal to UTF-8)")
     return args
@@ -101,6 +130,30 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+def load_tools(path: str) -> list[dict]:
+    """The tool list of --tools, checked: a JSON list of {"type": "function", "function": {"name": ...}}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tools = json.load(f)
+    except OSError as e:
+        raise DataError(f"--tools {path}: cannot read it ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"--tools {path}: not a JSON file ({e})") from None
+    if not isinstance(tools, list) or not tools:
+        raise DataError(f"--tools {path}: expected a non-empty JSON list of tools, got {type(tools).__name__}")
+    for number, tool in enumerate(tools, start=1):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function" \
+                or not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise DataError(f"--tools {path}: tool {number} is not {{\"type\": \"function\", \"function\": "
+                            f"{{\"name\": ...}}}}: {json.dumps(tool, ensure_ascii=False)[:80]}")
+    return tools
+
+
+def tool_names(tools) -> list[str]:
+    return [tool["function"]["name"] for tool in tools or []]
+
+
 def generation_kwargs(args, tokenizer, mode: str) -> dict:
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "num_beams": args.num_beams,
               "eos_token_id": template.stop_token_ids(tokenizer, mode), "pad_token_id": tokenizer.pad_token_id}
@@ -112,38 +165,72 @@ def generation_kwargs(args, tokenizer, mode: str) -> dict:
 
 
 def answer_text(response) -> str:
-    """A glm3/glm4 tool call comes back from process_response as {"name", "content"}: score it as JSON text."""
+    """A glm3/glm4 tool call comes back from process_response as {"name", "content"} (several calls of one turn as a
+    list of them): score it as JSON text."""
     return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
 
 
-def reference_answer(tokenizer, mode: str, messages: list[dict]) -> str:
-    """The reference (the final assistant message) as chat() would return it had the model generated exactly the
-    tokens training teaches for it: encoded by the template, then decoded and post-processed like every prediction
-    (glm: ASCII punctuation beside Chinese becomes full-width; glm3/glm4: a tool call becomes {"name", "content"}; all:
-    the official stripping). So a prediction identical token for token to the reference scores as equal."""
+def reference_response(tokenizer, mode: str, messages: list[dict], start: int | None = None):
+    """The reference (messages[start:], the final assistant turn: one message, or several calls in a row) as chat()
+    would return it had the model generated exactly the tokens training teaches for it: encoded by the template, then
+    decoded and post-processed like every prediction (glm: ASCII punctuation beside Chinese becomes full-width;
+    glm3/glm4: a tool call becomes {"name", "content"}, several a list of them; all: the official stripping). So a
+    prediction identical token for token to the reference scores as equal."""
+    start = len(messages) - 1 if start is None else start
     ids, _, answer_start = template.encode_messages(tokenizer, mode, messages, learn_all_turns=False)
-    return decode_answer(tokenizer, mode, ids[answer_start:], messages[:-1])
+    prompt = template.encode_context(tokenizer, mode, messages[:start])
+    if ids[:len(prompt)] == prompt:
+        answer_start = len(prompt)
+    return decode_response_of(tokenizer, mode, ids[answer_start:], messages[:start])
+
+
+def reference_answer(tokenizer, mode: str, messages: list[dict]) -> str:
+    """The final assistant message as text, see `reference_response`."""
+    return answer_text(reference_response(tokenizer, mode, messages))
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # batch prediction
 # ------------------------------------------------------------------------------------------------------------------
-def read_test_set(path: str, mode: str) -> list[dict]:
-    """Every sample as {"query", "role", "history", "reference", "messages"}; any bad line fails here, before
-    generation."""
+def has_tools(messages: list[dict]) -> bool:
+    """A conversation that declares tools or calls one."""
+    return any((m["role"] == "system" and m.get("tools")) or m["role"] == "observation"
+               or (m["role"] == "assistant" and str(m.get("metadata") or "").strip()) for m in messages)
+
+
+def answer_turns(messages: list[dict]) -> list[int]:
+    """Where each assistant turn starts: a run of consecutive assistant messages is ONE turn (the calls of one turn
+    are consecutive assistant messages, which the model writes in one generation, <|assistant|> between them)."""
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant" and (i == 0 or messages[i - 1]["role"]
+                                                                               != "assistant")]
+
+
+def read_test_set(path: str, mode: str, last_turn_only: bool = False) -> list[dict]:
+    """Every answer to predict as {"query", "role", "history", "reference", "messages", "start", "where", "turn"}:
+    the last assistant message of a sample; in a glm3/glm4 conversation with tools every assistant turn (or only
+    the last with `last_turn_only`), each given the reference history before it. `messages` ends with the answer,
+    which starts at messages[start]. Any bad line fails here, before generation."""
     samples = []
     for number, record in read_records(path):
         where = f"{path}:{number}"
         messages = sample_to_messages(mode, record, where)
-        prompt_messages = messages[:-1]
-        if not prompt_messages:
-            raise DataError(f"{where}: nothing to answer before the reference (the conversation is one answer)")
-        last = prompt_messages[-1]
-        if last["role"] == "assistant" or (mode not in template.MESSAGE_MODES and last["role"] != "user"):
-            raise DataError(f"{where}: the message before the reference must come from the user, "
-                            f"not {last['role']!r}")
-        samples.append({"query": last["content"], "role": last["role"], "history": prompt_messages[:-1],
-                        "reference": messages[-1]["content"], "messages": messages, "where": where})
+        tools = mode in template.MESSAGE_MODES and has_tools(messages)
+        starts = answer_turns(messages) if tools else [len(messages) - 1]
+        for start in starts[-1:] if last_turn_only or not tools else starts:
+            end = next((i for i in range(start, len(messages)) if messages[i]["role"] != "assistant"), len(messages))
+            prompt_messages = messages[:start]
+            if not prompt_messages:
+                raise DataError(f"{where}: nothing to answer before the reference (the conversation is one answer)")
+            last = prompt_messages[-1]
+            if last["role"] == "assistant" or (mode not in template.MESSAGE_MODES and last["role"] != "user"):
+                raise DataError(f"{where}: the message before the reference must come from the user, "
+                                f"not {last['role']!r}")
+            if tools and last["role"] not in ("user", "observation"):
+                raise DataError(f"{where}: the message before assistant turn {start + 1} must be a user turn or "
+                                f"a tool's observation, not {last['role']!r}")
+            samples.append({"query": last["content"], "role": last["role"], "history": prompt_messages[:-1],
+                            "reference": messages[end - 1]["content"], "messages": messages[:end], "start": start,
+                            "where": where, "turn": start if tools else None})
     if not samples:
         raise DataError(f"{path}: no samples")
     return samples
@@ -161,12 +248,18 @@ def generate_batch(model, tokenizer, mode: str, prompts: list[list[int]], gen_kw
     return [template.cut_at_stop(tokenizer, mode, row) for row in output[:, input_ids.shape[1]:].tolist()]
 
 
-def decode_answer(tokenizer, mode: str, new_ids: list[int], history) -> str:
-    """The answer text as chat() returns it (the official post-processing of each version)."""
+def decode_response_of(tokenizer, mode: str, new_ids: list[int], history):
+    """The response as chat() returns it (the official post-processing of each version): text, or for glm3/glm4 a
+    tool call {"name", "content"} or a list of them."""
     if mode in template.MESSAGE_MODES:
         response, _ = template.decode_response(tokenizer, mode, new_ids, list(history))
-        return answer_text(response)
+        return response
     return template.decode_response(tokenizer, mode, new_ids)
+
+
+def decode_answer(tokenizer, mode: str, new_ids: list[int], history) -> str:
+    """The answer text as chat() returns it (a tool call as JSON text)."""
+    return answer_text(decode_response_of(tokenizer, mode, new_ids, history))
 
 
 def metrics_path_for(output_path: str) -> str:
@@ -192,19 +285,28 @@ def predict_file(args, model, tokenizer, samples: list[dict]) -> dict:
     prompts = [template.encode_prompt(tokenizer, mode, s["query"], s["history"], s["role"]) for s in samples]
     # Longest first, so that a batch holds prompts of similar length (little padding) and memory peaks at once.
     order = sorted(range(len(samples)), key=lambda i: -len(prompts[i]))
-    predictions = [None] * len(samples)
+    responses = [None] * len(samples)
     with tqdm(total=len(samples), desc="predict", unit="sample", dynamic_ncols=True) as progress:
         for start in range(0, len(order), args.batch_size):
             indices = order[start:start + args.batch_size]
             new_ids = generate_batch(model, tokenizer, mode, [prompts[i] for i in indices], gen_kwargs)
             for index, ids in zip(indices, new_ids):
-                predictions[index] = decode_answer(tokenizer, mode, ids, samples[index]["history"])
+                history = samples[index]["history"] + [{"role": samples[index]["role"],
+                                                        "content": samples[index]["query"]}]
+                responses[index] = decode_response_of(tokenizer, mode, ids, history)
             progress.update(len(indices))
 
-    references = [reference_answer(tokenizer, mode, s["messages"]) for s in samples]  # normalised alike
+    gold = [reference_response(tokenizer, mode, s["messages"], s["start"]) for s in samples]
+    predictions, references = [answer_text(r) for r in responses], [answer_text(r) for r in gold]  # alike
     metrics = compute_metrics(predictions, references)
-    lines = [json.dumps({"prompt": s["query"], "reference": r, "prediction": p}, ensure_ascii=False)
-             for s, r, p in zip(samples, references, predictions)]
+    if any(s["turn"] is not None for s in samples):  # conversations with tools: the tool-call metrics too
+        metrics.update(tool_call_metrics(responses, gold))
+    lines = []
+    for s, r, p in zip(samples, references, predictions):
+        line = {"prompt": s["query"], "reference": r, "prediction": p}
+        if s["turn"] is not None:  # which conversation and which of its assistant turns
+            line.update(where=s["where"], turn=s["turn"])
+        lines.append(json.dumps(line, ensure_ascii=False))
     metrics_path = metrics_path_for(args.output_path)
     atomic_write_text(metrics_path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     atomic_write_text(args.output_path, "\n".join(lines) + "\n")
@@ -216,13 +318,86 @@ def predict_file(args, model, tokenizer, samples: list[dict]) -> dict:
 # chat
 # ------------------------------------------------------------------------------------------------------------------
 WELCOME = "欢迎使用 ChatGLM：输入内容即可对话，输入 clear 清空对话历史，输入 exit 退出程序。"
+TOOLS_WELCOME = ("可用工具：{names}。模型调用工具时会显示工具名和参数，并请你输入工具的结果"
+                 "（直接输入，或输入 @文件路径 从文件读取）。")
 
 
-def chat_loop(model, tokenizer, gen_kwargs: dict, stdin=None, stdout=None) -> None:
-    """Read a query a line, stream the answer; `clear` resets the history, `exit` (or end of input) quits."""
+def system_with_tools(tools, system: str = "") -> list[dict]:
+    """The history a chat with tools starts from: one system message carrying them, as in the training data."""
+    return [{"role": "system", "content": system, "tools": tools}] if tools else []
+
+
+def shown_text(response, names):
+    """What the terminal shows of an answer so far: None while it is a tool call or, with tools, may still become
+    one (it is a prefix of a tool name: a call writes the name first, and only the newline after it tells a call
+    from a text answer)."""
+    if names is None:
+        return answer_text(response)
+    if not isinstance(response, str) or any(name.startswith(response) for name in names):
+        return None
+    return response
+
+
+def chat_turn(model, tokenizer, query: str, history, role: str, gen_kwargs: dict, stdout, names=None):
+    """Answer one query (streamed, unless beam search), printing text as it comes; returns (response, history)."""
+    stdout.write("\nChatGLM：")
+    stdout.flush()
+    if gen_kwargs.get("num_beams", 1) > 1:  # transformers cannot stream beam search: the answer comes whole
+        response, history = model.chat(tokenizer, query, history=history, role=role, **gen_kwargs)
+        text = shown_text(response, None if names is None else [])
+        if text is not None:
+            stdout.write(text + "\n")
+            stdout.flush()
+        return response, history
+    printed = ""
+    for response, history in model.stream_chat(tokenizer, query, history=history, role=role, **gen_kwargs):
+        text = shown_text(response, names)
+        if text is not None and text.startswith(printed):  # post-processing can rewrite earlier characters
+            stdout.write(text[len(printed):])
+            stdout.flush()
+            printed = text
+    text = shown_text(response, None if names is None else [])
+    if text is not None and text != printed:
+        stdout.write(f"\nChatGLM：{text}" if printed else text)
+    if text is not None or printed:
+        stdout.write("\n")
+    stdout.flush()
+    return response, history
+
+
+def read_observation(call: dict, stdin, stdout, which: str = "") -> str | None:
+    """The result of one tool call, typed on one line or read from the file named after @; None at end of input.
+    `which` tells the calls of one turn apart ("（调用 1/2）")."""
+    while True:
+        stdout.write(f"工具 {call['name']} 的结果{which}：")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            return None
+        text = line.strip()
+        if text.startswith("@"):
+            path = text[1:].strip()
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                stdout.write(f"无法读取 {path} (cannot read {path}: {getattr(e, 'strerror', None) or e})\n")
+                continue
+        if text and is_utf8(text):
+            return text
+        stdout.write("请输入工具的结果，或 @文件路径 (type the tool's result, or @FILE to read it from a file)\n")
+
+
+def chat_loop(model, tokenizer, gen_kwargs: dict, stdin=None, stdout=None, tools=None, system: str = "") -> None:
+    """Read a query a line, stream the answer; `clear` resets the history, `exit` (or end of input) quits. With
+    tools, a tool call is shown as its name and arguments and the tool's result is asked for (one per call, in order,
+    for several calls in one turn); the model then continues from it, until it answers with text."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    history = []
+    names = tool_names(tools) if tools else None
+    history = system_with_tools(tools, system)
     stdout.write(WELCOME + "\n")
+    if tools:
+        stdout.write(TOOLS_WELCOME.format(names="、".join(names)) + "\n")
     while True:
         stdout.write("\n用户：")
         stdout.flush()
@@ -239,28 +414,28 @@ def chat_loop(model, tokenizer, gen_kwargs: dict, stdin=None, stdout=None) -> No
         if query == "exit":
             break
         if query == "clear":
-            history = []
+            history = system_with_tools(tools, system)
             stdout.write("对话历史已清空。\n")
             continue
-        stdout.write("\nChatGLM：")
-        stdout.flush()
-        if gen_kwargs.get("num_beams", 1) > 1:  # transformers cannot stream beam search: the answer comes whole
-            response, history = model.chat(tokenizer, query, history=history, **gen_kwargs)
-            stdout.write(answer_text(response) + "\n")
-            stdout.flush()
-            continue
-        printed = ""
-        for response, new_history in model.stream_chat(tokenizer, query, history=history, **gen_kwargs):
-            text = answer_text(response)
-            if text.startswith(printed):  # post-processing can rewrite earlier characters; then wait for the end
-                stdout.write(text[len(printed):])
-                stdout.flush()
-                printed = text
-        if text != printed:
-            stdout.write(f"\nChatGLM：{text}")
-        stdout.write("\n")
-        stdout.flush()
-        history = new_history
+        role = "user"
+        while True:
+            response, history = chat_turn(model, tokenizer, query, history, role, gen_kwargs, stdout, names)
+            calls = as_calls(response)
+            if not tools or calls is None:
+                break
+            results = []
+            for call in calls:
+                stdout.write(f"调用工具 {call['name']}，参数：{call['content'].strip()}\n")
+            for number, call in enumerate(calls, start=1):
+                which = f"（调用 {number}/{len(calls)}）" if len(calls) > 1 else ""
+                result = read_observation(call, stdin, stdout, which)
+                if result is None:  # end of input
+                    stdout.write("\n")
+                    return
+                results.append(result)
+            # the results come back as observations in the order of the calls; the last one is the new query
+            history = history + [{"role": "observation", "content": result} for result in results[:-1]]
+            query, role = results[-1], "observation"
 
 
 def main(argv=None) -> int:
@@ -273,7 +448,8 @@ def main(argv=None) -> int:
         samples = None
         if args.test_path:  # every input problem shows before the model loads
             check_outputs(args)
-            samples = read_test_set(args.test_path, args.mode)
+            samples = read_test_set(args.test_path, args.mode, args.last_turn_only)
+        tools = load_tools(args.tools) if args.tools is not None else None
         model, tokenizer = load_for_inference(args.mode, args.model_path, args.base_model_path, args.device,
                                               args.dtype, args.quantization_bit)
     except (DataError, CheckpointError) as e:
@@ -287,10 +463,10 @@ def main(argv=None) -> int:
     gen_kwargs = {k: v for k, v in generation_kwargs(args, tokenizer, args.mode).items()
                   if k not in ("eos_token_id", "pad_token_id")}  # chat() adds the stop tokens of the template
     if args.query is not None:
-        response, _ = model.chat(tokenizer, args.query, history=[], **gen_kwargs)
+        response, _ = model.chat(tokenizer, args.query, history=system_with_tools(tools, args.system), **gen_kwargs)
         print(answer_text(response))
         return 0
-    chat_loop(model, tokenizer, gen_kwargs)
+    chat_loop(model, tokenizer, gen_kwargs, tools=tools, system=args.system)
     return 0
 
 

@@ -435,7 +435,9 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
 
     @torch.inference_mode()
     def chat(self, tokenizer, query: str, history=None, role: str = "user", **kwargs):
-        """One answer in the official format of this version: returns (response, history)."""
+        """One answer in the official format of this version: returns (response, history). glm3/glm4: the response
+        is the text, a tool call {"name", "content"}, or the list of calls when the model makes several in one turn
+        (see template.process_response); history gets one assistant message per call."""
         input_ids = self._chat_inputs(tokenizer, query, history, role)
         outputs = self.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 **self._chat_generate_kwargs(tokenizer, kwargs))

@@ -355,8 +355,14 @@ def decode_response(tokenizer, mode: str, new_ids: list[int], history=None):
 
 
 def process_response(mode: str, response: str, history=None):
-    """The official post-processing of a decoded answer. glm/glm2: the text; glm3/glm4: (content, history) where a
-    metadata line before the first newline names a tool call ({"name": metadata, "content": the arguments})."""
+    """The official post-processing of a decoded answer. glm/glm2: the text; glm3/glm4: (content, history).
+
+    glm3/glm4 as the official chat() of ChatGLM3 / GLM-4: the generation is split at every <|assistant|> (the model
+    writes one between the calls of one turn, as training on consecutive call messages teaches it), each part is one
+    assistant message in the history, and a part whose first line (the metadata) is not blank is a tool call
+    {"name": metadata, "content": the arguments}. The official code then returns the LAST part only, which drops all
+    but the last of several parallel calls; here a turn with two or more calls returns the list of its calls in order
+    ([{"name", "content"}, ...]); one call returns the dict as before, a text answer the text."""
     if mode in ("glm", "glm2"):
         response = response.strip().replace("[[训练时间]]", "2023年")
         if mode == "glm":
@@ -365,7 +371,7 @@ def process_response(mode: str, response: str, history=None):
                 response = re.sub(r"%s([\u4e00-\u9fff])" % ascii_punct, r"%s\1" % full_width, response)
         return response
     history = list(history or [])
-    content = ""
+    content, calls = "", []
     for part in response.split("<|assistant|>"):
         metadata, content = part.split("\n", maxsplit=1) if "\n" in part else ("", part)
         if not metadata.strip():
@@ -375,4 +381,5 @@ def process_response(mode: str, response: str, history=None):
         else:
             history.append({"role": "assistant", "metadata": metadata, "content": content})
             content = {"name": metadata.strip(), "content": content}
-    return content, history
+            calls.append(content)
+    return (calls if len(calls) > 1 else content), history
