@@ -233,6 +233,12 @@ def _glm4_pieces(tokenizer, messages: list[dict], learn_all_turns: bool) -> list
             blocks.append(("system", glm4_tool_prompt(message["tools"])))
         if message.get("content"):  # the official template leaves out messages with empty content
             blocks.append((role, f"{message.get('metadata') or ''}\n{message['content']}"))
+        elif learned and index == last:
+            # An empty final answer: the official template drops it (THUDM's finetune_demo then learns nothing from
+            # it), but in chat the model must still answer the prompt's <|assistant|>: with "\n" and a stop token,
+            # which chat() returns as "". It is written as every answer is, so it learns that "\n" and <|user|>.
+            # (An earlier empty answer stays out, as the template leaves it out of every later prompt.)
+            blocks.append((role, f"{message.get('metadata') or ''}\n"))
         for block_role, text in blocks:
             pieces += [Piece(ids=(special(tokenizer, f"<|{block_role}|>"),), learned=learn_role_token),
                        Piece(text=text, learned=learned)]
