@@ -90,8 +90,11 @@ def _turn_messages(mode: str, turn, number: int) -> list[dict]:
             observation = json.dumps(observation, ensure_ascii=False)  # as the demo writes a non-string result
         return [{"role": "assistant", "metadata": turn["name"], "content": turn["parameters"]},
                 {"role": "observation", "content": observation}]
-    if role == "tool":  # an OpenAI tool result
-        role = "observation"
+    if role == "tool":  # an OpenAI tool result (its tool_call_id only pairs it with its call: the order does that)
+        if not isinstance(turn.get("content"), str):
+            raise ToolDataError(f"turn {number}: a 'tool' turn needs a string 'content' (a tool's result) or "
+                                f"ChatGLM3's 'name' and 'parameters'")
+        return [{"role": "observation", "content": turn["content"]}]
     if role == "assistant" and turn.get("tool_calls"):
         return _openai_calls(turn, number)
     content = turn.get("content")
