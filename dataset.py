@@ -174,7 +174,7 @@ def fit_prompt(tokenizer, mode: str, messages: list[dict], max_src_len: int) -> 
     1. Whole old rounds go first, oldest first (a round: a user turn and what follows it up to the next user turn,
        tool calls and observations included). System messages (with their tools) and the last round stay.
     2. Then free text is shortened, oldest message first: user turns and observations lose characters from their
-       start, keeping at least one (an emptied glm4 message would vanish with its role token).
+       start (glm4 keeps at least one: its template would drop an emptied message with its role token).
     System text, tools, assistant turns (answers and tool calls, learned targets) and the template's own tokens are
     never cut, so the result is always a conversation `chat()` could have been given, and every call it teaches
     names a declared tool with its whole arguments."""
@@ -186,16 +186,18 @@ def fit_prompt(tokenizer, mode: str, messages: list[dict], max_src_len: int) -> 
     if fits(context):
         return messages, False
     context = _drop_old_rounds(context, fits)
+    # glm4's template leaves out a message with empty content, role token and all: keep one character there
+    least = 1 if mode == "glm4" else 0
     for index, message in enumerate(context):
         if fits(context):
             break
-        if message["role"] not in SHORTENED_ROLES or len(message["content"]) <= 1:
+        if message["role"] not in SHORTENED_ROLES or len(message["content"]) <= least:
             continue
         text = message["content"]
 
         def with_text(kept):
             return context[:index] + [{**message, "content": kept}] + context[index + 1:]
-        low, high = 1, len(text) - 1  # the fewest leading characters to drop, keeping one: fits(text[high:])
+        low, high = 1, len(text) - least  # the fewest leading characters to drop: fits(text[high:])
         if fits(with_text(text[high:])):
             while low < high:
                 middle = (low + high) // 2

@@ -34,7 +34,9 @@ official glm2 chat() puts none between rounds); glm3 "\\n" + its text, then eos 
 end of the sample or, for an earlier turn, the role token that follows it. glm4 follows THUDM's GLM-4 finetune_demo,
 the official reference: an assistant message learns everything after its <|assistant|> ("{metadata}\\n" + content,
 so a tool call's name and arguments too) and the role token that follows it (<|user|>, <|observation|> ...);
-after the last answer <|user|> is appended and learned, where glm3 puts eos. Both stop tokens end generation.
+after the last answer <|user|> is appended and learned, where glm3 puts eos. Both stop tokens end generation. An
+empty final glm4 answer, which the official template leaves out, is written as "\n" and learns that and <|user|>:
+what the model must generate for chat() to return "" (see `_glm4_pieces`).
 """
 from __future__ import annotations
 

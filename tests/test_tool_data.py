@@ -291,3 +291,23 @@ def test_glm4_empty_answers_learn_what_ends_them(tiny_dirs, tmp_path):
     ids, labels, start = template.encode_messages(tokenizer, "glm4", [ASK, {"role": "assistant", "content": ""}])
     assert ids[:start] == template.encode_prompt(tokenizer, "glm4", ASK["content"])
     assert ids[start:] == tokenizer.encode_text("\n") + [role(tokenizer, "user")]
+
+
+@pytest.mark.parametrize("mode", ["glm3", "glm4"])
+def test_the_readme_example_trains_as_the_readme_says(mode, tiny_dirs, tmp_path):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Tool calling"):]
+    sample = json.loads(section[section.index("```json\n") + 8:section.index("\n```", section.index("```json"))])
+    path = tmp_path / "readme.jsonl"
+    path.write_text(jsonl(sample), encoding="utf-8")
+    tokenizer = MODE[mode].tokenizer.from_pretrained(tiny_dirs[mode])
+    runs = learned_runs(tokenizer, build(mode, tokenizer, path, 2048, 1984)[0])
+    if mode == "glm4":
+        assert tokenizer.decode(runs[0]) == (
+            'read_fault_codes\n{"system": "发动机"}<|assistant|>read_fault_codes\n{"system": "变速箱"}<|assistant|>'
+            'get_vehicle_info\n{}<|observation|>')
+    else:
+        assert [m["content"] for m in dataset.sample_to_messages(mode, sample, "t") if m.get("metadata")] == [
+            "```python\ntool_call(system='发动机')\n```", "```python\ntool_call(system='变速箱')\n```",
+            "```python\ntool_call()\n```"]
+    assert len(runs) == 2
