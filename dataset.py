@@ -269,7 +269,8 @@ class InstructionDataset(Dataset):
         if self.stats.unfit:
             shown = ", ".join(self.stats.unfit_where) + (", ..." if self.stats.unfit > self.SHOWN_UNFIT else "")
             logger.warning("%s: %d samples skipped: longer than %s even after truncation (system text, tools and "
-                           "tool calls are never cut): %s", path, self.stats.unfit, limits, shown)
+                           "tool calls are never cut; raise --max_src_len / --max_len to keep them): %s", path,
+                           self.stats.unfit, limits, shown)
         if not self.examples:
             raise DataError(f"{path}: no usable sample ({self.stats.samples} read, {self.stats.skipped} skipped "
                             f"as truncated (--is_skip), {self.stats.unfit} too long even after truncation; "
