@@ -173,8 +173,9 @@ def fit_prompt(tokenizer, mode: str, messages: list[dict], max_src_len: int) -> 
 
     1. Whole old rounds go first, oldest first (a round: a user turn and what follows it up to the next user turn,
        tool calls and observations included). System messages (with their tools) and the last round stay.
-    2. Then free text is shortened, oldest message first: user turns and observations lose characters from their
-       start (glm4 keeps at least one: its template would drop an emptied message with its role token).
+    2. Then free text is shortened: observations (tools' results) first, then user turns, each oldest first, lose
+       characters from their start (glm4 keeps at least one: its template would drop an emptied message with its
+       role token).
     System text, tools, assistant turns (answers and tool calls, learned targets) and the template's own tokens are
     never cut, so the result is always a conversation `chat()` could have been given, and every call it teaches
     names a declared tool with its whole arguments."""
@@ -188,10 +189,13 @@ def fit_prompt(tokenizer, mode: str, messages: list[dict], max_src_len: int) -> 
     context = _drop_old_rounds(context, fits)
     # glm4's template leaves out a message with empty content, role token and all: keep one character there
     least = 1 if mode == "glm4" else 0
-    for index, message in enumerate(context):
+    # tools' results first (data the answer draws on), then what the user said (the request), each oldest first
+    order = [i for role in SHORTENED_ROLES[::-1] for i, m in enumerate(context) if m["role"] == role]
+    for index in order:
+        message = context[index]
         if fits(context):
             break
-        if message["role"] not in SHORTENED_ROLES or len(message["content"]) <= least:
+        if len(message["content"]) <= least:
             continue
         text = message["content"]
 

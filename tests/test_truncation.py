@@ -1,5 +1,5 @@
-"""Truncation through train.py's data path (train.build_data -> InstructionDataset): old rounds go, then user text and
-observations are shortened; system text, tools, tool calls and role tokens are never cut; a sample that still cannot
+"""Truncation through train.py's data path (train.build_data -> InstructionDataset): old rounds go, then observations
+and user text are shortened; system text, tools, tool calls and role tokens are never cut; a sample that still cannot
 fit is skipped, counted and named in the log. Labels are checked token by token afterwards."""
 import json
 import logging
@@ -66,7 +66,7 @@ def test_truncation_drops_the_old_round_then_shortens_user_text_and_observations
     system, call = messages[0], messages[4]
     # the least the rule can keep: system + tools, one character of the question and of the result, the call
     least = [system, {**messages[3], "content": "码"}, call, {**messages[5], "content": "}"}]
-    max_src_len = len(template.encode_context(tokenizer, mode, least)) + 30
+    max_src_len = len(template.encode_context(tokenizer, mode, least)) + 10
     assert len(template.encode_context(tokenizer, mode, [system] + messages[3:-1])) > max_src_len  # must shorten
     path = tmp_path / "long.jsonl"
     path.write_text(jsonl({"conversations": CONVERSATION}), encoding="utf-8")
@@ -76,8 +76,10 @@ def test_truncation_drops_the_old_round_then_shortens_user_text_and_observations
     kept, truncated = dataset.fit_prompt(tokenizer, mode, messages, max_src_len)
     assert truncated and [m["role"] for m in kept] == ["system", "user", "assistant", "observation", "assistant"]
     assert kept[0] == system and kept[2] == call and kept[4] == messages[6]  # system text, tools, call, answer whole
-    for shortened, original in ((kept[1], QUESTION), (kept[3], RESULT)):
-        assert 1 <= len(shortened["content"]) < len(original) and original.endswith(shortened["content"])
+    # the result went first (to one character in glm4, whose template would drop an empty message; to nothing in
+    # glm3, which keeps <|observation|>), then the question lost its start
+    assert kept[3]["content"] == ("}" if mode == "glm4" else "")
+    assert 1 <= len(kept[1]["content"]) < len(QUESTION) and QUESTION.endswith(kept[1]["content"])
     ids, labels, start = template.encode_messages(tokenizer, mode, kept)
     example = data[0]
     assert (example["input_ids"], example["labels"]) == (ids, labels) and start <= max_src_len
