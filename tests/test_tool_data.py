@@ -142,15 +142,41 @@ def test_the_example_set_is_what_make_tools_writes(tmp_path, monkeypatch):
     assert all(count >= 4 for count in kinds.values()), kinds
 
 
-def test_train_main_accepts_the_example_set(tiny_dirs, tmp_path, train_in_process):
-    """What `MODE=glm4 TASK=tools bash demo.sh` trains on, one step in this process."""
+def demo_tools_data_flags() -> list[str]:
+    """The data flags demo.sh passes to train.py for TASK=tools."""
+    lines = (ROOT / "demo.sh").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("tools)"))
+    line = next(line for line in lines[start:] if line.strip().startswith("DATA=("))
+    return line.strip()[len("DATA=("):-1].split()
+
+
+def test_train_main_accepts_the_example_set_with_the_demos_flags(tiny_dirs, tmp_path, train_in_process, caplog):
+    """What `MODE=glm4 TASK=tools bash demo.sh` trains on, with its data flags, one step in this process: every
+    sample fits (none truncated or skipped)."""
+    flags = demo_tools_data_flags()
+    assert flags[:4] == ["--train_path", "data/tools_train.jsonl", "--dev_path", "data/tools_test.jsonl"]
     out = tmp_path / "out"
-    train_in_process("--mode", "glm4", "--model_name_or_path", tiny_dirs["glm4"], "--output_dir", out,
-                     "--train_type", "lora", "--lora_module_name", "query_key_value", "--train_path", EXAMPLE_TRAIN,
-                     "--dev_path", EXAMPLE_TEST, "--max_len", 2048, "--max_src_len", 1984,
-                     "--per_device_train_batch_size", 1, "--max_steps", 1, "--show_loss_step", 1)
+    with caplog.at_level("INFO", logger="chatglm"):
+        train_in_process("--mode", "glm4", "--model_name_or_path", tiny_dirs["glm4"], "--output_dir", out,
+                         "--train_type", "lora", "--lora_module_name", "query_key_value",
+                         *(str(ROOT / f) if f.startswith("data/") else f for f in flags),
+                         "--per_device_train_batch_size", 1, "--max_steps", 1, "--show_loss_step", 1)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log if "loss" in record] == [1]
+    assert f"{EXAMPLE_TRAIN}: 42 samples, 0 truncated" in caplog.text
+    assert f"{EXAMPLE_TEST}: 10 samples, 0 truncated" in caplog.text
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"MODE": "glm2", "TASK": "tools"}, "demo.sh: TASK=tools needs MODE=glm3 or MODE=glm4"),
+    ({"TASK": "nope"}, "demo.sh: TASK=nope is not one of chat, tools"),
+])
+def test_demo_refuses_a_task_it_cannot_run(env, message, tmp_path):
+    import os
+    import subprocess
+    result = subprocess.run(["bash", str(ROOT / "demo.sh")], env={**os.environ, **env, "WORK": str(tmp_path / "w")},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith(message) and not (tmp_path / "w").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------------
