@@ -15,8 +15,10 @@ Also accepted, and converted to it (`conversation_messages`):
 - OpenAI style, as GLM-4's openai_api_server takes it: an assistant message with `tool_calls`
   ([{"type": "function", "function": {"name": ..., "arguments": ...}}, ...]; a text content before the calls
   becomes an assistant message of its own) and `{"role": "tool", "content": ...}` results;
-- ChatGLM3's finetune demo (finetune_chatmodel_demo, README "多轮对话格式"): a sample-level "tools" list and
-  `{"role": "tool", "name": ..., "parameters": {...}, "observation": ...}` items, each a call and its result;
+- ChatGLM3's finetune demo (finetune_chatmodel_demo, README "多轮对话格式"): a sample-level "tools" list (a system
+  message first, for glm3 with ChatGLM3's tool system text, as the demo inserts it) and
+  `{"role": "tool", "name": ..., "parameters": {...}, "observation": ...}` items, each a call and its result (the
+  demo's per-turn "loss" flags are not read: assistant turns are learned as `--last_turn_only` says);
 - GLM-4's finetune_demo README: a call written as assistant text '{"name": ..., "arguments": {...}}' without
   metadata, when the name is a declared tool (GLM-4-9B-Chat itself writes `<|assistant|>name\\n{arguments}`, which
   its chat() and openai_api_server parse; the README's form would teach a call they do not recognise).
@@ -41,6 +43,9 @@ import json
 GLM3_BUILTIN_TOOLS = ("interpreter",)
 GLM4_BUILTIN_TOOLS = ("python", "simple_browser", "cogview")
 GLM3_CALL_PREFIX, GLM3_CALL_SUFFIX = "```python\n", "\n```"
+# The system text ChatGLM3 puts before its tools (chatglm3-6b's PROMPT.md, "工具调用"; its finetune demo inserts it
+# when a sample gives "tools" beside the conversation); the template appends the tools as JSON after a newline.
+GLM3_TOOL_SYSTEM_TEXT = "Answer the following questions as best as you can. You have access to the following tools:"
 
 
 class ToolDataError(ValueError):
@@ -68,7 +73,8 @@ def converted_messages(mode: str, sample: dict) -> tuple[list[dict], list[int]]:
         raise ToolDataError(f"'{key}' must be a non-empty list")
     messages, turns = [], []
     if sample.get("tools") is not None:  # ChatGLM3's finetune demo: the tools beside the conversation
-        messages.append({"role": "system", "content": "", "tools": sample["tools"]})
+        text = GLM3_TOOL_SYSTEM_TEXT if mode == "glm3" else ""  # glm4's template writes its own tool prompt
+        messages.append({"role": "system", "content": text, "tools": sample["tools"]})
         turns.append(0)
     for number, turn in enumerate(conversation, start=1):
         converted = _turn_messages(mode, turn, number)

@@ -238,12 +238,19 @@ def test_chatglm3_finetune_demo_tool_items_become_a_call_and_its_observation(tin
         {"role": "tool", "name": "get_vehicle_info", "parameters": {}, "observation": "{\"model\": \"大众 朗逸\"}"},
         DONE]}
     assert dataset.sample_to_messages("glm3", sample, "t", check_tools=True) == [
-        {"role": "system", "content": "", "tools": SYSTEM["tools"]}, ASK,
+        {"role": "system", "content": tool_data.GLM3_TOOL_SYSTEM_TEXT, "tools": SYSTEM["tools"]}, ASK,
         {"role": "assistant", "content": "好的，我先读故障码。"},
         {"role": "assistant", "metadata": "read_fault_codes", "content": "```python\ntool_call(system='发动机')\n```"},
         {"role": "observation", "content": "{\"codes\": [\"P0301\"]}"},
         {"role": "assistant", "metadata": "get_vehicle_info", "content": "```python\ntool_call()\n```"},
         {"role": "observation", "content": "{\"model\": \"大众 朗逸\"}"}, DONE]
+    # as ChatGLM3's demo renders it: its tool system text, then the tools as JSON (indent 4, non-ASCII kept)
+    tokenizer = MODE["glm3"].tokenizer.from_pretrained(tiny_dirs["glm3"])
+    system_text = tool_data.GLM3_TOOL_SYSTEM_TEXT + "\n" + json.dumps(SYSTEM["tools"], indent=4, ensure_ascii=False)
+    ids = template.encode_context(tokenizer, "glm3", dataset.sample_to_messages("glm3", sample, "t")[:2])
+    expected = [template.special(tokenizer, "[gMASK]"), template.special(tokenizer, "sop"), role(tokenizer, "system"),
+                *tokenizer.encode_text("\n"), *tokenizer.encode_text(system_text), role(tokenizer, "user")]
+    assert ids[:len(expected)] == expected
     assert tool_data.glm3_call_arguments("```python\ntool_call(part='空调压力传感器', labor_hours=0.8)\n```") == \
         {"part": "空调压力传感器", "labor_hours": 0.8}
 
