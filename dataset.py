@@ -7,11 +7,12 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import Dataset
 
+import tool_data
 from model import template
 
 logger = logging.getLogger("chatglm")
@@ -111,27 +112,25 @@ def _spans_lines(lines: list[str], number: int) -> str:
     return f"; the sample on lines {number}-{last} must be on one line (JSON Lines), or make the file a JSON array"
 
 
-def sample_to_messages(mode: str, sample, where: str) -> list[dict]:
+def sample_to_messages(mode: str, sample, where: str, check_tools: bool = False) -> list[dict]:
     """A sample of the seed format (instruction, input, output, optional history) or a ChatGLM3/GLM-4 `conversations`
-    list, as template messages. `where` ("file:line") prefixes every error."""
+    (or `messages`) list, as template messages; tool calls in the forms THUDM's demos write are converted to the
+    template's representation (`tool_data`). `where` ("file:line") prefixes every error. `check_tools` (training
+    data) also refuses what would teach a broken call: arguments that are not a JSON object, a call to a tool the
+    sample does not declare, an observation without a call."""
     if not isinstance(sample, dict):
         raise DataError(f"{where}: a sample must be a JSON object, got {type(sample).__name__}")
-    if "conversations" in sample:
-        conversation = sample["conversations"]
-        if not isinstance(conversation, list) or not conversation:
-            raise DataError(f"{where}: 'conversations' must be a non-empty list")
-        messages = []
-        for turn in conversation:
-            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) \
-                    or not isinstance(turn.get("content"), str):
-                raise DataError(f"{where}: every conversation turn needs string 'role' and 'content'")
-            if turn["role"] not in template.ROLES:
-                raise DataError(f"{where}: unknown role {turn['role']!r}")
-            messages.append(turn)
-        if messages[-1]["role"] != "assistant":
-            raise DataError(f"{where}: the conversation must end with an assistant turn")
+    if "conversations" in sample or "messages" in sample:
         try:
+            messages, turns = tool_data.converted_messages(mode, sample)
+            for message in messages:
+                if message["role"] not in template.ROLES:
+                    raise ValueError(f"unknown role {message['role']!r}")
+            if messages[-1]["role"] != "assistant":
+                raise ValueError("the conversation must end with an assistant turn")
             template.check_conversation(mode, messages)
+            if check_tools and mode in template.MESSAGE_MODES:
+                tool_data.check_calls(mode, messages, turns)
         except ValueError as e:
             raise DataError(f"{where}: {e}") from None
         return messages
@@ -157,18 +156,29 @@ def sample_to_messages(mode: str, sample, where: str) -> list[dict]:
 class DataStats:
     samples: int = 0
     truncated: int = 0
-    skipped: int = 0
+    skipped: int = 0  # truncated samples dropped by --is_skip
+    unfit: int = 0  # samples that cannot fit even after truncation (always dropped)
+    unfit_where: list = field(default_factory=list)  # their first few `file:line`
 
 
-def fit_prompt(tokenizer, mode: str, messages: list[dict], max_src_len: int) -> tuple[list[dict], bool]:
+# Free text that truncation may shorten: what the user says and what a tool returns. Never cut: system messages (the
+# instruction of the whole conversation, and the tools), assistant turns (learned targets: answers and tool calls),
+# and the template's own tokens (role tokens, [gMASK] sop ...).
+SHORTENED_ROLES = ("user", "observation")
+
+
+def fit_prompt(tokenizer, mode: str, messages: list[dict], max_src_len: int) -> tuple[list[dict] | None, bool]:
     """The conversation with its prompt (everything before the final answer) cut to at most `max_src_len` tokens,
-    and whether anything was cut.
+    and whether anything was cut; (None, True) when it cannot be made to fit.
 
-    Whole old rounds go first, oldest first (a round: a user turn and what follows it up to the next user turn);
-    system messages and the last round (the question being answered, and for glm3/glm4 any tool call and observation
-    after it) stay. If that is still too long, the oldest remaining text is cut, character by character from the
-    start (the system message first, then the question). The template's own tokens ([gMASK] sop, role tokens, the
-    answer cue) are never cut: the result is always a prompt `chat()` could have built."""
+    1. Whole old rounds go first, oldest first (a round: a user turn and what follows it up to the next user turn,
+       tool calls and observations included). System messages (with their tools) and the last round stay.
+    2. Then free text is shortened: observations (tools' results) first, then user turns, each oldest first, lose
+       characters from their start (glm4 keeps at least one: its template would drop an emptied message with its
+       role token).
+    System text, tools, assistant turns (answers and tool calls, learned targets) and the template's own tokens are
+    never cut, so the result is always a conversation `chat()` could have been given, and every call it teaches
+    names a declared tool with its whole arguments."""
     context, answer = list(messages[:-1]), messages[-1]
 
     def fits(candidate):
@@ -176,6 +186,37 @@ def fit_prompt(tokenizer, mode: str, messages: list[dict], max_src_len: int) -> 
 
     if fits(context):
         return messages, False
+    context = _drop_old_rounds(context, fits)
+    # glm4's template leaves out a message with empty content, role token and all: keep one character there
+    least = 1 if mode == "glm4" else 0
+    # tools' results first (data the answer draws on), then what the user said (the request), each oldest first
+    order = [i for role in SHORTENED_ROLES[::-1] for i, m in enumerate(context) if m["role"] == role]
+    for index in order:
+        message = context[index]
+        if fits(context):
+            break
+        if len(message["content"]) <= least:
+            continue
+        text = message["content"]
+
+        def with_text(kept):
+            return context[:index] + [{**message, "content": kept}] + context[index + 1:]
+        low, high = 1, len(text) - least  # the fewest leading characters to drop: fits(text[high:])
+        if fits(with_text(text[high:])):
+            while low < high:
+                middle = (low + high) // 2
+                if fits(with_text(text[middle:])):
+                    high = middle
+                else:
+                    low = middle + 1
+        context[index] = {**message, "content": text[high:]}
+    if not fits(context):
+        return None, True
+    return context + [answer], True
+
+
+def _drop_old_rounds(context: list[dict], fits) -> list[dict]:
+    """The context without its oldest rounds, as few as make it fit (all but the last round at most)."""
     last_user = max((i for i, m in enumerate(context) if m["role"] == "user"), default=0)
     rounds, current = [], None  # indices of the old rounds, oldest first
     for index in range(last_user):
@@ -190,34 +231,19 @@ def fit_prompt(tokenizer, mode: str, messages: list[dict], max_src_len: int) -> 
         if fits([m for i, m in enumerate(context) if i not in dropped]):
             break
         dropped.update(old_round)
-    context = [m for i, m in enumerate(context) if i not in dropped]
-    index = 0
-    while not fits(context) and index < len(context):
-        message, text = context[index], context[index]["content"]
-        if not fits(context[:index] + [{**message, "content": ""}] + context[index + 1:]):
-            if message["role"] == "system":  # a system message cut to nothing goes
-                del context[index]
-            else:
-                context[index] = {**message, "content": ""}
-                index += 1
-            continue
-        low, high = 1, len(text)  # the fewest leading characters to drop: fits(text[high:]) holds
-        while low < high:
-            middle = (low + high) // 2
-            if fits(context[:index] + [{**message, "content": text[middle:]}] + context[index + 1:]):
-                high = middle
-            else:
-                low = middle + 1
-        context[index] = {**message, "content": text[high:]}
-    return context + [answer], True
+    return [m for i, m in enumerate(context) if i not in dropped]
 
 
 class InstructionDataset(Dataset):
     """Tokenised once (reused across epochs) by the mode's chat template; labels are -100 on every prompt token.
 
-    Over-long samples: the prompt is cut to `max_src_len` by `fit_prompt` (old rounds first, never the question or
-    the template's own tokens), then the answer so that the sample fits `max_len`, keeping its end token. With
-    `is_skip`, such samples are dropped instead."""
+    Over-long samples: the prompt is cut to `max_src_len` by `fit_prompt` (old rounds, then user and observation
+    text; never system text, tools, tool calls or role tokens), then a text answer so that the sample fits
+    `max_len`, keeping its end token. With `is_skip`, such samples are dropped instead. A sample that cannot fit
+    (its system text, tools and calls alone are too long, or its final answer is a tool call longer than `max_len`
+    allows) is dropped and counted; the log names the first few."""
+
+    SHOWN_UNFIT = 5  # how many `file:line` of unfit samples the log names
 
     def __init__(self, path: str, tokenizer, mode: str, max_len: int, max_src_len: int, is_skip: bool = False,
                  learn_all_turns: bool = True):
@@ -229,26 +255,50 @@ class InstructionDataset(Dataset):
         self.examples = []
         for number, sample in read_records(path):
             where = f"{path}:{number}"
-            messages, truncated = fit_prompt(tokenizer, mode, sample_to_messages(mode, sample, where), max_src_len)
-            ids, labels, answer_start = template.encode_messages(tokenizer, mode, messages, learn_all_turns)
-            if answer_start > max_src_len:  # the template of the final round alone is longer (glm3/glm4 tool turns)
-                raise DataError(f"{where}: the prompt keeps {answer_start} tokens of template after cutting every "
-                                f"text, more than max_src_len={max_src_len}")
+            messages = sample_to_messages(mode, sample, where, check_tools=True)
             self.stats.samples += 1
-            if len(ids) > max_len:  # the answer, cut so that it fits, keeping its end token
-                ids, labels = ids[:max_len - 1] + ids[-1:], labels[:max_len - 1] + labels[-1:]
-                truncated = True
+            example, truncated = self._encode(tokenizer, mode, messages, max_len, max_src_len, learn_all_turns)
+            if example is None:
+                self.stats.unfit += 1
+                if len(self.stats.unfit_where) < self.SHOWN_UNFIT:
+                    self.stats.unfit_where.append(where)
+                continue
             if truncated:
                 self.stats.truncated += 1
                 if is_skip:
                     self.stats.skipped += 1
                     continue
-            self.examples.append({"input_ids": ids, "labels": labels})
+            self.examples.append(example)
+        limits = f"max_len={max_len} / max_src_len={max_src_len}"
+        if self.stats.unfit:
+            shown = ", ".join(self.stats.unfit_where) + (", ..." if self.stats.unfit > self.SHOWN_UNFIT else "")
+            logger.warning("%s: %d samples skipped: longer than %s even after truncation (system text, tools and "
+                           "tool calls are never cut; raise --max_src_len / --max_len to keep them): %s", path,
+                           self.stats.unfit, limits, shown)
         if not self.examples:
             raise DataError(f"{path}: no usable sample ({self.stats.samples} read, {self.stats.skipped} skipped "
-                            f"as longer than max_len={max_len} / max_src_len={max_src_len})")
-        logger.info("%s: %d samples, %d truncated%s", path, self.stats.samples, self.stats.truncated,
-                    f", {self.stats.skipped} skipped (--is_skip)" if is_skip else "")
+                            f"as truncated (--is_skip), {self.stats.unfit} too long even after truncation; "
+                            f"{limits})")
+        logger.info("%s: %d samples, %d truncated%s%s", path, self.stats.samples, self.stats.truncated,
+                    f", {self.stats.skipped} skipped (--is_skip)" if is_skip else "",
+                    f", {self.stats.unfit} skipped as too long" if self.stats.unfit else "")
+
+    @staticmethod
+    def _encode(tokenizer, mode, messages, max_len, max_src_len, learn_all_turns):
+        """({"input_ids", "labels"}, truncated), or (None, True) when the sample cannot fit."""
+        messages, truncated = fit_prompt(tokenizer, mode, messages, max_src_len)
+        if messages is None:
+            return None, True
+        ids, labels, answer_start = template.encode_messages(tokenizer, mode, messages, learn_all_turns)
+        if answer_start > max_src_len:  # cannot happen after fit_prompt; kept as a guard on the template
+            return None, True
+        if len(ids) > max_len:
+            if tool_data.is_call(messages[-1]):  # a call is never cut: its arguments would be broken
+                return None, True
+            # the answer's text, cut so that it fits, keeping its end token
+            ids, labels = ids[:max_len - 1] + ids[-1:], labels[:max_len - 1] + labels[-1:]
+            truncated = True
+        return {"input_ids": ids, "labels": labels}, truncated
 
     def __len__(self):
         return len(self.examples)

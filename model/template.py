@@ -34,7 +34,9 @@ official glm2 chat() puts none between rounds); glm3 "\\n" + its text, then eos 
 end of the sample or, for an earlier turn, the role token that follows it. glm4 follows THUDM's GLM-4 finetune_demo,
 the official reference: an assistant message learns everything after its <|assistant|> ("{metadata}\\n" + content,
 so a tool call's name and arguments too) and the role token that follows it (<|user|>, <|observation|> ...);
-after the last answer <|user|> is appended and learned, where glm3 puts eos. Both stop tokens end generation.
+after the last answer <|user|> is appended and learned, where glm3 puts eos. Both stop tokens end generation. An
+empty final glm4 answer, which the official template leaves out, is written as "\n" and learns that and <|user|>:
+what the model must generate for chat() to return "" (see `_glm4_pieces`).
 """
 from __future__ import annotations
 
@@ -233,6 +235,12 @@ def _glm4_pieces(tokenizer, messages: list[dict], learn_all_turns: bool) -> list
             blocks.append(("system", glm4_tool_prompt(message["tools"])))
         if message.get("content"):  # the official template leaves out messages with empty content
             blocks.append((role, f"{message.get('metadata') or ''}\n{message['content']}"))
+        elif learned and index == last:
+            # An empty final answer: the official template drops it (THUDM's finetune_demo then learns nothing from
+            # it), but in chat the model must still answer the prompt's <|assistant|>: with "\n" and a stop token,
+            # which chat() returns as "". It is written as every answer is, so it learns that "\n" and <|user|>.
+            # (An earlier empty answer stays out, as the template leaves it out of every later prompt.)
+            blocks.append((role, f"{message.get('metadata') or ''}\n"))
         for block_role, text in blocks:
             pieces += [Piece(ids=(special(tokenizer, f"<|{block_role}|>"),), learned=learn_role_token),
                        Piece(text=text, learned=learned)]

@@ -16,6 +16,7 @@ from test_train import tiny_run_args, train_in_process  # noqa: F401 (train_in_p
 SAMPLE = {"instruction": "你好", "output": "你好！"}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "天气",
                                            "parameters": {"type": "object", "properties": {}}}}]
+TIME_TOOL = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
 
 
 def jsonl(*samples) -> str:
@@ -31,9 +32,9 @@ def train_error(train_in_process, tiny_dirs, tmp_path, train_path, mode="glm3") 
     return message
 
 
-def load(tiny_dirs, path, mode="glm3") -> InstructionDataset:
+def load(tiny_dirs, path, mode="glm3", max_len=256, max_src_len=200) -> InstructionDataset:
     tokenizer = MODE[mode].tokenizer.from_pretrained(tiny_dirs[mode])
-    return InstructionDataset(str(path), tokenizer, mode, max_len=256, max_src_len=200)
+    return InstructionDataset(str(path), tokenizer, mode, max_len=max_len, max_src_len=max_src_len)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -177,17 +178,20 @@ def test_role_orders_the_official_formats_allow_still_load(mode, tiny_dirs, tmp_
         [turn("system", tools=TOOLS), turn("user", "北京天气"),
          turn("assistant", '{"city": "北京"}', metadata="get_weather"), turn("observation", '{"weather": "晴"}'),
          turn("assistant", "晴天")],  # tool call -> observation -> answer
-        [turn("user"), turn("assistant", "{}", metadata="get_weather"), turn("observation"),
-         turn("assistant", "{}", metadata="get_weather"), turn("observation"), turn("assistant")],
-        [turn("user"), turn("assistant", "{}", metadata="get_weather"), turn("assistant", "{}", metadata="get_time"),
-         turn("observation"), turn("observation"), turn("assistant")],  # two calls, then their two results
+        [turn("system", tools=TOOLS), turn("user"), turn("assistant", "{}", metadata="get_weather"),
+         turn("observation"), turn("assistant", "{}", metadata="get_weather"), turn("observation"),
+         turn("assistant")],
+        [turn("system", tools=TOOLS + TIME_TOOL), turn("user"), turn("assistant", "{}", metadata="get_weather"),
+         turn("assistant", "{}", metadata="get_time"), turn("observation"), turn("observation"),
+         turn("assistant")],  # two calls, then their two results (calls name declared tools: tests/test_tool_data.py)
         [turn("system"), turn("system"), turn("user"), turn("assistant"), turn("system"), turn("user"),
          turn("assistant")],
         [turn("user"), turn("user"), turn("assistant")],
     ]
     path = tmp_path / "ok.jsonl"
     path.write_text(jsonl(*({"conversations": c} for c in conversations)), encoding="utf-8")
-    assert len(load(tiny_dirs, path, mode)) == len(conversations)
+    # room for the tools: truncation never cuts them (a sample that cannot fit is skipped)
+    assert len(load(tiny_dirs, path, mode, max_len=1024, max_src_len=960)) == len(conversations)
     shipped = [ROOT / "data" / name for name in ("tools.jsonl", "conversations.jsonl", "multiturn.jsonl")]
     for data in shipped + sorted(Path(SHARED, "data").glob("*.json*")):
-        assert len(load(tiny_dirs, data, mode)) == len(read_records(str(data))), data
+        assert len(load(tiny_dirs, data, mode, max_len=1024, max_src_len=960)) == len(read_records(str(data))), data
