@@ -118,7 +118,7 @@ def test_the_ds_file_optimizer_params_are_kept_and_only_the_missing_filled(param
     train_in_process(*run_args(tiny_dirs, tmp_path / "out", max_steps=1, ds_file=ds_file, weight_decay=0.05))
     groups = deepspeed_engines[0].optimizer.param_groups
     assert {(tuple(g["betas"]), g["eps"]) for g in groups} == {(betas, eps)}
-    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.05]  # the flag: matrices decay, 1-D params not
+    assert {g["weight_decay"] for g in groups} == {0.05}  # the flag's (LoRA trains matrices only)
 
 
 @pytest.fixture(scope="module")
