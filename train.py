@@ -184,7 +184,7 @@ def check_inputs(args, world_size: int) -> str | None:
         check_checkpoint_dir(args.model_name_or_path, args.mode)
         check_safetensors_headers(args.model_name_or_path)
         if args.train_type == "freeze" and args.freeze_module_name is None:
-            args.freeze_module_name = last_layers(args.model_name_or_path, args.mode)
+            args.freeze_module_name = last_layers(MODE[args.mode].config.from_pretrained(args.model_name_or_path))
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise SystemExit(f"--output_dir {args.output_dir} is a file; choose a directory")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.resume:
@@ -196,10 +196,10 @@ def check_inputs(args, world_size: int) -> str | None:
     return tag
 
 
-def last_layers(model_dir: str, mode: str, count: int = 4) -> str:
+def last_layers(config, count: int = 4) -> str:
     """The default --freeze_module_name: the name parts of the model's last `count` layers, from its config.json
     (layers.27.,layers.26.,layers.25.,layers.24. on ChatGLM-6B to ChatGLM3-6B; layers.39. ... on GLM-4-9B)."""
-    num_layers = MODE[mode].config.from_pretrained(model_dir).num_layers
+    num_layers = config.num_layers
     return ",".join(f"layers.{i}." for i in range(num_layers - 1, max(num_layers - count, 0) - 1, -1))
 
 
@@ -365,12 +365,13 @@ def apply_train_type(model, args):
         except ValueError as e:  # e.g. a module name that matches nothing
             raise SystemExit(f"--lora_module_name {args.lora_module_name!r}: {str(e).splitlines()[0]}") from None
     else:
-        keep = {"freeze": args.freeze_module_name.split(","), "ptuning": ["prefix_encoder."], "all": [""]}
+        freeze = args.freeze_module_name or last_layers(model.config)  # set by check_inputs in train.py's runs
+        keep = {"freeze": freeze.split(","), "ptuning": ["prefix_encoder."], "all": [""]}
         names = [name for name in keep[args.train_type] if name or args.train_type == "all"]
         for name, param in model.named_parameters():
             param.requires_grad = any(part in name for part in names)
         if not any(p.requires_grad for p in model.parameters()):
-            raise SystemExit(f"--freeze_module_name {args.freeze_module_name!r} matches no parameter of the model")
+            raise SystemExit(f"--freeze_module_name {freeze!r} matches no parameter of the model")
     if args.gradient_checkpointing:
         # also makes the embeddings' output require grad, so a frozen base still back-propagates into LoRA/prefix
         enable_activation_checkpointing(model, args.checkpoint_every_n_layers)
