@@ -1,6 +1,7 @@
 """What train.py's loop does when a run resumes, changes its length or flags, or meets a window without labels:
 train.main in this process (a world of one, gloo) on the tiny checkpoints, a few steps each."""
 import json
+import math
 import shutil
 
 import pytest
@@ -33,7 +34,7 @@ def lr_of_steps(out):
 
 def schedule(peak, total, ratio):
     """README's formula: step s (from 1) of T runs at peak * min(s / W, (T + 1 - s) / (T - W)), W = ceil(ratio T)."""
-    warmup = -(-ratio * total // 1)
+    warmup = math.ceil(ratio * total)
     return {s: peak * min(s / warmup if warmup else float("inf"), (total + 1 - s) / (total - warmup))
             for s in range(1, total + 1)}
 
