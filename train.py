@@ -60,8 +60,10 @@ def parse_args(argv=None):
     group.add_argument("--model_name_or_path", required=True, help="official ChatGLM checkpoint directory")
     group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2, glm3 or glm4")
     group.add_argument("--train_type", default="lora", choices=TRAIN_TYPES, help="what trains")
-    group.add_argument("--freeze_module_name", default="layers.27.,layers.26.,layers.25.,layers.24.",
-                       help="freeze: comma-separated name parts; only parameters containing one of them train")
+    group.add_argument("--freeze_module_name", default=None,
+                       help="freeze: comma-separated name parts; only parameters containing one of them train "
+                            "(default: the model's last four layers, from its config.json num_layers: "
+                            "layers.27.,layers.26.,layers.25.,layers.24. on a 28-layer model)")
     group.add_argument("--lora_dim", type=int, default=8, help="lora: rank r")
     group.add_argument("--lora_alpha", type=int, default=30, help="lora: scaling alpha")
     group.add_argument("--lora_dropout", type=float, default=0.1, help="lora: dropout on the LoRA input")
@@ -79,7 +81,8 @@ def parse_args(argv=None):
 
     group = parser.add_argument_group("data")
     group.add_argument("--train_path", required=True, help="training data: JSONL or JSON array")
-    group.add_argument("--dev_path", default=None, help="evaluation data; eval loss every --eval_step and per epoch")
+    group.add_argument("--dev_path", default=None,
+                       help="evaluation data; eval loss every --eval_step, at each epoch end and at the run's end")
     group.add_argument("--max_len", type=int, default=1024, help="longest sample in tokens")
     group.add_argument("--max_src_len", type=int, default=256,
                        help="longest prompt in tokens; longer prompts lose their oldest rounds first, never the "
@@ -97,7 +100,9 @@ def parse_args(argv=None):
     group.add_argument("--weight_decay", type=float, default=0.1,
                        help="AdamW weight decay on weight matrices; 1-D parameters (norm weights, biases) get none")
     group.add_argument("--num_train_epochs", type=int, default=1, help="passes over the training data")
-    group.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    group.add_argument("--max_steps", type=int, default=None,
+                       help="the run's length in optimizer steps, in place of --num_train_epochs: the data repeats "
+                            "in new epochs as needed, or the run ends inside an epoch (as HF Trainer's max_steps)")
     group.add_argument("--warmup_ratio", type=float, default=0.1,
                        help="share of the T optimizer steps warming up: W = ceil(ratio * T); step s (1-based) runs at "
                             "lr * min(s / W, (T + 1 - s) / (T - W)): linear up to the peak at step W, then linear "
@@ -108,8 +113,10 @@ def parse_args(argv=None):
 
     group = parser.add_argument_group("run")
     group.add_argument("--ds_file", default="ds_zero2_no_offload.json",
-                       help="DeepSpeed JSON (ZeRO, offload, clipping); a shipped one's bare name works from any "
-                            "directory")
+                       help="DeepSpeed JSON (ZeRO, offload, clipping, optimizer); a shipped one's bare name works from "
+                            "any directory. Its optimizer params are kept; lr and weight_decay come from the flags, "
+                            "and what it leaves out or sets to \"auto\" is filled: type AdamW, betas [0.9, 0.95], "
+                            "eps 1e-8")
     group.add_argument("--output_dir", required=True, help="where checkpoints and logs go")
     group.add_argument("--save_model_step", type=int, default=None, help="also save every N optimizer steps")
     group.add_argument("--save_total_limit", type=int, default=None,
@@ -176,6 +183,8 @@ def check_inputs(args, world_size: int) -> str | None:
     with checkpoint_errors():
         check_checkpoint_dir(args.model_name_or_path, args.mode)
         check_safetensors_headers(args.model_name_or_path)
+        if args.train_type == "freeze" and args.freeze_module_name is None:
+            args.freeze_module_name = last_layers(MODE[args.mode].config.from_pretrained(args.model_name_or_path))
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise SystemExit(f"--output_dir {args.output_dir} is a file; choose a directory")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.resume:
@@ -185,6 +194,13 @@ def check_inputs(args, world_size: int) -> str | None:
     if tag:
         check_resume(args, tag, world_size)
     return tag
+
+
+def last_layers(config, count: int = 4) -> str:
+    """The default --freeze_module_name: the name parts of the model's last `count` layers, from its config.json
+    (layers.27.,layers.26.,layers.25.,layers.24. on ChatGLM-6B to ChatGLM3-6B; layers.39. ... on GLM-4-9B)."""
+    num_layers = config.num_layers
+    return ",".join(f"layers.{i}." for i in range(num_layers - 1, max(num_layers - count, 0) - 1, -1))
 
 
 def run_record(args, world_size: int) -> dict:
@@ -201,6 +217,11 @@ def check_resume(args, tag: str, world_size: int) -> None:
     if later:
         raise SystemExit(f"--resume: {os.path.join(args.output_dir, later[0])} is later than the last complete "
                          f"checkpoint {tag} but has no deepspeed/ state to resume from; move it out of --output_dir")
+    missing = missing_resume_files(os.path.join(args.output_dir, tag, "deepspeed"), world_size,
+                                   quantization.zero_stage(args.ds_file))
+    if missing:
+        raise SystemExit(f"--resume: {tag} lacks {missing}, which resuming needs (each rank's random state and "
+                         f"DeepSpeed state): resume from an earlier checkpoint (move this one out of --output_dir)")
     record_file = os.path.join(args.output_dir, tag, "training_args.json")
     if not os.path.isfile(record_file):
         return
@@ -216,6 +237,25 @@ def check_resume(args, tag: str, world_size: int) -> None:
             what = "ranks" if flag == "world_size" else f"--{flag}"
             raise SystemExit(f"--resume: {what} is {now[flag]!r}, but {tag} was trained with {before[flag]!r} "
                              f"({record_file}); resume with the same value, or train into a new --output_dir")
+
+
+def missing_resume_files(state_dir: str, world_size: int, zero_stage: int) -> str | None:
+    """The first file of a checkpoint's deepspeed/ that a resume on `world_size` ranks reads and is not there: each
+    rank's random state (save_checkpoint's rng_rankR.pt) and DeepSpeed's files in its tag directory: the model states
+    (ZeRO-3: one per rank) and, under ZeRO, each rank's optimizer partition ([bf16_]zero_pp_rank_R_mp_rank_00_...,
+    engine._get_ckpt_name / _get_zero_ckpt_name)."""
+    tag_dir = os.path.join(state_dir, "state")
+    names = set(os.listdir(tag_dir)) if os.path.isdir(tag_dir) else set()
+    for rank in range(world_size):
+        rng = os.path.join(state_dir, f"rng_rank{rank}.pt")
+        if not os.path.isfile(rng):
+            return rng
+        model = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt"
+        optim = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        for name, needed in ((model, [model]), (optim, [optim, "bf16_" + optim] if zero_stage else [])):
+            if needed and not names & set(needed):
+                return os.path.join(tag_dir, name)
+    return None
 
 
 def init_distributed():
@@ -253,10 +293,14 @@ def pick_precision(choice: str) -> str:
     return choice if choice != "auto" else auto_precision("cuda" if torch.cuda.is_available() else "cpu")
 
 
+OPTIMIZER_DEFAULTS = {"betas": [0.9, 0.95], "eps": 1e-8}  # where the DeepSpeed JSON leaves them out or "auto"
+
+
 def fill_ds_config(args, world_size: int) -> dict:
-    """The one place flags reach the DeepSpeed JSON: batch keys, optimizer and precision. The JSON keeps what it owns
-    (ZeRO stage, offload, clipping); the lr schedule is train.py's own (`lr_factor`), so a "scheduler" in the JSON is
-    dropped."""
+    """The one place flags reach the DeepSpeed JSON: batch keys, optimizer lr and weight decay, precision. The JSON
+    keeps what it owns (ZeRO stage, offload, clipping, the optimizer's type, betas, eps ...: OPTIMIZER_DEFAULTS only
+    where it leaves them out or says "auto"); the lr schedule is train.py's own (`lr_factor`), so a "scheduler" in
+    the JSON is dropped."""
     config = read_json(args.ds_file)  # checked in parse_args
     config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
     config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
@@ -265,8 +309,15 @@ def fill_ds_config(args, world_size: int) -> dict:
     precision = pick_precision(args.precision)
     config["fp16"] = {**config.get("fp16", {}), "enabled": precision == "fp16"}
     config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
-    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    optimizer["params"].update(lr=args.learning_rate, betas=[0.9, 0.95], eps=1e-8, weight_decay=args.weight_decay)
+    optimizer = config.setdefault("optimizer", {})
+    if optimizer.get("type", "auto") == "auto":
+        optimizer["type"] = "AdamW"
+    params = optimizer.setdefault("params", {})
+    # the flags own the lr (the schedule's peak) and weight decay (parameter_groups); the rest is the JSON's
+    params.update(lr=args.learning_rate, weight_decay=args.weight_decay)
+    for key, default in OPTIMIZER_DEFAULTS.items():
+        if params.get(key, "auto") == "auto":
+            params[key] = default
     if config.pop("scheduler", None):
         logger.info("%s: its \"scheduler\" is replaced by the --warmup_ratio schedule", args.ds_file)
     zero = config.get("zero_optimization", {})
@@ -314,12 +365,13 @@ def apply_train_type(model, args):
         except ValueError as e:  # e.g. a module name that matches nothing
             raise SystemExit(f"--lora_module_name {args.lora_module_name!r}: {str(e).splitlines()[0]}") from None
     else:
-        keep = {"freeze": args.freeze_module_name.split(","), "ptuning": ["prefix_encoder."], "all": [""]}
+        freeze = args.freeze_module_name or last_layers(model.config)  # set by check_inputs in train.py's runs
+        keep = {"freeze": freeze.split(","), "ptuning": ["prefix_encoder."], "all": [""]}
         names = [name for name in keep[args.train_type] if name or args.train_type == "all"]
         for name, param in model.named_parameters():
             param.requires_grad = any(part in name for part in names)
         if not any(p.requires_grad for p in model.parameters()):
-            raise SystemExit(f"--freeze_module_name {args.freeze_module_name!r} matches no parameter of the model")
+            raise SystemExit(f"--freeze_module_name {freeze!r} matches no parameter of the model")
     if args.gradient_checkpointing:
         # also makes the embeddings' output require grad, so a frozen base still back-propagates into LoRA/prefix
         enable_activation_checkpointing(model, args.checkpoint_every_n_layers)
@@ -362,6 +414,17 @@ def build_engine(model, ds_config, args, total_steps: int):
     if args.quantization_bit:  # still quantized after DeepSpeed's casts and moves
         logger.info(quantization.describe(quantization.check_storage(engine.module, args.quantization_bit)))
     return engine
+
+
+def restart_schedule(engine, step: int) -> None:
+    """--resume: the lr schedule built from this run's flags (its --learning_rate and T, build_engine's LambdaLR), at
+    `step` steps done. The checkpoint's optimizer state brought back the old run's lr (and initial_lr) into the
+    param groups; the scheduler state, not loaded, would have brought its base_lrs and T too."""
+    scheduler = engine.lr_scheduler
+    scheduler.last_epoch = step
+    scheduler._last_lr = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, base, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler._last_lr):
+        group["initial_lr"], group["lr"] = base, lr
 
 
 def offloaded_host_bytes(ds_config: dict, model) -> int:
@@ -508,7 +571,9 @@ def train_step(engine, window, world_size: int):
 
     The gradient is the mean over every labelled token of the window on all ranks, so long and short answers
     weigh per token. Returns (summed loss of this rank, labelled tokens of all ranks), both on the device: nothing
-    is read back to the host here."""
+    is read back to the host here. A window without a labelled token on any rank (answers truncated away, say)
+    contributes a zero gradient rather than 0 / 0: the optimizer step still runs, so the schedule and the step
+    count stay on plan (AdamW's momentum and weight decay move the weights that step, as on any other)."""
     # torch.full writes the count with a kernel; torch.tensor would copy it from pageable memory (a stream sync).
     tokens = torch.full((), float(sum(labelled_tokens(b) for b in window)), device=engine.device)
     torch.distributed.all_reduce(tokens)
@@ -516,7 +581,7 @@ def train_step(engine, window, world_size: int):
     for batch in window:
         loss_sum = batch_loss(engine, batch)
         # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
-        engine.backward(loss_sum * (len(window) * world_size) / tokens)
+        engine.backward(loss_sum * (len(window) * world_size) / tokens.clamp(min=1))
         engine.step()
         loss_total += loss_sum.detach().double()
     return loss_total, tokens
@@ -692,9 +757,8 @@ def train(args):
     if steps_per_epoch == 0:
         raise SystemExit(f"{args.train_path}: {len(train_set)} samples make no optimizer step of "
                          f"{args.per_device_train_batch_size} x {accumulation} x {world_size}")
-    total_steps = steps_per_epoch * args.num_train_epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    # --max_steps sets the run's length instead of the epochs, as HF Trainer's does: epochs repeat or stop early
+    total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
 
     ds_config = fill_ds_config(args, world_size)
     engine = build_engine(build_model(args, ds_config), ds_config, args, total_steps)
@@ -702,8 +766,11 @@ def train(args):
     step, epoch, batch_index = 0, 0, 0  # optimizer steps done; where in which epoch the next window starts
     if resume_tag:
         path = os.path.join(args.output_dir, resume_tag, "deepspeed")
-        _, client = engine.load_checkpoint(path, tag="state", load_module_strict=False)
+        # not the scheduler's state: it holds the old run's lr and T, and this run's schedule is the flags'
+        _, client = engine.load_checkpoint(path, tag="state", load_module_strict=False,
+                                           load_lr_scheduler_states=False)
         step, epoch, batch_index = client["step"], client["epoch"], client["batches_in_epoch"]
+        restart_schedule(engine, step)
         set_rng_state(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False))
         logger.info("resumed from %s at step %d", resume_tag, step)
         if step >= total_steps:
@@ -716,8 +783,9 @@ def train(args):
         writer = SummaryWriter(os.path.join(args.output_dir, "runs"))
     from tqdm import tqdm
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    window_loss = torch.zeros(2, dtype=torch.float64, device=engine.device)  # summed loss, labelled tokens
-    window_tokens, clock, last_good = 0, StepClock(), None
+    # summed loss, labelled tokens (of all ranks, / world_size), real tokens: all-reduced when logged
+    window_loss = torch.zeros(3, dtype=torch.float64, device=engine.device)
+    clock, last_good = StepClock(), None
     log_file = os.path.join(args.output_dir, "train_log.jsonl")  # one JSON line per logging step, rank 0
 
     while step < total_steps:
@@ -729,20 +797,23 @@ def train(args):
             loss_sum, tokens = train_step(engine, window, world_size)
             window_loss[0] += loss_sum
             window_loss[1] += tokens / world_size
-            window_tokens += sum(real_tokens(b, tokenizer.pad_token_id) for b in window) * world_size
+            window_loss[2] += sum(real_tokens(b, tokenizer.pad_token_id) for b in window)  # this rank's
             batch_index += accumulation
             step += 1
             progress.update(1)
             epoch_done = batch_index + accumulation > len(train_loader)  # no whole window left in this epoch
             if step % args.show_loss_step == 0 or step == total_steps:
                 torch.distributed.all_reduce(window_loss)
-                loss = (window_loss[0] / window_loss[1]).item()  # the host reads the loss only here
-                if not math.isfinite(loss):
+                loss_sum, labelled, window_tokens = window_loss.tolist()  # the host reads the sums only here
+                loss = loss_sum / labelled if labelled else None  # None: no labelled token in the whole window
+                if loss is not None and not math.isfinite(loss):
                     raise SystemExit(f"step {step}: loss is {loss}; stopping. Last good checkpoint: {last_good}")
+                window_tokens = int(window_tokens)
                 seconds = clock.lap()
                 speed = window_tokens / max(seconds, 1e-9)
-                logger.info("step %d | loss %.4f | lr %.3e | tokens/s %.0f", step, loss, lr, speed)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+                shown = "n/a (no labelled tokens)" if loss is None else f"{loss:.4f}"
+                logger.info("step %d | loss %s | lr %.3e | tokens/s %.0f", step, shown, lr, speed)
+                progress.set_postfix(loss=shown, lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
                 if writer:
                     for name, value in (("loss", loss), ("lr", lr), ("tokens_per_s", speed),
                                         ("grad_norm", engine.get_global_grad_norm())):
@@ -751,9 +822,8 @@ def train(args):
                     append_jsonl(log_file, {"step": step, "loss": loss, "lr": lr, "tokens": window_tokens,
                                             "seconds": seconds, "tokens_per_s": speed})
                 window_loss.zero_()
-                window_tokens = 0
             # at most one evaluation and one checkpoint per step, however the conditions coincide
-            if dev_loader and ((args.eval_step and step % args.eval_step == 0) or epoch_done):
+            if dev_loader and ((args.eval_step and step % args.eval_step == 0) or epoch_done or step == total_steps):
                 with clock.paused():
                     log_eval(engine, dev_loader, writer, step, f"step {step}" + " (epoch end)" * epoch_done,
                              log_file)

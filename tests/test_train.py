@@ -253,6 +253,10 @@ def test_two_ranks(ds_file, tiny_dirs, tmp_path):
     assert len(losses) == 3  # 24 samples / (2 per rank x 2 ranks x 2 accumulation)
     model, tokenizer = load_for_inference("glm3", str(out / "epoch-1-step-3"))
     assert abs(dev_loss(model, tokenizer, "glm3", dev, 2) - evals[-1]) < 1e-5
+    # the logged tokens are both ranks' real ones (not rank 0's times 2): each of the 24 samples once
+    data = InstructionDataset(str(ROOT / "data/train.jsonl"), tokenizer, "glm3", max_len=256, max_src_len=200)
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert sum(r["tokens"] for r in records if "tokens" in r) == sum(len(e["input_ids"]) for e in data.examples)
 
 
 @pytest.fixture(scope="module")
