@@ -38,10 +38,9 @@ from __future__ import annotations
 import json
 import keyword
 
-# How each mode writes a call's arguments is the template's (model/template.py): chat() reads them back with the
-# same `call_arguments`, and so do predict.py and the metrics.
-from model.template import (GLM3_CALL_PREFIX, GLM3_CALL_SUFFIX, call_arguments, glm3_call_arguments,  # noqa: F401
-                            json_arguments)
+# How each mode's model writes a call's arguments is read in one place, model/template.py (`call_arguments`, used by
+# chat(), predict.py and the metrics); the checks here read them with the same functions.
+from model.template import GLM3_CALL_PREFIX, GLM3_CALL_SUFFIX, glm3_call_arguments, json_arguments
 
 # Tools a sample may call without declaring a function of that name: ChatGLM3's code interpreter (its system prompt
 # describes it in text), and GLM-4's built-in tools, callable by their type once declared ({"type": "python"} ...).
