@@ -168,8 +168,8 @@ def generation_kwargs(args, tokenizer, mode: str) -> dict:
 
 
 def answer_text(response) -> str:
-    """A glm3/glm4 tool call comes back from process_response as {"name", "content"} (several calls of one turn as a
-    list of them): score it as JSON text."""
+    """A glm3/glm4 tool call comes back from process_response as {"name", "content", "parameters"} (the last where
+    the arguments read; several calls of one turn as a list of them): score it as JSON text."""
     return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
 
 

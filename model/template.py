@@ -9,7 +9,8 @@ format of each version, so that it behaves the same under THUDM's own `chat()`:
 - glm2 (ChatGLM2-6B): [gMASK] sop "[Round 1]\\n\\n问：{q}\\n\\n答：{a}\\n\\n[Round 2]..." rounds numbered from 1; the
   answer ends with eos.
 - glm3 (ChatGLM3-6B): [gMASK] sop, then per message <|role|> + "{metadata}\\n" + content; the prompt ends with
-  <|assistant|>, the model writes "\\n" + answer and then eos (or <|user|> / <|observation|>).
+  <|assistant|>, the model writes "\\n" + answer and then eos (or <|user|> / <|observation|>). A tool call's content
+  is ChatGLM3's "```python\\ntool_call(key=value)\\n```" (tool_data writes the data so; `call_arguments` reads it).
 - glm4 (GLM-4-9B-Chat): [gMASK] <sop>, then per message <|role|> + "{metadata}\\n{content}" (one text, as the official
   chat template renders it; messages with empty content are left out as there); the prompt ends with <|assistant|>,
   the model writes "\\n" + answer and stops on <|endoftext|>, <|user|> or <|observation|> (there is no end-of-turn
