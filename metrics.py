@@ -25,10 +25,13 @@ predict.reference_answer), or a prediction identical to its reference can score 
   equal character for character, else 0.0; with n-grams on one side only it scores 0.0.
 
 Tool calls (`tool_call_metrics`, for glm3/glm4 conversations with tools): a turn's prediction and reference are each
-what `chat()` returns: a text answer (str), one call {"name", "content"} (content: the arguments as JSON text) or a
-list of such calls (several calls in one turn). A call's arguments are VALID when they parse as a JSON object (blank
-arguments count as {}: a call without arguments); two arguments are EQUAL when they are the same JSON value, key order
-and whitespace aside (compared as canonical JSON: keys sorted, so 1 and 1.0, or true and 1, differ); invalid ones are
+what `chat()` returns: a text answer (str), one call {"name", "content"} (content: the argument text as generated;
+chat() may add "parameters", which is not read here) or a list of such calls (several calls in one turn). A call's
+arguments are VALID when its content reads as the mode writes arguments (model.template.call_arguments, the same
+reading chat() uses: glm4 a JSON object; glm3 ChatGLM3's "```python\ntool_call(key=value, ...)\n```", read without
+running it; blank arguments count as {}: a call without arguments; glm3 code-interpreter calls are code, not
+arguments, and count as invalid); two arguments are EQUAL when they are the same value, key order and whitespace
+aside (compared as canonical JSON: keys sorted, so 1 and 1.0, or true and 1, differ); invalid ones are
 equal only as identical stripped text. Within a turn each reference call is paired with at most one predicted call:
 the pairing with the most same-name pairs, then the most equal arguments, then the most shared key/value pairs (the
 order of parallel calls does not count). Then:
@@ -57,6 +60,8 @@ import itertools
 import json
 import math
 from collections import Counter
+
+from model.template import call_arguments
 
 
 def char_tokens(text: str) -> list[str]:
@@ -220,45 +225,36 @@ def as_calls(response) -> list[dict] | None:
     return None
 
 
-def parse_arguments(text) -> dict | None:
-    """The arguments of a call as a dict, or None when they are not a JSON object (blank arguments are {})."""
-    if isinstance(text, dict):
-        return text
-    if not isinstance(text, str):
-        return None
-    if not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def _call_key(call: dict) -> tuple[str, str]:
-    """(name, arguments) as compared for equality: canonical JSON, or the stripped text when not a JSON object."""
-    arguments = parse_arguments(call.get("content"))
+def _call_key(call: dict, mode: str) -> tuple[str, str]:
+    """(name, arguments) as compared for equality: canonical JSON of the arguments as `call_arguments` reads them,
+    or the stripped text when they do not read."""
+    arguments = call_arguments(mode, call.get("content"))
     text = canonical_json(arguments) if arguments is not None else "\0" + str(call.get("content")).strip()
     return str(call.get("name")).strip(), text
 
 
-def _key_values(call: dict) -> set[tuple[str, str]]:
-    arguments = parse_arguments(call.get("content")) or {}
+def _call_multiset(calls: list[dict], mode: str) -> Counter:
+    return Counter(_call_key(call, mode) for call in calls)
+
+
+def _key_values(call: dict, mode: str) -> set[tuple[str, str]]:
+    arguments = call_arguments(mode, call.get("content")) or {}
     return {(key, canonical_json(value)) for key, value in arguments.items()}
 
 
-def _pair_score(reference: dict, predicted: dict | None) -> tuple[int, int, int]:
+def _pair_score(reference: dict, predicted: dict | None, mode: str) -> tuple[int, int, int]:
     """(same name, equal arguments, shared key/value pairs) of one pairing."""
-    if predicted is None or _call_key(reference)[0] != _call_key(predicted)[0]:
+    if predicted is None or _call_key(reference, mode)[0] != _call_key(predicted, mode)[0]:
         return 0, 0, 0
-    return 1, int(_call_key(reference) == _call_key(predicted)), len(_key_values(reference) & _key_values(predicted))
+    return (1, int(_call_key(reference, mode) == _call_key(predicted, mode)),
+            len(_key_values(reference, mode) & _key_values(predicted, mode)))
 
 
-def pair_calls(references: list[dict], predictions: list[dict]) -> list[tuple[dict, dict | None]]:
+def pair_calls(references: list[dict], predictions: list[dict], mode: str = "glm4") -> list[tuple[dict, dict | None]]:
     """Each reference call with its predicted call (or None), by the pairing the module doc describes."""
     slots = list(predictions) + [None] * max(0, len(references) - len(predictions))
     if max(len(references), len(predictions)) > MAX_CALLS_TO_PERMUTE:
@@ -266,7 +262,7 @@ def pair_calls(references: list[dict], predictions: list[dict]) -> list[tuple[di
     best, best_score = None, None
     for order in itertools.permutations(range(len(slots)), len(references)):
         pairs = [(ref, slots[i]) for ref, i in zip(references, order)]
-        score = tuple(map(sum, zip((0, 0, 0), *(_pair_score(r, p) for r, p in pairs))))
+        score = tuple(map(sum, zip((0, 0, 0), *(_pair_score(r, p, mode) for r, p in pairs))))
         if best_score is None or score > best_score:
             best, best_score = pairs, score
     return best
@@ -281,8 +277,10 @@ def _count_f1(true_positives: int, predicted: int, reference: int):
     return 2 * true_positives / (predicted + reference) if predicted + reference else None
 
 
-def tool_call_metrics(predictions: list, references: list) -> dict:
-    """Tool-call scores of chat() responses against the references, turn by turn (see the module doc)."""
+def tool_call_metrics(predictions: list, references: list, mode: str = "glm4") -> dict:
+    """Tool-call scores of chat() responses against the references, turn by turn (see the module doc). A call's
+    arguments are its "content" read as `mode` writes them (model.template.call_arguments: glm3 ChatGLM3's
+    tool_call(...), glm4 a JSON object), so a glm3 prediction identical to its reference scores 1."""
     _check_pairs(predictions, references)
     decisions = n_ref = n_pred = names = exact = valid = 0
     kv_tp = kv_pred = kv_ref = 0
@@ -294,8 +292,8 @@ def tool_call_metrics(predictions: list, references: list) -> dict:
         decisions += (predicted is not None) == (gold is not None)
         predicted, gold = predicted or [], gold or []
         n_pred += len(predicted)
-        valid += sum(parse_arguments(call.get("content")) is not None for call in predicted)
-        shared = sum((Counter(map(_call_key, predicted)) & Counter(map(_call_key, gold))).values())
+        valid += sum(call_arguments(mode, call.get("content")) is not None for call in predicted)
+        shared = sum((_call_multiset(predicted, mode) & _call_multiset(gold, mode)).values())
         set_tp, set_pred, set_ref = set_tp + shared, set_pred + len(predicted), set_ref + len(gold)
         if len(gold) > 1:
             parallel_turns += 1
@@ -304,11 +302,11 @@ def tool_call_metrics(predictions: list, references: list) -> dict:
             continue
         call_turns += 1
         n_ref += len(gold)
-        for ref_call, pred_call in pair_calls(gold, predicted):
-            same_name, equal, shared_kv = _pair_score(ref_call, pred_call)
+        for ref_call, pred_call in pair_calls(gold, predicted, mode):
+            same_name, equal, shared_kv = _pair_score(ref_call, pred_call, mode)
             names, exact, kv_tp = names + same_name, exact + equal, kv_tp + shared_kv
-        kv_pred += sum(len(_key_values(call)) for call in predicted)
-        kv_ref += sum(len(_key_values(call)) for call in gold)
+        kv_pred += sum(len(_key_values(call, mode)) for call in predicted)
+        kv_ref += sum(len(_key_values(call, mode)) for call in gold)
     return {"turns": len(predictions), "call_turns": call_turns, "reference_calls": n_ref, "predicted_calls": n_pred,
             "call_decision_accuracy": _share(decisions, len(predictions)),
             "call_name_accuracy": _share(names, n_ref),

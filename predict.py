@@ -27,8 +27,11 @@ calls in a row being one turn, and the metrics add the tool-call scores of metri
 validity / exact match / key-value F1, call-set and parallel-call precision/recall); each line then also carries
 "where" (file:line) and "turn" (the index of the turn's first message in the conversation).
 
-chat() returns a text answer as text, one tool call as {"name", "content"} (the arguments as JSON text), and the
-calls of one turn (the model writes them in one generation, <|assistant|> between them) as a list of such dicts.
+chat() returns a text answer as text, one tool call as {"name", "content"} (the arguments as the model wrote them:
+JSON for glm4, ChatGLM3's "```python\ntool_call(key=value)\n```" for glm3) plus "parameters" (the arguments as a
+dict) when they read as that form, and the calls of one turn (the model writes them in one generation, <|assistant|>
+between them) as a list of such dicts. The terminal chat shows a call's arguments as JSON ("parameters"), --query
+prints the call as JSON.
 """
 from __future__ import annotations
 
@@ -165,8 +168,8 @@ def generation_kwargs(args, tokenizer, mode: str) -> dict:
 
 
 def answer_text(response) -> str:
-    """A glm3/glm4 tool call comes back from process_response as {"name", "content"} (several calls of one turn as a
-    list of them): score it as JSON text."""
+    """A glm3/glm4 tool call comes back from process_response as {"name", "content", "parameters"} (the last where
+    the arguments read; several calls of one turn as a list of them): score it as JSON text."""
     return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
 
 
@@ -300,7 +303,7 @@ def predict_file(args, model, tokenizer, samples: list[dict]) -> dict:
     predictions, references = [answer_text(r) for r in responses], [answer_text(r) for r in gold]  # alike
     metrics = compute_metrics(predictions, references)
     if any(s["turn"] is not None for s in samples):  # conversations with tools: the tool-call metrics too
-        metrics.update(tool_call_metrics(responses, gold))
+        metrics.update(tool_call_metrics(responses, gold, mode))
     lines = []
     for s, r, p in zip(samples, references, predictions):
         line = {"prompt": s["query"], "reference": r, "prediction": p}
@@ -365,6 +368,14 @@ def chat_turn(model, tokenizer, query: str, history, role: str, gen_kwargs: dict
     return response, history
 
 
+def shown_arguments(call: dict) -> str:
+    """A call's arguments as the terminal shows them: as JSON when chat() could read them ("parameters": glm3's
+    tool_call(...) form and glm4's JSON alike), else the text the model wrote."""
+    if "parameters" in call:
+        return json.dumps(call["parameters"], ensure_ascii=False)
+    return str(call["content"]).strip()
+
+
 def read_observation(call: dict, stdin, stdout, which: str = "") -> str | None:
     """The result of one tool call, typed on one line or read from the file named after @; None at end of input.
     `which` tells the calls of one turn apart ("（调用 1/2）")."""
@@ -425,7 +436,7 @@ def chat_loop(model, tokenizer, gen_kwargs: dict, stdin=None, stdout=None, tools
                 break
             results = []
             for call in calls:
-                stdout.write(f"调用工具 {call['name']}，参数：{call['content'].strip()}\n")
+                stdout.write(f"调用工具 {call['name']}，参数：{shown_arguments(call)}\n")
             for number, call in enumerate(calls, start=1):
                 which = f"（调用 {number}/{len(calls)}）" if len(calls) > 1 else ""
                 result = read_observation(call, stdin, stdout, which)

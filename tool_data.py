@@ -35,14 +35,17 @@ sample does not declare, and an observation without a call to answer.
 """
 from __future__ import annotations
 
-import ast
 import json
+import keyword
+
+# How each mode's model writes a call's arguments is read in one place, model/template.py (`call_arguments`, used by
+# chat(), predict.py and the metrics); the checks here read them with the same functions.
+from model.template import GLM3_CALL_PREFIX, GLM3_CALL_SUFFIX, glm3_call_arguments, json_arguments
 
 # Tools a sample may call without declaring a function of that name: ChatGLM3's code interpreter (its system prompt
 # describes it in text), and GLM-4's built-in tools, callable by their type once declared ({"type": "python"} ...).
 GLM3_BUILTIN_TOOLS = ("interpreter",)
 GLM4_BUILTIN_TOOLS = ("python", "simple_browser", "cogview")
-GLM3_CALL_PREFIX, GLM3_CALL_SUFFIX = "```python\n", "\n```"
 # The system text ChatGLM3 puts before its tools (chatglm3-6b's PROMPT.md, "工具调用"; its finetune demo inserts it
 # when a sample gives "tools" beside the conversation); the template appends the tools as JSON after a newline.
 GLM3_TOOL_SYSTEM_TEXT = "Answer the following questions as best as you can. You have access to the following tools:"
@@ -154,26 +157,19 @@ def _written_call(mode: str, message: dict, declared) -> dict:
     if builtin(mode, name) or (mode == "glm3" and isinstance(arguments, str)
                                and arguments.startswith(GLM3_CALL_PREFIX)):
         return message  # code or a call already in ChatGLM3's own form
-    parsed = parse_arguments(arguments)
-    if not isinstance(parsed, dict):  # left for check_calls to name, as text
+    parsed = arguments if isinstance(arguments, dict) else (
+        json_arguments(arguments) if isinstance(arguments, str) else None)  # the data gives JSON in both modes
+    if parsed is None:  # left for check_calls to name, as text
         return message if isinstance(arguments, str) else {
             **message, "content": json.dumps(arguments, ensure_ascii=False)}
-    if mode == "glm3" and all(key.isidentifier() for key in parsed):
+    if mode == "glm3" and all(map(keyword_name, parsed)):
         return {**message, "content": glm3_call_text(parsed)}
     return {**message, "content": json.dumps(parsed, ensure_ascii=False)}
 
 
-def parse_arguments(arguments):
-    """A call's arguments as a Python value: a JSON object given as such, a JSON string parsed, "" (no arguments)
-    as {}; None where the string is not JSON."""
-    if not isinstance(arguments, str):
-        return arguments
-    if not arguments.strip():
-        return {}
-    try:
-        return json.loads(arguments)
-    except json.JSONDecodeError:
-        return None
+def keyword_name(key: str) -> bool:
+    """A name ChatGLM3's tool_call(key=value) form can write: a Python identifier that is not a keyword."""
+    return key.isidentifier() and not keyword.iskeyword(key)
 
 
 def glm3_call_text(arguments: dict) -> str:
@@ -181,21 +177,6 @@ def glm3_call_text(arguments: dict) -> str:
     value a Python literal (JSON true/null are Python's True/None)."""
     keywords = ", ".join(f"{key}={value!r}" for key, value in arguments.items())
     return f"{GLM3_CALL_PREFIX}tool_call({keywords}){GLM3_CALL_SUFFIX}"
-
-
-def glm3_call_arguments(text: str):
-    """The arguments of a call written by `glm3_call_text` (or by ChatGLM3) as a dict, or None when the text is not
-    one `tool_call(...)` with literal keyword values. (chatglm3-6b's process_response runs the code; this reads it
-    without running anything.)"""
-    if text.startswith(GLM3_CALL_PREFIX) and text.endswith(GLM3_CALL_SUFFIX):
-        text = text[len(GLM3_CALL_PREFIX):-len(GLM3_CALL_SUFFIX)]
-    try:
-        call = ast.parse(text.strip(), mode="eval").body
-        if not isinstance(call, ast.Call) or call.args or not isinstance(call.func, ast.Name):
-            return None
-        return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
-    except (SyntaxError, ValueError, TypeError):
-        return None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -271,6 +252,6 @@ def _check_arguments(mode: str, name: str, content, number: int) -> None:
         raise ToolDataError(f"turn {number}: the arguments of the call to {name!r} must be a JSON object, got "
                             f"{content[:60]!r}")
     if mode == "glm3":  # only keys that cannot be Python keywords are left in JSON by the conversion
-        bad = next(key for key in value if not key.isidentifier())
+        bad = next(key for key in value if not keyword_name(key))
         raise ToolDataError(f"turn {number}: the call to {name!r} has the argument {bad!r}, which ChatGLM3's "
-                            f"tool_call(key=value) form cannot write (not a Python identifier)")
+                            f"tool_call(key=value) form cannot write (not a Python identifier, or a Python keyword)")

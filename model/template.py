@@ -9,7 +9,8 @@ format of each version, so that it behaves the same under THUDM's own `chat()`:
 - glm2 (ChatGLM2-6B): [gMASK] sop "[Round 1]\\n\\n问：{q}\\n\\n答：{a}\\n\\n[Round 2]..." rounds numbered from 1; the
   answer ends with eos.
 - glm3 (ChatGLM3-6B): [gMASK] sop, then per message <|role|> + "{metadata}\\n" + content; the prompt ends with
-  <|assistant|>, the model writes "\\n" + answer and then eos (or <|user|> / <|observation|>).
+  <|assistant|>, the model writes "\\n" + answer and then eos (or <|user|> / <|observation|>). A tool call's content
+  is ChatGLM3's "```python\\ntool_call(key=value)\\n```" (tool_data writes the data so; `call_arguments` reads it).
 - glm4 (GLM-4-9B-Chat): [gMASK] <sop>, then per message <|role|> + "{metadata}\\n{content}" (one text, as the official
   chat template renders it; messages with empty content are left out as there); the prompt ends with <|assistant|>,
   the model writes "\\n" + answer and stops on <|endoftext|>, <|user|> or <|observation|> (there is no end-of-turn
@@ -40,6 +41,7 @@ what the model must generate for chat() to return "" (see `_glm4_pieces`).
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 from dataclasses import dataclass
@@ -362,6 +364,61 @@ def decode_response(tokenizer, mode: str, new_ids: list[int], history=None):
     return process_response(mode, tokenizer.decode(cut_at_stop(tokenizer, mode, new_ids)), history)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# a tool call's arguments
+# ------------------------------------------------------------------------------------------------------------------
+# ChatGLM3 writes a call's arguments as Python in a code block, "```python\ntool_call(system='发动机')\n```"
+# (ChatGLM3's PROMPT.md and finetune demo; chatglm3-6b's process_response evaluates the code between the fences with a
+# `tool_call(**kwargs)` that returns its keyword arguments). GLM-4 writes them as a JSON object (GLM-4-9B-Chat's
+# process_response json.loads them).
+GLM3_CALL_PREFIX, GLM3_CALL_SUFFIX = "```python\n", "\n```"
+
+
+def glm3_call_arguments(text: str):
+    """The keyword arguments of ChatGLM3's `tool_call(key=value, ...)` (in its code block or bare) as a dict, or None
+    when the text is not one such call with literal values. It reads what chatglm3-6b's process_response evaluates,
+    without running anything; values that are not JSON values (sets, bytes, ...) count as unreadable."""
+    text = text.strip()
+    if text.startswith(GLM3_CALL_PREFIX) and text.endswith(GLM3_CALL_SUFFIX):
+        text = text[len(GLM3_CALL_PREFIX):-len(GLM3_CALL_SUFFIX)]
+    try:
+        call = ast.parse(text.strip(), mode="eval").body
+        if not isinstance(call, ast.Call) or call.args or not isinstance(call.func, ast.Name) \
+                or call.func.id != "tool_call" or any(keyword.arg is None for keyword in call.keywords):
+            return None
+        arguments = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+        json.dumps(arguments)  # a value JSON cannot hold (a set, bytes) is not a tool argument
+        return arguments
+    except (SyntaxError, ValueError, TypeError, RecursionError):
+        return None
+
+
+def call_arguments(mode: str, content):
+    """A tool call's arguments as a dict, or None when they are not written as the mode's model writes them: the
+    one reading of a call's argument text, used by chat() ("parameters"), predict.py's terminal chat and the
+    tool-call metrics. glm3: ChatGLM3's `tool_call(...)` form (`glm3_call_arguments`); glm4 (and any other mode): a
+    JSON object. Blank text is a call without arguments ({}); a dict is taken as it is."""
+    if isinstance(content, dict):
+        return content
+    if not isinstance(content, str):
+        return None
+    if not content.strip():
+        return {}
+    return glm3_call_arguments(content) if mode == "glm3" else json_arguments(content)
+
+
+def json_arguments(text: str):
+    """Arguments given as JSON text (GLM-4's form, and the training data's in both modes) as a dict: blank is {},
+    anything but a JSON object None."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def process_response(mode: str, response: str, history=None):
     """The official post-processing of a decoded answer. glm/glm2: the text; glm3/glm4: (content, history).
 
@@ -370,7 +427,13 @@ def process_response(mode: str, response: str, history=None):
     assistant message in the history, and a part whose first line (the metadata) is not blank is a tool call
     {"name": metadata, "content": the arguments}. The official code then returns the LAST part only, which drops all
     but the last of several parallel calls; here a turn with two or more calls returns the list of its calls in order
-    ([{"name", "content"}, ...]); one call returns the dict as before, a text answer the text."""
+    ([{"name", "content"}, ...]); one call returns the dict as before, a text answer the text.
+
+    A call is {"name": metadata, "content": the argument text as generated} and, when that text reads as the mode's
+    call form (`call_arguments`: glm3 ChatGLM3's tool_call(...), glm4 a JSON object), also "parameters": the
+    arguments as a dict, the key under which the official chat() of both returns them when the conversation
+    declares tools. (The official code then drops "content", and raises on arguments it cannot read; we keep the
+    text, so that a call that does not parse is still returned, without "parameters".)"""
     if mode in ("glm", "glm2"):
         response = response.strip().replace("[[训练时间]]", "2023年")
         if mode == "glm":
@@ -388,6 +451,9 @@ def process_response(mode: str, response: str, history=None):
             content = content.replace("[[训练时间]]", "2023年")
         else:
             history.append({"role": "assistant", "metadata": metadata, "content": content})
+            parameters = call_arguments(mode, content)
             content = {"name": metadata.strip(), "content": content}
+            if parameters is not None:
+                content["parameters"] = parameters
             calls.append(content)
     return (calls if len(calls) > 1 else content), history

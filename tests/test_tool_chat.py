@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import predict
+import tool_data
 from conftest import one_rank_env
 from model import MODE, template
 
@@ -47,8 +48,9 @@ PORTS = count(29900 + os.getpid() % 97)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def args_of(content: str):
-    return json.loads(content)
+def args_of(call: dict):
+    """A call's arguments, as chat() read them; its content is in the mode's own form (see WRITTEN)."""
+    return call["parameters"]
 
 
 def overfit_on_tools(mode, base, output_dir, max_steps=300) -> str:
@@ -56,7 +58,9 @@ def overfit_on_tools(mode, base, output_dir, max_steps=300) -> str:
     torch.manual_seed(0)
     tokenizer = MODE[mode].tokenizer.from_pretrained(base)
     model = MODE[mode].model.from_pretrained(base)
-    encoded = [template.encode_messages(tokenizer, mode, c)[:2] for c in CONVERSATIONS]
+    # as train.py gets them: through tool_data (glm3 arguments rewritten in ChatGLM3's tool_call form)
+    encoded = [template.encode_messages(tokenizer, mode, tool_data.conversation_messages(mode, {"conversations": c}))
+               [:2] for c in CONVERSATIONS]
     longest = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), longest), tokenizer.pad_token_id)
     labels = torch.full((len(encoded), longest), template.IGNORE_INDEX)
@@ -94,21 +98,38 @@ def tool_checkpoints(tiny_dirs, tmp_path_factory):
 # ------------------------------------------------------------------------------------------------------------------
 # chat(): one call, several calls, text
 # ------------------------------------------------------------------------------------------------------------------
-def test_process_response_splits_parallel_calls():
+# The arguments of each call as each model writes them: GLM-4 JSON, ChatGLM3 its tool_call form (tool_data writes
+# the data so; ChatGLM3's finetune demo format_function_call, chatglm3-6b's process_response evaluates it).
+WRITTEN = {"glm4": {"发动机": ENGINE, "变速箱": GEARBOX, "none": "{}"},
+           "glm3": {"发动机": "```python\ntool_call(system='发动机')\n```",
+                    "变速箱": "```python\ntool_call(system='变速箱')\n```", "none": "```python\ntool_call()\n```"}}
+
+
+@pytest.mark.parametrize("mode", ["glm3", "glm4"])
+def test_process_response_splits_parallel_calls(mode):
     """The official parsing (ChatGLM3's and GLM-4's chat(): split at <|assistant|>, a non-blank first line names a
-    call) gives one history message per call; the official return value is the last part only, ours every call."""
-    generated = 'read_fault_codes\n{"system": "发动机"}<|assistant|>read_fault_codes\n{"system": "变速箱"}'
-    for mode in ("glm3", "glm4"):
-        response, history = template.process_response(mode, generated, [SYSTEM])
-        assert response == [{"name": "read_fault_codes", "content": ENGINE},
-                            {"name": "read_fault_codes", "content": GEARBOX}]
-        assert history[1:] == [{"role": "assistant", "metadata": "read_fault_codes", "content": ENGINE},
-                               {"role": "assistant", "metadata": "read_fault_codes", "content": GEARBOX}]
-        # one call stays a dict, text stays text (and text before a single call leaves the call, as official)
-        assert template.process_response(mode, "check_tire\n{}")[0] == {"name": "check_tire", "content": "{}"}
-        assert template.process_response(mode, "\n好的")[0] == "好的"
-        assert template.process_response(mode, "\n先查一下<|assistant|>check_tire\n{}")[0] == \
-            {"name": "check_tire", "content": "{}"}
+    call) gives one history message per call; the official return value is the last part only, ours every call.
+    A call is {"name", "content"} plus "parameters", the arguments read as the official chat() of each reads them
+    when the conversation has tools (glm4 json.loads, glm3 evaluates tool_call(...); here read without running)."""
+    engine, gearbox, none = (WRITTEN[mode][key] for key in ("发动机", "变速箱", "none"))
+    generated = f"read_fault_codes\n{engine}<|assistant|>read_fault_codes\n{gearbox}"
+    response, history = template.process_response(mode, generated, [SYSTEM])
+    assert response == [{"name": "read_fault_codes", "content": engine, "parameters": {"system": "发动机"}},
+                        {"name": "read_fault_codes", "content": gearbox, "parameters": {"system": "变速箱"}}]
+    assert history[1:] == [{"role": "assistant", "metadata": "read_fault_codes", "content": engine},
+                           {"role": "assistant", "metadata": "read_fault_codes", "content": gearbox}]
+    # one call stays a dict, text stays text (and text before a single call leaves the call, as official)
+    assert template.process_response(mode, f"check_tire\n{none}")[0] == \
+        {"name": "check_tire", "content": none, "parameters": {}}
+    assert template.process_response(mode, "\n好的")[0] == "好的"
+    assert template.process_response(mode, f"\n先查一下<|assistant|>check_tire\n{none}")[0] == \
+        {"name": "check_tire", "content": none, "parameters": {}}
+    # arguments that do not read as the mode's form: the call is returned without "parameters" (the official code
+    # raises); each mode's form is not the other's
+    other = WRITTEN["glm4" if mode == "glm3" else "glm3"]["发动机"]
+    for unreadable in (other, '{"system": ', "```python\nprint(system='发动机')\n```"):
+        assert template.process_response(mode, f"read_fault_codes\n{unreadable}")[0] == \
+            {"name": "read_fault_codes", "content": unreadable}
 
 
 @pytest.mark.parametrize("mode", ["glm3", "glm4"])
@@ -117,12 +138,13 @@ def test_chat_returns_every_call_and_continues_after_the_observations(mode, tool
 
     model, tokenizer = load_for_inference(mode, tool_checkpoints(mode))
     single, history = model.chat(tokenizer, "发动机故障灯亮了", history=[SYSTEM], **GREEDY)
-    assert single["name"] == "read_fault_codes" and args_of(single["content"]) == {"system": "发动机"}
+    assert single["name"] == "read_fault_codes" and args_of(single) == {"system": "发动机"}
+    assert single["content"].strip() == WRITTEN[mode]["发动机"]  # glm3: the model writes ChatGLM3's tool_call form
     answer, _ = model.chat(tokenizer, '{"codes": ["P0128"]}', history=history, role="observation", **GREEDY)
     assert answer == "故障码 P0128：节温器常开。"
 
     calls, history = model.chat(tokenizer, "发动机和变速箱都查一下", history=[SYSTEM], **GREEDY)
-    assert [(c["name"], args_of(c["content"])) for c in calls] == [
+    assert [(c["name"], args_of(c)) for c in calls] == [
         ("read_fault_codes", {"system": "发动机"}), ("read_fault_codes", {"system": "变速箱"})]
     assert [(m["role"], m["metadata"].strip()) for m in history[-2:]] == [("assistant", "read_fault_codes")] * 2
     *_, (streamed, streamed_history) = model.stream_chat(tokenizer, "发动机和变速箱都查一下", history=[SYSTEM],
@@ -143,18 +165,20 @@ def tools_file(tmp_path, tools=TOOLS) -> str:
     return str(path)
 
 
-def test_terminal_chat_with_tools_through_stdin(tool_checkpoints, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("mode", ["glm3", "glm4"])
+def test_terminal_chat_with_tools_through_stdin(mode, tool_checkpoints, tmp_path, monkeypatch, capsys):
     """A parallel call: both calls shown with their arguments, both results asked for (the second read from a file
     with @FILE, after a file that cannot be read), then the answer; after `clear` (which keeps the tools) a single
-call and its result; after another `clear` a turn that needs no tool."""
-    checkpoint = tool_checkpoints("glm4")
+call and its result; after another `clear` a turn that needs no tool. The arguments show as JSON in both modes
+(glm3's model writes tool_call(system='发动机'); the terminal shows what chat() read from it)."""
+    checkpoint = tool_checkpoints(mode)
     capsys.readouterr()  # building the checkpoint imports DeepSpeed, whose accelerator warning goes to stdout
     result_file = tmp_path / "gearbox.json"
     result_file.write_text('{"codes": ["P0700"]}\n', encoding="utf-8")
     typed = ["发动机和变速箱都查一下", '{"codes": []}', f"@{tmp_path / 'missing.json'}", f"@{result_file}",
              "clear", "发动机故障灯亮了", '{"codes": ["P0128"]}', "clear", "你好", "exit"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in typed)))
-    assert predict.main(["--mode", "glm4", "--model_path", checkpoint, "--tools", tools_file(tmp_path),
+    assert predict.main(["--mode", mode, "--model_path", checkpoint, "--tools", tools_file(tmp_path),
                          "--max_new_tokens", "100"]) == 0
     out = capsys.readouterr().out
     turns = out.split("用户：")
@@ -179,10 +203,11 @@ def test_query_with_tools_prints_the_calls_as_json(tool_checkpoints, tmp_path, c
     base = ["--mode", "glm3", "--model_path", checkpoint, "--tools", tools, "--max_new_tokens", "100"]
     assert predict.main([*base, "--query", "发动机故障灯亮了"]) == 0
     single = json.loads(capsys.readouterr().out)
-    assert single["name"] == "read_fault_codes" and args_of(single["content"]) == {"system": "发动机"}
+    assert single["name"] == "read_fault_codes" and args_of(single) == {"system": "发动机"}
+    assert single["content"].strip() == WRITTEN["glm3"]["发动机"]  # as written, beside the arguments read from it
     assert predict.main([*base, "--query", "发动机和变速箱都查一下"]) == 0
     calls = json.loads(capsys.readouterr().out)
-    assert [args_of(c["content"])["system"] for c in calls] == ["发动机", "变速箱"]
+    assert [args_of(c)["system"] for c in calls] == ["发动机", "变速箱"]
     assert predict.main([*base, "--query", "你好"]) == 0
     assert capsys.readouterr().out == "你好，我是汽车故障诊断助手。\n"
 

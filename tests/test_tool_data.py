@@ -15,6 +15,7 @@ Official sources (read through GitHub mirrors; nothing of them is copied here):
   one, eos at the end) and chatglm3-6b PROMPT.md (the same call form).
 """
 import json
+import re
 
 import pytest
 
@@ -344,3 +345,21 @@ def test_the_readme_example_trains_as_the_readme_says(mode, tiny_dirs, tmp_path)
             "```python\ntool_call(system='发动机')\n```", "```python\ntool_call(system='变速箱')\n```",
             "```python\ntool_call()\n```"]
     assert len(runs) == 2
+
+
+def test_glm3_calls_must_be_tool_calls_chat_can_read():
+    """glm3 writes calls as ChatGLM3's tool_call(key=value) (chatglm3-6b's process_response evaluates it, defining
+    only tool_call): an argument named like a Python keyword cannot be written so (tool_call(class=...) is a syntax
+    error), and a call given in that form with another function name is refused; what the data writes is what
+    chat() reads back (template.call_arguments)."""
+    declared = {"role": "system", "content": "", "tools": [{"type": "function", "function": {"name": "lookup"}}]}
+    for content, reason in (({"class": "SUV"}, "'class', which ChatGLM3's tool_call(key=value) form cannot write"),
+                            ("```python\nprint(x=1)\n```", "is not ChatGLM3's tool_call(key=value, ...)")):
+        with pytest.raises(tool_data.ToolDataError, match=re.escape(reason)):
+            tool_data.conversation_messages("glm3", {"conversations": [declared, ASK, call("lookup", content)]},
+                                            check=True)
+    written = tool_data.conversation_messages(
+        "glm3", {"conversations": [declared, ASK, call("lookup", {"model": "朗逸", "year": 2019, "ev": False})]},
+        check=True)[-1]["content"]
+    assert written == "```python\ntool_call(model='朗逸', year=2019, ev=False)\n```"
+    assert template.call_arguments("glm3", written) == {"model": "朗逸", "year": 2019, "ev": False}
