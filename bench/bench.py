@@ -78,8 +78,7 @@ def train_args(train_type, batch, ckpt, layers, mode="glm3", compile_blocks=Fals
             "--ds_file", os.path.join(ROOT, ds_file)]
     if ckpt:
         argv.append("--gradient_checkpointing")
-    if compile_blocks:
-        argv.append("--compile")
+    argv += ["--compile", str(compile_blocks)]  # explicit: train.py's default compiles where it can
     return train.parse_args(argv)
 
 
