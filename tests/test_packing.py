@@ -1,6 +1,7 @@
 """--packing (packing.py): packed rows train exactly what the same samples train unpacked. Per sample, the model's
 logits, losses and gradients are the unpacked ones; no token sees another sample; through train.main, a packed run's
 weights after 2 steps equal an unpacked run's over the same samples; resuming counts packed rows."""
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -204,6 +205,9 @@ def saved_weights(checkpoint: Path) -> dict:
     ("glm3", "lora", ["--gradient_checkpointing"]),
     ("glm4", "freeze", []),
     ("glm3", "all", ["--gradient_checkpointing", "--ds_file", ROOT / "ds_zero3_offload.json"]),
+    pytest.param("glm4", "lora", ["--quantization_bit", 4], id="glm4-qlora4",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                          reason="bitsandbytes missing")),
 ])
 def test_two_packed_steps_train_what_two_unpacked_steps_train(mode, train_type, extra, tiny_dirs, tmp_path,
                                                               train_in_process, real_f_linear):
@@ -240,6 +244,29 @@ def test_two_packed_steps_train_what_two_unpacked_steps_train(mode, train_type, 
         torch.testing.assert_close(packed_weight, weight, atol=2e-6, rtol=1e-5, msg=name)
         moved += name in before and not torch.equal(weight, before[name])
     assert moved or train_type == "lora"  # the steps did change the weights
+
+
+def test_packed_blocks_compile_and_train_as_eager(tiny_dirs, tmp_path, monkeypatch, train_in_process):
+    """--compile with --packing: the blocks' parts, traced by torch.compile with the packed mask as an input (the
+    "eager" backend: Dynamo's graphs run as captured; inductor on the CPU would take minutes), train what the eager
+    packed run trains."""
+    def run(name, *extra):
+        train_in_process(*run_args("glm2", "lora", tiny_dirs["glm2"], tmp_path / name, 3, "--packing", *extra,
+                                   dev=False))
+        return read_log(tmp_path / name)[0]
+
+    eager = run("eager", "--compile", "False")
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, backend=counting_backend))
+    compiled = run("compiled", "--compile")
+    assert any("scaled_dot_product_attention" in g.code for g in graphs)  # the attention ran as a graph
+    assert compiled == pytest.approx(eager, rel=1e-6)
 
 
 def test_resuming_a_packed_run_continues_at_the_next_packed_row(tiny_dirs, tmp_path, train_in_process):
