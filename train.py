@@ -750,8 +750,8 @@ def train(args):
     accumulation = args.gradient_accumulation_steps
     steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
-        raise SystemExit(f"{args.train_path}: {len(train_set)} samples make no optimizer step of "
-                         f"{args.per_device_train_batch_size} x {accumulation} x {world_size}")
+        raise SystemExit(f"{args.train_path}: {len(train_set)} {'packed rows' if args.packing else 'samples'} make "
+                         f"no optimizer step of {args.per_device_train_batch_size} x {accumulation} x {world_size}")
     total_steps = steps_per_epoch * args.num_train_epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)

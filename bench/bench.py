@@ -23,7 +23,9 @@ random token ids. The same samples run four ways, each reporting real (non-paddi
 of SEQxBATCH's batch samples, padded to the longest, as train.py's default), ours packed (--packing: the samples in
 rows of SEQ tokens, batches of that many rows), the peer padded, and the peer padding-free (transformers'
 DataCollatorWithFlattening: each batch's samples in one row, sequences told apart by position_ids, which
-GlmForCausalLM's SDPA masks block-diagonally). MFU is left out for these cases.
+GlmForCausalLM's SDPA masks block-diagonally). Each batch is one optimizer step, so a packed run takes fewer,
+larger steps over the same samples; compare peak memory too (lora:2048x1:ckpt:real packs into one row of 2048 a
+batch). MFU is left out for these cases.
 `--ds_file` gives every case another DeepSpeed JSON (e.g. ds_zero3_offload_optimizer.json for all). MFU counts
 model FLOPs only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight gradients for the frozen
 base), plus attention, recomputation not counted.
@@ -63,7 +65,8 @@ SHAPES = {  # the official chatglm3-6b and glm-4-9b-chat config.json, and a tiny
 SHAPE_MODES = {"chatglm3-6b": "glm3", "glm-4-9b": "glm4", "tiny": "glm3"}  # --mode unless given
 DEFAULT_CASES = ["lora:1560x1:ckpt", "lora:1560x1:ckpt:compile", "lora:2048x4:ckpt", "lora:2048x4:ckpt:compile",
                  "lora:2048x4:nockpt", "lora:2048x4:nockpt:compile", "freeze:1560x1:ckpt", "ptuning:1560x1:ckpt",
-                 "all:2048x2:ckpt", "qlora4:1560x1:ckpt", "qlora8:1560x1:ckpt", "qlora4:2048x4:ckpt"]
+                 "all:2048x2:ckpt", "qlora4:1560x1:ckpt", "qlora8:1560x1:ckpt", "qlora4:2048x4:ckpt",
+                 "lora:2048x4:ckpt:real", "lora:2048x1:ckpt:real", "lora:2048x4:ckpt:compile:real"]
 QLORA = {"qlora4": 4, "qlora8": 8}  # case name -> --quantization_bit (train type lora)
 LORA_TARGETS = "query_key_value,dense,dense_h_to_4h,dense_4h_to_h"
 PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
