@@ -15,7 +15,7 @@ from conftest import ROOT
 from dataset import DataCollator, InstructionDataset
 from model import MODE
 from packing import PackedCollator, PackedDataset, best_fit_decreasing
-from test_train import PORTS, read_log, train_in_process  # noqa: F401  (the fixture)
+from test_train import PORTS, read_log, run_train, train_in_process  # noqa: F401  (the fixture)
 
 PACKED_MODES = ("glm2", "glm3", "glm4")
 
@@ -244,6 +244,26 @@ def test_two_packed_steps_train_what_two_unpacked_steps_train(mode, train_type, 
         torch.testing.assert_close(packed_weight, weight, atol=2e-6, rtol=1e-5, msg=name)
         moved += name in before and not torch.equal(weight, before[name])
     assert moved or train_type == "lora"  # the steps did change the weights
+
+
+def test_two_ranks_under_zero3_pack_and_train_what_one_unpacked_rank_trains(tiny_dirs, tmp_path, train_in_process,
+                                                                           real_f_linear):
+    """2 ranks under ZeRO-3 (the deepspeed launcher, gloo), 4 packed rows each: every step is all 8 rows, so the run
+    trains what one rank trains on all 24 samples unpacked."""
+    tokenizer = MODE["glm2"].tokenizer.from_pretrained(tiny_dirs["glm2"])
+    data = InstructionDataset(str(ROOT / "data/train.jsonl"), tokenizer, "glm2", max_len=256, max_src_len=200)
+    assert len(PackedDataset(data, 256)) == 8
+    zero3 = ["--ds_file", ROOT / "ds_zero3_offload.json"]
+    train_in_process(*run_args("glm2", "lora", tiny_dirs["glm2"], tmp_path / "unpacked", len(data), *zero3, dev=False))
+    two = run_args("glm2", "lora", tiny_dirs["glm2"], tmp_path / "packed", 4, *zero3, "--packing", dev=False)
+    run_train(tiny_dirs["glm2"], tmp_path / "packed", *two[4:], ranks=2)
+    unpacked, packed = read_log(tmp_path / "unpacked")[0], read_log(tmp_path / "packed")[0]
+    assert packed.keys() == unpacked.keys() == {1, 2}
+    for step in (1, 2):
+        assert packed[step] == pytest.approx(unpacked[step], rel=1e-5)
+    for name, weight in saved_weights(tmp_path / "unpacked" / "epoch-2-step-2").items():
+        torch.testing.assert_close(saved_weights(tmp_path / "packed" / "epoch-2-step-2")[name], weight, atol=2e-6,
+                                   rtol=1e-5, msg=name)
 
 
 def test_packed_blocks_compile_and_train_as_eager(tiny_dirs, tmp_path, monkeypatch, train_in_process):
