@@ -137,5 +137,5 @@ def test_real_case_runs_the_same_samples_padded_packed_and_padding_free(monkeypa
                                                   models=bench.models_to_run(case, True), peak_tflops=1.0)}
     assert list(rows) == ["ours", "ours-packed", "peer", "peer-flat"]
     assert all(row[1] > 0 for row in rows.values())
-    assert rows["ours-packed"][4] == pytest.approx(rows["ours"][4], rel=1e-5)
-    assert rows["peer-flat"][4] == pytest.approx(rows["peer"][4], rel=1e-5)
+    assert rows["ours-packed"][4] == pytest.approx(rows["ours"][4], rel=2e-6)
+    assert rows["peer-flat"][4] == pytest.approx(rows["peer"][4], rel=2e-6)
