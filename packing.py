@@ -17,8 +17,30 @@ import torch
 from torch.utils.data import Dataset
 
 from model import template
+from utils import add_bool_flag
 
 logger = logging.getLogger("chatglm")
+
+
+def add_flag(group) -> None:
+    add_bool_flag(group, "--packing",
+                  "concatenate training samples into rows of --max_len tokens (best-fit decreasing), each sample "
+                  "attending only to itself with its own positions and labels: no compute spent on padding. "
+                  "--per_device_train_batch_size then counts rows (glm2/glm3/glm4; not P-Tuning)")
+
+
+def check_train_args(parser, args) -> None:
+    """--packing: refused in one line where a packed row could not train what its samples train unpacked."""
+    if not args.packing:
+        return
+    if args.mode == "glm":
+        # ChatGLM-6B's 2-D positions and bidirectional prompt would need a per-sample prefix-LM mask
+        parser.error("--packing supports --mode glm2, glm3 and glm4; ChatGLM-6B (glm) trains unpacked")
+    if args.train_type == "ptuning":
+        parser.error("--packing with --train_type ptuning is not supported (the prefix would be shared by all the "
+                     "samples of a row): leave --packing off")
+    if args.group_by_length:
+        parser.error("--packing and --group_by_length: packed rows have no padding to save; pass one of them")
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

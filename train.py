@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+import packing
 import quantization
 from model import MODE, check_checkpoint_dir, template
 from model.config import read_json
 from model.compat import enable_activation_checkpointing
 from model.modeling_base import LMHead, check_safetensors_headers
 from dataset import DataCollator, DataError, EvalShard, InstructionDataset, LengthGroupedSampler
-from packing import PackedCollator, PackedDataset
 from inference import CheckpointError, checkpoint_errors
 from utils import DTYPES, PRECISIONS, add_bool_flag, auto_precision, count_parameters, setup_logging, str2bool
 
@@ -93,10 +93,7 @@ def parse_args(argv=None):
                   "batch samples of similar length together (less padding; order still random)")
     add_bool_flag(group, "--last_turn_only",
                   "multi-turn data: learn only the last answer (otherwise every assistant turn)")
-    add_bool_flag(group, "--packing",
-                  "concatenate training samples into rows of --max_len tokens (best-fit decreasing), each sample "
-                  "attending only to itself with its own positions and labels: no compute spent on padding. "
-                  "--per_device_train_batch_size then counts rows (glm2/glm3/glm4; not P-Tuning)")
+    packing.add_flag(group)
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--per_device_train_batch_size", type=int, default=1, help="micro-batch per GPU")
@@ -152,7 +149,7 @@ def parse_args(argv=None):
     if args.precision == "fp16" and not torch.cuda.is_available():
         parser.error("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has none): use bf16 or fp32")
     quantization.check_train_args(parser, args)
-    check_packing_args(parser, args)
+    packing.check_train_args(parser, args)
     if args.compile and quantization.zero_stage(args.ds_file) == 3:
         # ZeRO-3 gathers each parameter in module hooks that torch.compile must not trace: the parts would fall
         # back to eager piece by piece, recompiling for every layer
@@ -161,20 +158,6 @@ def parse_args(argv=None):
     if args.compile is None:  # the default: on where it works (compile_off_reason)
         args.compile = compile_off_reason(args) is None
     return args
-
-
-def check_packing_args(parser, args) -> None:
-    """--packing: refused in one line where a packed row could not train what the samples train unpacked."""
-    if not args.packing:
-        return
-    if args.mode == "glm":
-        # ChatGLM-6B's 2-D positions and bidirectional prompt would need a per-sample prefix-LM mask
-        parser.error("--packing supports --mode glm2, glm3 and glm4; ChatGLM-6B (glm) trains unpacked")
-    if args.train_type == "ptuning":
-        parser.error("--packing with --train_type ptuning is not supported (the prefix would be shared by all the "
-                     "samples of a row): leave --packing off")
-    if args.group_by_length:
-        parser.error("--packing and --group_by_length: packed rows have no padding to save; pass one of them")
 
 
 def compile_off_reason(args) -> str | None:
@@ -514,7 +497,7 @@ def build_data(args, tokenizer):
                                   learn_all_turns=not args.last_turn_only)
     train_set = load(args.train_path)
     if args.packing:  # evaluation stays unpacked: its loss is the same either way
-        train_set = PackedDataset(train_set, args.max_len)
+        train_set = packing.PackedDataset(train_set, args.max_len)
     return train_set, load(args.dev_path) if args.dev_path else None
 
 
@@ -523,7 +506,8 @@ def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
     this rank's EvalShard, every sample once over all ranks."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    collate = PackedCollator(pad_token_id) if isinstance(dataset, PackedDataset) else DataCollator(pad_token_id)
+    packed = isinstance(dataset, packing.PackedDataset)
+    collate = packing.PackedCollator(pad_token_id) if packed else DataCollator(pad_token_id)
     # Pinned batches reach the GPU without a stream sync (a copy from pageable memory waits for the device's queue).
     pin_memory = torch.cuda.is_available()
     if not shuffle:
