@@ -106,6 +106,10 @@ def test_each_packed_sample_computes_what_it_computes_alone(mode, tiny_dirs, one
 
 
 def test_packed_labels_are_the_samples_own_and_none_crosses_a_boundary(tiny_dirs):
+    """Labels and positions as the collator hands them over. Positions are checked here directly: rotary attention
+    depends only on position differences, so a sample shifted along its row computes the same logits up to
+    rounding, which fp32 comparisons of logits cannot tell apart (in bf16 on a GPU the rounded cos/sin tables of
+    large positions would)."""
     tokenizer = MODE["glm3"].tokenizer.from_pretrained(tiny_dirs["glm3"])
     data, rows, batch = packed_batch("glm3", tokenizer)
     by_ids = {tuple(e["input_ids"]): e["labels"] for e in data.examples}
