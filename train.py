@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+import packing
 import quantization
 from model import MODE, check_checkpoint_dir, template
 from model.config import read_json
@@ -36,7 +37,7 @@ from model.compat import enable_activation_checkpointing
 from model.modeling_base import LMHead, check_safetensors_headers
 from dataset import DataCollator, DataError, EvalShard, InstructionDataset, LengthGroupedSampler
 from inference import CheckpointError, checkpoint_errors
-from utils import DTYPES, PRECISIONS, add_bool_flag, auto_precision, count_parameters, setup_logging
+from utils import DTYPES, PRECISIONS, add_bool_flag, auto_precision, count_parameters, setup_logging, str2bool
 
 logger = logging.getLogger("chatglm")
 TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
@@ -46,7 +47,7 @@ PATH_FLAGS = ("model_name_or_path", "train_path", "dev_path", "ds_file")  # abso
 # and which samples come in which order. Epochs, --max_steps, the lr, logging and saving may change.
 RESUME_FIXED = {
     "any": ("model_name_or_path", "mode", "train_type", "quantization_bit", "train_path", "max_len", "max_src_len",
-            "is_skip", "last_turn_only", "group_by_length", "per_device_train_batch_size",
+            "is_skip", "last_turn_only", "group_by_length", "packing", "per_device_train_batch_size",
             "gradient_accumulation_steps", "seed", "world_size"),
     "lora": ("lora_dim", "lora_alpha", "lora_module_name"),
     "ptuning": ("pre_seq_len", "prefix_projection"),
@@ -76,8 +77,11 @@ def parse_args(argv=None):
                        help="with --gradient_checkpointing: checkpoint only every N-th layer (less recomputation, "
                             "more memory)")
     quantization.add_flag(group, "lora only (QLoRA), ZeRO stage 0-2")
-    add_bool_flag(group, "--compile", "torch.compile each block's norms, attention and MLP (faster steps on a GPU; "
-                                      "the first steps pay the compilation; not with ZeRO-3)")
+    group.add_argument("--compile", type=str2bool, nargs="?", const=True, default=None, metavar="True|False",
+                       help="torch.compile each block's norms, attention and MLP (faster steps on a GPU; the first "
+                            "steps pay the compilation, shown in the progress bar; not with ZeRO-3). Default: on "
+                            "where it works (CUDA with Triton and a C compiler, not ZeRO-3 or QLoRA), else off with "
+                            "one log line; --compile False turns it off")
 
     group = parser.add_argument_group("data")
     group.add_argument("--train_path", required=True, help="training data: JSONL or JSON array")
@@ -92,6 +96,7 @@ def parse_args(argv=None):
                   "batch samples of similar length together (less padding; order still random)")
     add_bool_flag(group, "--last_turn_only",
                   "multi-turn data: learn only the last answer (otherwise every assistant turn)")
+    packing.add_flag(group)
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--per_device_train_batch_size", type=int, default=1, help="micro-batch per GPU")
@@ -151,12 +156,34 @@ def parse_args(argv=None):
     if args.precision == "fp16" and not torch.cuda.is_available():
         parser.error("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has none): use bf16 or fp32")
     quantization.check_train_args(parser, args)
+    packing.check_train_args(parser, args)
     if args.compile and quantization.zero_stage(args.ds_file) == 3:
         # ZeRO-3 gathers each parameter in module hooks that torch.compile must not trace: the parts would fall
         # back to eager piece by piece, recompiling for every layer
         parser.error(f"--compile with ZeRO-3 ({args.ds_file}) is not supported: use a ZeRO-2 config such as "
                      f"ds_zero2_no_offload.json, or leave --compile off")
+    if args.compile is None:  # the default: on where it works (compile_off_reason)
+        args.compile = compile_off_reason(args) is None
     return args
+
+
+def compile_off_reason(args) -> str | None:
+    """Why the default leaves --compile off here, or None where it compiles: on CUDA with Triton and a C compiler
+    (inductor's GPU kernels and their launchers need both), not under ZeRO-3 (parse_args says why) and not with
+    QLoRA (bitsandbytes' layers have not been measured compiled)."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        return "no GPU"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if not any(shutil.which(name) for name in (os.environ.get("CC") or "cc", "gcc", "clang")):
+        return "no C compiler (cc, gcc or clang) on PATH for Triton"
+    if quantization.zero_stage(args.ds_file) == 3:
+        return "ZeRO-3"
+    if args.quantization_bit:
+        return "QLoRA"
+    return None
 
 
 def find_ds_file(parser, ds_file: str) -> str:
@@ -379,6 +406,8 @@ def apply_train_type(model, args):
     if args.compile:
         logger.info("--compile: the norms, attention and MLP of %d blocks compile in the first steps",
                     compile_blocks(model))
+    elif compile_off_reason(args):
+        logger.info("torch.compile off (%s): eager steps", compile_off_reason(args))
     trainable, total = count_parameters(model)
     logger.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
                 100 * trainable / total)
@@ -396,6 +425,15 @@ def compile_blocks(model) -> int:
         for part in block.children():
             part.compile()
     return len(blocks)
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process: Dynamo's tracing with the forward's compilation, and the
+    backward's, which inductor compiles at the first backward (torch's own timers; 0 where a release lacks them)."""
+    from torch._dynamo import utils as dynamo_utils
+
+    metrics = getattr(dynamo_utils, "compilation_time_metrics", {})
+    return sum(sum(metrics.get(key, ())) for key in ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler"))
 
 
 def build_engine(model, ds_config, args, total_steps: int):
@@ -520,7 +558,10 @@ def build_data(args, tokenizer):
     def load(path):
         return InstructionDataset(path, tokenizer, args.mode, args.max_len, args.max_src_len, args.is_skip,
                                   learn_all_turns=not args.last_turn_only)
-    return load(args.train_path), load(args.dev_path) if args.dev_path else None
+    train_set = load(args.train_path)
+    if args.packing:  # evaluation stays unpacked: its loss is the same either way
+        train_set = packing.PackedDataset(train_set, args.max_len)
+    return train_set, load(args.dev_path) if args.dev_path else None
 
 
 def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
@@ -528,7 +569,8 @@ def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
     this rank's EvalShard, every sample once over all ranks."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    collate = DataCollator(pad_token_id)
+    packed = isinstance(dataset, packing.PackedDataset)
+    collate = packing.PackedCollator(pad_token_id) if packed else DataCollator(pad_token_id)
     # Pinned batches reach the GPU without a stream sync (a copy from pageable memory waits for the device's queue).
     pin_memory = torch.cuda.is_available()
     if not shuffle:
@@ -561,9 +603,11 @@ def labelled_tokens(batch) -> int:
 
 def batch_loss(engine, batch):
     """Summed loss of a host batch. Labels stay on the host: the loss finds the labelled positions there without
-    waiting for the device."""
+    waiting for the device. Packed rows (packing.py) bring their position_ids and cu_seqlens."""
+    packed = {key: batch[key].to(engine.device, non_blocking=True) for key in ("position_ids", "cu_seqlens")
+              if key in batch}
     return engine(input_ids=batch["input_ids"].to(engine.device, non_blocking=True), labels=batch["labels"],
-                  reduction="sum").loss
+                  reduction="sum", **packed).loss
 
 
 def train_step(engine, window, world_size: int):
@@ -755,8 +799,8 @@ def train(args):
     accumulation = args.gradient_accumulation_steps
     steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
-        raise SystemExit(f"{args.train_path}: {len(train_set)} samples make no optimizer step of "
-                         f"{args.per_device_train_batch_size} x {accumulation} x {world_size}")
+        raise SystemExit(f"{args.train_path}: {len(train_set)} {'packed rows' if args.packing else 'samples'} make "
+                         f"no optimizer step of {args.per_device_train_batch_size} x {accumulation} x {world_size}")
     # --max_steps sets the run's length instead of the epochs, as HF Trainer's does: epochs repeat or stop early
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
 
@@ -783,6 +827,8 @@ def train(args):
         writer = SummaryWriter(os.path.join(args.output_dir, "runs"))
     from tqdm import tqdm
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    postfix = {"compile": "the first steps"} if args.compile else {}
+    progress.set_postfix(postfix)
     # summed loss, labelled tokens (of all ranks, / world_size), real tokens: all-reduced when logged
     window_loss = torch.zeros(3, dtype=torch.float64, device=engine.device)
     clock, last_good = StepClock(), None
@@ -800,6 +846,9 @@ def train(args):
             window_loss[2] += sum(real_tokens(b, tokenizer.pad_token_id) for b in window)  # this rank's
             batch_index += accumulation
             step += 1
+            if args.compile:  # torch.compile's seconds so far: the first steps (and a new shape) compile
+                postfix["compile"] = f"{compile_seconds():.0f}s"
+                progress.set_postfix(postfix, refresh=False)
             progress.update(1)
             epoch_done = batch_index + accumulation > len(train_loader)  # no whole window left in this epoch
             if step % args.show_loss_step == 0 or step == total_steps:
@@ -813,7 +862,8 @@ def train(args):
                 speed = window_tokens / max(seconds, 1e-9)
                 shown = "n/a (no labelled tokens)" if loss is None else f"{loss:.4f}"
                 logger.info("step %d | loss %s | lr %.3e | tokens/s %.0f", step, shown, lr, speed)
-                progress.set_postfix(loss=shown, lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+                postfix.update(loss=shown, lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+                progress.set_postfix(postfix)
                 if writer:
                     for name, value in (("loss", loss), ("lr", lr), ("tokens_per_s", speed),
                                         ("grad_norm", engine.get_global_grad_norm())):

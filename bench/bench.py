@@ -16,6 +16,16 @@ checkpoint first and load it through train.build_model, so the base is quantized
 train.py does it. The peer runs for the lora and all cases, under the same DeepSpeed config; only the model
 differs (for all: GlmForCausalLM built on the device, partitioned by deepspeed.initialize). Each model of a case is
 measured in a fresh process, one after the other (run_in_child says why).
+A `:real` case (e.g. lora:2048x4:ckpt:real) trains on samples of real lengths instead of full rows: lengths drawn
+(seeded, with replacement) from bench/real_lengths.json, the tokenized lengths of ../shared/data/spo_train.jsonl
+(median 185, mean 211, max 1249 tokens; the file says how they were made), each cut to the case's length, with
+random token ids. The same samples run four ways, each reporting real (non-padding) tokens/s: ours padded (batches
+of SEQxBATCH's batch samples, padded to the longest, as train.py's default), ours packed (--packing: the samples in
+rows of SEQ tokens, batches of that many rows), the peer padded, and the peer padding-free (transformers'
+DataCollatorWithFlattening: each batch's samples in one row, sequences told apart by position_ids, which
+GlmForCausalLM's SDPA masks block-diagonally). Each batch is one optimizer step, so a packed run takes fewer,
+larger steps over the same samples; compare peak memory too (lora:2048x1:ckpt:real packs into one row of 2048 a
+batch). MFU is left out for these cases.
 `--ds_file` gives every case another DeepSpeed JSON (e.g. ds_zero3_offload_optimizer.json for all). MFU counts
 model FLOPs only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight gradients for the frozen
 base), plus attention, recomputation not counted.
@@ -40,6 +50,8 @@ import train  # noqa: E402  train.py's own functions
 from model import MODE  # noqa: E402
 from model.compat import enable_activation_checkpointing  # noqa: E402
 from utils import DTYPES, PRECISIONS, add_bool_flag  # noqa: E402
+from dataset import DataCollator  # noqa: E402
+from packing import PackedCollator, PackedDataset  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # the official chatglm3-6b and glm-4-9b-chat config.json, and a tiny one for machines without a GPU
@@ -53,16 +65,26 @@ SHAPES = {  # the official chatglm3-6b and glm-4-9b-chat config.json, and a tiny
 SHAPE_MODES = {"chatglm3-6b": "glm3", "glm-4-9b": "glm4", "tiny": "glm3"}  # --mode unless given
 DEFAULT_CASES = ["lora:1560x1:ckpt", "lora:1560x1:ckpt:compile", "lora:2048x4:ckpt", "lora:2048x4:ckpt:compile",
                  "lora:2048x4:nockpt", "lora:2048x4:nockpt:compile", "freeze:1560x1:ckpt", "ptuning:1560x1:ckpt",
-                 "all:2048x2:ckpt", "qlora4:1560x1:ckpt", "qlora8:1560x1:ckpt", "qlora4:2048x4:ckpt"]
+                 "all:2048x2:ckpt", "qlora4:1560x1:ckpt", "qlora8:1560x1:ckpt", "qlora4:2048x4:ckpt",
+                 "lora:2048x4:ckpt:real", "lora:2048x1:ckpt:real", "lora:2048x4:ckpt:compile:real"]
 QLORA = {"qlora4": 4, "qlora8": 8}  # case name -> --quantization_bit (train type lora)
 LORA_TARGETS = "query_key_value,dense,dense_h_to_4h,dense_4h_to_h"
 PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
+REAL_LENGTHS = os.path.join(ROOT, "bench", "real_lengths.json")
+REAL_WHO = ("ours", "ours-packed", "peer", "peer-flat")  # the four ways a :real case runs its samples
+
+
 def parse_case(case: str):
-    train_type, shape, ckpt, *compile_ = case.split(":")
+    """train_type:SEQxBATCH:ckpt|nockpt[:compile][:real] -> (train_type, seq, batch, ckpt, compile)."""
+    train_type, shape, ckpt, *options = case.split(":")
     seq, batch = (int(x) for x in shape.split("x"))
-    return train_type, seq, batch, ckpt == "ckpt", compile_ == ["compile"]
+    return train_type, seq, batch, ckpt == "ckpt", "compile" in options
+
+
+def is_real(case: str) -> bool:
+    return "real" in case.split(":")[3:]
 
 
 def train_args(train_type, batch, ckpt, layers, mode="glm3", compile_blocks=False, ds_file=None):
@@ -78,8 +100,7 @@ def train_args(train_type, batch, ckpt, layers, mode="glm3", compile_blocks=Fals
             "--ds_file", os.path.join(ROOT, ds_file)]
     if ckpt:
         argv.append("--gradient_checkpointing")
-    if compile_blocks:
-        argv.append("--compile")
+    argv += ["--compile", str(compile_blocks)]  # explicit: train.py's default compiles where it can
     return train.parse_args(argv)
 
 
@@ -148,7 +169,64 @@ def random_window(vocab, seq, batch, accumulation, seed=0):
     return window
 
 
-def measure(engine, step_fn, window, steps, warmup, device):
+def real_lengths(path: str = REAL_LENGTHS) -> list[int]:
+    from model.config import read_json
+    return read_json(path)["lengths"]
+
+
+def write_real_lengths(tokenizer_dir: str, data: str, path: str = REAL_LENGTHS) -> None:
+    """bench/real_lengths.json from a data file, tokenized by train.py's dataset (glm4 template, max_len 2048)."""
+    import hashlib
+    import json
+
+    from dataset import InstructionDataset
+    tokenizer = MODE["glm4"].tokenizer.from_pretrained(tokenizer_dir)
+    dataset = InstructionDataset(data, tokenizer, "glm4", 2048, 1024)
+    lengths = [len(e["input_ids"]) for e in dataset.examples]
+    with open(os.path.join(tokenizer_dir, "tokenizer.model"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    table = {"what": f"token lengths of the {len(lengths)} samples of {data}, each as train.py tokenizes it: the glm4 "
+                     f"chat template, --max_len 2048 --max_src_len 1024 ({dataset.stats.truncated} cut), in file order",
+             "tokenizer": f"tokenizer.model of {tokenizer_dir}, sha256 {digest}",
+             "written_by": "python bench/bench.py --write_real_lengths TOKENIZER_DIR DATA",
+             "summary": {"samples": len(lengths), "min": min(lengths), "median": sorted(lengths)[len(lengths) // 2],
+                         "mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
+             "lengths": lengths}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(table, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+def real_windows(vocab, seq, batch, samples: int, seed=0) -> dict:
+    """The same `samples` samples (lengths drawn from real_lengths(), cut to `seq`; random ids, every token
+    labelled) as each of REAL_WHO takes them: who -> (list of host batches, real tokens in them)."""
+    from types import SimpleNamespace
+
+    from transformers import DataCollatorWithFlattening
+
+    generator = torch.Generator().manual_seed(seed)
+    table = real_lengths()
+    lengths = [min(table[i], seq) for i in torch.randint(len(table), (samples,), generator=generator).tolist()]
+    examples = []
+    for length in lengths:
+        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": list(ids)})
+    groups = [examples[i:i + batch] for i in range(0, len(examples), batch)]
+    rows = PackedDataset(SimpleNamespace(examples=examples), seq).rows
+    flatten = DataCollatorWithFlattening(return_tensors="pt")
+    windows = {"ours": [DataCollator(0)(g) for g in groups],
+               "ours-packed": [PackedCollator(0)(rows[i:i + batch]) for i in range(0, len(rows), batch)],
+               "peer": [DataCollator(0)(g) for g in groups],
+               "peer-flat": [{k: v for k, v in flatten(g).items() if k in ("input_ids", "labels", "position_ids")}
+                             for g in groups]}
+    pin = torch.cuda.is_available()
+    return {who: ([{k: v.pin_memory() for k, v in b.items()} if pin else b for b in window], sum(lengths))
+            for who, window in windows.items()}
+
+
+def measure(engine, step_fn, window, steps, warmup, device, tokens=None):
+    """(tokens/s, peak GiB, last loss) over `steps` runs of the window; `tokens`: what one run counts (default every
+    position of every batch, padding included: the random full rows have none)."""
     for _ in range(warmup):
         step_fn(engine, window)
     if device == "cuda":
@@ -159,7 +237,7 @@ def measure(engine, step_fn, window, steps, warmup, device):
         loss = step_fn(engine, window)
     float(loss)  # one host read at the end: waits for the device
     elapsed = time.perf_counter() - start
-    tokens = steps * sum(b["input_ids"].numel() for b in window)
+    tokens = steps * (tokens if tokens is not None else sum(b["input_ids"].numel() for b in window))
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
     return tokens / elapsed, peak, float(loss)
 
@@ -258,15 +336,21 @@ def our_step(world_size):
 def peer_step(engine, window):
     for batch in window:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = engine(**batch).loss
+        # No KV cache in training (ours builds none either). It also matters: transformers only reads packed
+        # sequences from position_ids where there is no cache; with one, a padding-free row attends across samples.
+        loss = engine(**batch, use_cache=False).loss
         engine.backward(loss)
         engine.step()
     return loss.detach()
 
 
 def models_to_run(case: str, with_peer: bool) -> list[str]:
-    """Ours always; the peer for the train types it has (LoRA through PEFT, and full training)."""
-    return ["ours", "peer"] if with_peer and parse_case(case)[0] in ("lora", "all") else ["ours"]
+    """Ours always; the peer for the train types it has (LoRA through PEFT, and full training). A :real case runs
+    ours padded and packed, and the peer padded and padding-free."""
+    peer = with_peer and parse_case(case)[0] in ("lora", "all")
+    if is_real(case):
+        return list(REAL_WHO) if peer else ["ours", "ours-packed"]
+    return ["ours", "peer"] if peer else ["ours"]
 
 
 def run_case(case, shape, dtype_name, steps, warmup, models, peak_tflops, mode="glm3", trace=False,
@@ -287,8 +371,11 @@ def run_case(case, shape, dtype_name, steps, warmup, models, peak_tflops, mode="
     args, ds_config = flags_and_ds_config(ds_file)
     dtype = DTYPES[train.pick_precision(dtype_name)]
     window = random_window(config.padded_vocab_size, seq, batch, args.gradient_accumulation_steps)
+    real = real_windows(config.padded_vocab_size, seq, batch, samples=8 * batch) if is_real(case) else {}
     rows = []
     for who in models:
+        window, tokens = real.get(who, (window, None))
+        who_name, who = who, who.split("-")[0]  # ours-packed is ours, peer-flat the peer, on other batches
         torch.manual_seed(0)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -316,22 +403,23 @@ def run_case(case, shape, dtype_name, steps, warmup, models, peak_tflops, mode="
                                               model_parameters=[p for p in model.parameters() if p.requires_grad])
             engine.train()
         if device == "cuda":
-            print(f"{case} {who}: set-up peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB, "
+            print(f"{case} {who_name}: set-up peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB, "
                   f"{torch.cuda.memory_allocated() / 2 ** 30:.1f} GiB held before the first step", flush=True)
         try:
-            speed, peak, loss = measure(engine, step_fn, window, steps, warmup, device)
-            print(f"{case} {who}: host peak RSS {host_peak_gib():.1f} GiB", flush=True)
+            speed, peak, loss = measure(engine, step_fn, window, steps, warmup, device, tokens)
+            print(f"{case} {who_name}: host peak RSS {host_peak_gib():.1f} GiB", flush=True)
             if trace and device == "cuda":
-                print(f"{case} {who}: {memory_trace(engine, step_fn, window)}", flush=True)
+                print(f"{case} {who_name}: {memory_trace(engine, step_fn, window)}", flush=True)
             if profile:
-                trace_path = (os.path.join(profile_dir, f"{case.replace(':', '-')}-{who}.json.gz")
+                trace_path = (os.path.join(profile_dir, f"{case.replace(':', '-')}-{who_name}.json.gz")
                               if profile_dir else None)
-                print(f"{case} {who}: {profile_steps(engine, step_fn, window, profile, device, trace_path)}",
+                print(f"{case} {who_name}: {profile_steps(engine, step_fn, window, profile, device, trace_path)}",
                       flush=True)
-            mfu = speed * flops_per_token(config, seq, train_type) / (peak_tflops * 1e12) if device == "cuda" else None
-            rows.append((who, speed, mfu, peak, loss))
+            mfu = speed * flops_per_token(config, seq, train_type) / (peak_tflops * 1e12) \
+                if device == "cuda" and not real else None
+            rows.append((who_name, speed, mfu, peak, loss))
         except torch.OutOfMemoryError:
-            rows.append((who, None, None, None, None))
+            rows.append((who_name, None, None, None, None))
         del engine, model
         gc.collect()
         if device == "cuda":
@@ -400,8 +488,11 @@ def main():
     parser.add_argument("--mode", choices=("glm2", "glm3", "glm4"), default=None,
                         help="our model class and config defaults (default: glm4 for glm-4-9b, else glm3)")
     parser.add_argument("--cases", nargs="+", default=None,
-                        help="train_type:SEQxBATCH:ckpt|nockpt[:compile] (default: DEFAULT_CASES; :compile "
-                             "passes train.py's --compile)")
+                        help="train_type:SEQxBATCH:ckpt|nockpt[:compile][:real] (default: DEFAULT_CASES; :compile "
+                             "passes train.py's --compile; :real trains samples of real lengths, padded and packed)")
+    parser.add_argument("--write_real_lengths", nargs=2, metavar=("TOKENIZER_DIR", "DATA"), default=None,
+                        help="write bench/real_lengths.json: DATA's samples tokenized with the GLM-4 tokenizer in "
+                             "TOKENIZER_DIR, then exit")
     parser.add_argument("--ds_file", default=None,
                         help="DeepSpeed JSON for every case, relative to the repository (default: "
                              "ds_zero3_offload.json for all, ds_zero2_no_offload.json otherwise)")
@@ -424,6 +515,9 @@ def main():
     parser.add_argument("--profile_dir", default=None,
                         help="with --profile: also write each model's whole trace here (CASE-WHO.json.gz)")
     args = parser.parse_args()
+    if args.write_real_lengths:
+        write_real_lengths(*args.write_real_lengths)
+        return
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
     gpu = torch.cuda.is_available()
@@ -446,16 +540,31 @@ def main():
     options = dict(shape=shape, dtype_name=args.precision, steps=args.steps, warmup=args.warmup,
                    peak_tflops=args.peak_tflops, mode=mode, trace=args.memory_trace, ds_file=args.ds_file,
                    peer_ds_file=args.peer_ds_file, profile=args.profile, profile_dir=args.profile_dir)
+    real_lines = ["", "Real lengths (bench/real_lengths.json): real (non-padding) tokens/s",
+                  "", "| case | ours padded | ours packed | peer padded | peer padding-free | packed / ours padded | "
+                      "packed / peer padded | peak GiB ours padded / packed |", "|---|---|---|---|---|---|---|---|"]
     for case in cases:
         rows = {}
         for who in models_to_run(case, not args.no_peer):  # each in its own process: see run_in_child
             _, *rows[who] = run_in_child(case, who, options)
+        if is_real(case):
+            speed = {who: rows.get(who, [None])[0] for who in REAL_WHO}
+            packed = speed["ours-packed"]
+            real_lines.append(
+                f"| {case} | " + " | ".join(fmt(speed[who], '.0f') for who in REAL_WHO) + " | "
+                f"{fmt(packed / speed['ours'] if packed and speed['ours'] else None, '.2f')} | "
+                f"{fmt(packed / speed['peer'] if packed and speed['peer'] else None, '.2f')} | "
+                f"{fmt(rows['ours'][2], '.1f')} / {fmt(rows['ours-packed'][2], '.1f')} |")
+            print(real_lines[-1], flush=True)
+            continue
         ours, peer = rows["ours"], rows.get("peer")
         ratio = ours[0] / peer[0] if peer and peer[0] and ours[0] else None
         lines.append(f"| {case} | {fmt(ours[0], '.0f')} | {fmt(ours[1], '.1%')} | {fmt(ours[2], '.1f')} | "
                      f"{fmt(peer[0] if peer else None, '.0f')} | {fmt(peer[2] if peer else None, '.1f')} | "
                      f"{fmt(ratio, '.2f')} |")
         print(lines[-1], flush=True)
+    if len(real_lines) > 5:
+        lines += real_lines
     lines.append("")
     lines.append(f"Command: `python bench/bench.py {' '.join(sys.argv[1:])}`".rstrip())
     table = "\n".join(lines)

@@ -194,6 +194,46 @@ def sdpa(query, key, value, allowed):
                                           enable_gqa=key.shape[1] != query.shape[1])
 
 
+def packed_attention_allowed(cu_seqlens, batch: int, seq: int):
+    """--packing without varlen attention: bool [batch, 1, seq, seq], True where a query may see a key: causal and
+    within its own sequence. cu_seqlens (int32 [sequences + 1]) are where the sequences start in the flattened
+    [batch * seq] tokens; every row ends a sequence."""
+    starts = torch.zeros(batch * seq, dtype=torch.long, device=cu_seqlens.device)
+    starts[cu_seqlens[:-1].long()] = 1
+    sequence = starts.cumsum(0).view(batch, seq)  # the sequence each token belongs to
+    index = torch.arange(seq, device=cu_seqlens.device)
+    causal = index[None, :] <= index[:, None]
+    return ((sequence[:, :, None] == sequence[:, None, :]) & causal)[:, None]
+
+
+def varlen_available(device, dtype) -> bool:
+    """Whether torch's varlen attention (FlashAttention over cu_seqlens: CUDA, fp16/bf16) can run these tensors."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  torch >= 2.10
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_sdpa(query, key, value, cu_seqlens):
+    """Causal attention within each packed sequence, [batch, heads, seq, dim] in and out (key/value may have fewer,
+    grouped heads): torch.nn.attention.varlen.varlen_attn over the flattened tokens. The longest sequence is at most
+    a row, so the row length serves as max_q / max_k (the kernel only sizes its grid by it), and no device value is
+    read back to the host."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, heads, seq, dim = query.shape
+
+    def flat(x):  # [batch, h, seq, dim] -> [batch * seq, h, dim]
+        return x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim)
+
+    context = varlen_attn(flat(query), flat(key), flat(value), cu_seqlens, cu_seqlens, seq, seq,
+                          window_size=(-1, 0), enable_gqa=key.shape[1] != heads)  # (-1, 0): causal
+    return context.view(batch, seq, heads, dim).transpose(1, 2)
+
+
 def padding_or_none(attention_mask):
     """A 2-D padding mask, or None when it masks nothing (lets SDPA take its causal fast path)."""
     if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
@@ -249,12 +289,13 @@ class BodyMixin:
         return allowed
 
     def run_layers(self, layers, final_norm, hidden, layer_inputs, prefix, cache, use_cache,
-                   output_hidden_states=False):
+                   output_hidden_states=False, **layer_kwargs):
         all_hidden = () if output_hidden_states else None
         for i, layer in enumerate(layers):
             if output_hidden_states:
                 all_hidden += (hidden,)
-            hidden = layer(hidden, *layer_inputs, prefix[i] if prefix is not None else None, cache=cache)
+            hidden = layer(hidden, *layer_inputs, prefix[i] if prefix is not None else None, cache=cache,
+                           **layer_kwargs)
         hidden = final_norm(hidden)
         if output_hidden_states:
             all_hidden += (hidden,)
@@ -317,6 +358,7 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
     _keys_to_ignore_on_load_unexpected = [r"inv_freq"]
     mode = "glm"  # set by each model class; names the chat template
     chat_defaults = {}
+    supports_packing = False  # takes packed rows (position_ids and cu_seqlens, see packing.py)
 
     def _init_weights(self, module):
         std = 0.02
@@ -381,7 +423,9 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
 
         The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older releases) and goes back
         in the output under the installed release's field name. With labels, logits are only computed when
-        `return_logits=True` (training never needs them)."""
+        `return_logits=True` (training never needs them). Packed rows (packing.py) add `cu_seqlens`."""
+        if kwargs.get("cu_seqlens") is not None and not self.supports_packing:
+            raise ValueError(f"{type(self).__name__} does not take packed rows (cu_seqlens)")
         outputs = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                    cache=given_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
                                    use_cache=use_cache, **kwargs)

@@ -17,7 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .compat import given_cache
 from .config import ChatGLM2Config, ChatGLM4Config
 from .modeling_base import (BodyMixin, ChatGLMPreTrainedBase, LMHead, PrefixEncoder, attention_allowed,
-                            padding_or_none, sdpa)
+                            packed_attention_allowed, padding_or_none, sdpa, varlen_available, varlen_sdpa)
 
 
 class RMSNorm(nn.Module):
@@ -63,7 +63,7 @@ class SelfAttention(nn.Module):
                                          bias=config.add_bias_linear or config.add_qkv_bias)
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
-    def forward(self, hidden_states, cos, sin, allowed, prefix_kv=None, cache=None):
+    def forward(self, hidden_states, cos, sin, allowed, prefix_kv=None, cache=None, cu_seqlens=None):
         batch, seq, _ = hidden_states.shape
         q, k, v = self.query_key_value(hidden_states).split(
             [self.num_heads * self.head_dim, self.num_groups * self.head_dim, self.num_groups * self.head_dim], -1)
@@ -75,7 +75,10 @@ class SelfAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         elif prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
-        context = sdpa(q, k, v, allowed)  # [b, heads, s, d]
+        if cu_seqlens is not None:  # packed rows on CUDA: each sequence attends to itself only
+            context = varlen_sdpa(q, k, v, cu_seqlens)
+        else:
+            context = sdpa(q, k, v, allowed)  # [b, heads, s, d]
         return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -100,9 +103,9 @@ class GLMBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = norm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, hidden_states, cos, sin, allowed, prefix_kv=None, cache=None):
+    def forward(self, hidden_states, cos, sin, allowed, prefix_kv=None, cache=None, cu_seqlens=None):
         normed = self.input_layernorm(hidden_states)
-        attention = self.self_attention(normed, cos, sin, allowed, prefix_kv, cache=cache)
+        attention = self.self_attention(normed, cos, sin, allowed, prefix_kv, cache=cache, cu_seqlens=cu_seqlens)
         hidden_states = (normed if self.post_norm_residual else hidden_states) + attention
         normed = self.post_attention_layernorm(hidden_states)
         return (normed if self.post_norm_residual else hidden_states) + self.mlp(normed)
@@ -131,8 +134,9 @@ class Embedding(nn.Module):
 class ChatGLM2Model(BodyMixin, nn.Module):
     """The model body (`model.transformer`). Takes the official keyword arguments: input_ids, position_ids,
     attention_mask (2-D, 1 = keep), full_attention_mask (bool [b, 1, q, k], True = masked), cache (a Cache, or the
-    official tuples; also accepted as past_key_values), inputs_embeds, use_cache. Returns last_hidden_state
-    [batch, seq, hidden] (batch first) after the final norm, without the LM head, and the cache."""
+    official tuples; also accepted as past_key_values), inputs_embeds, use_cache; for packed rows (packing.py, in
+    training) position_ids with cu_seqlens. Returns last_hidden_state [batch, seq, hidden] (batch first) after the
+    final norm, without the LM head, and the cache."""
 
     def __init__(self, config: ChatGLM2Config, rotary_fp32: bool):
         super().__init__()
@@ -163,18 +167,25 @@ class ChatGLM2Model(BodyMixin, nn.Module):
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, full_attention_mask=None,
                 cache=None, inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, cu_seqlens=None, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.embedding(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         device, dtype = inputs_embeds.device, inputs_embeds.dtype
         cache = given_cache(cache, past_key_values)
+        if cu_seqlens is not None:  # packed rows (training, packing.py): each sequence attends to itself only
+            if position_ids is None or cache is not None or self.pre_seq_len:
+                raise ValueError("packed rows (cu_seqlens) need their position_ids, and take no cache or prefix")
+            use_cache = False
         cache, past_len, prefix, use_cache = self.start_cache(cache, use_cache, batch, device, dtype)
 
         if position_ids is None:
             mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             position_ids = self.positions(batch, past_len + seq, device, mask_2d)[:, -seq:]
-        if full_attention_mask is not None:  # official: True = masked
+        if cu_seqlens is not None:  # CUDA in half precision: varlen attention; else SDPA, a block-diagonal mask
+            allowed = None if varlen_available(device, dtype) else packed_attention_allowed(cu_seqlens, batch, seq)
+            cu_seqlens = cu_seqlens if allowed is None else None
+        elif full_attention_mask is not None:  # official: True = masked
             allowed = self.prefixed_mask(full_attention_mask, self.pre_seq_len + past_len + seq)
         else:
             allowed = attention_allowed(batch, seq, past_len, self.pre_seq_len, padding_or_none(attention_mask),
@@ -184,7 +195,7 @@ class ChatGLM2Model(BodyMixin, nn.Module):
         cos, sin = rotary_cos_sin(position_ids, self.head_dim, base, angle_dtype, dtype)
 
         return self.run_layers(self.encoder.layers, self.encoder.final_layernorm, inputs_embeds, (cos, sin, allowed),
-                               prefix, cache, use_cache, output_hidden_states)
+                               prefix, cache, use_cache, output_hidden_states, cu_seqlens=cu_seqlens)
 
 
 class ChatGLM2ForConditionalGeneration(ChatGLMPreTrainedBase):
@@ -193,6 +204,7 @@ class ChatGLM2ForConditionalGeneration(ChatGLMPreTrainedBase):
     config_class = ChatGLM2Config
     mode = "glm2"
     rotary_fp32 = False
+    supports_packing = True
     _no_split_modules = ["GLMBlock"]
     chat_defaults = {"max_length": 8192, "num_beams": 1, "do_sample": True, "top_p": 0.8, "temperature": 0.8}
 

@@ -113,3 +113,29 @@ def test_profile_prints_the_summary_and_writes_the_trace(monkeypatch, tmp_path, 
     assert "lora:64x2:nockpt ours: profile: " in out and "profile| " in out and "aten::" in out
     trace = json.loads(gzip.open(tmp_path / "lora-64x2-nockpt-ours.json.gz").read())
     assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+
+
+def test_real_case_runs_the_same_samples_padded_packed_and_padding_free(monkeypatch, one_thread):
+    """lora:...:real: samples of the real lengths (bench/real_lengths.json) run four ways on the same tokens. With
+    the same weights, ours padded and ours packed give the same window loss, as do the peer padded and the peer
+    padding-free (DataCollatorWithFlattening): packing changes the layout, not what is computed; tokens/s counts
+    real tokens only."""
+    import bench
+    import train
+
+    lengths = bench.real_lengths()
+    assert len(lengths) == 1441 and 150 < sum(lengths) / len(lengths) < 300  # short against --max_len 2048
+    windows = bench.real_windows(1088, 256, 2, samples=16)
+    # every way holds the same real tokens (ids are drawn from 3 up; 0 pads)
+    tokens = {who: sum(int((b["input_ids"] != 0).sum()) for b in window) for who, (window, _) in windows.items()}
+    assert set(tokens.values()) == {windows["ours"][1]}
+    assert len(windows["ours-packed"][0]) < len(windows["ours"][0])  # fewer, fuller rows
+    one_rank_env(monkeypatch, 29693)
+    train.init_distributed()
+    case = "lora:256x2:nockpt:real"
+    rows = {row[0]: row for row in bench.run_case(case, "tiny", "fp32", steps=1, warmup=0,
+                                                  models=bench.models_to_run(case, True), peak_tflops=1.0)}
+    assert list(rows) == ["ours", "ours-packed", "peer", "peer-flat"]
+    assert all(row[1] > 0 for row in rows.values())
+    assert rows["ours-packed"][4] == pytest.approx(rows["ours"][4], rel=2e-6)
+    assert rows["peer-flat"][4] == pytest.approx(rows["peer"][4], rel=2e-6)

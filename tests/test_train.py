@@ -796,7 +796,7 @@ def test_boolean_flags_take_the_bare_form_and_true_false():
     import train
     base = ["--model_name_or_path", "-", "--mode", "glm3", "--train_path", "-", "--output_dir", "-"]
     for flag in ("--gradient_checkpointing", "--prefix_projection", "--is_skip", "--group_by_length",
-                 "--last_turn_only", "--resume", "--compile"):
+                 "--last_turn_only", "--resume", "--compile", "--packing"):
         name = flag[2:]
         assert getattr(train.parse_args(base), name) is False
         assert getattr(train.parse_args([*base, flag]), name) is True
