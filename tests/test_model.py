@@ -47,7 +47,8 @@ def test_save_load_round_trip_keeps_official_names(mode, tiny_dirs, tmp_path):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     saved = set(load_file(os.path.join(tmp_path, "model.safetensors")))
-    assert set(OFFICIAL_KEYS[mode]) <= saved
+    # transformers' save_pretrained writes a tied weight once (ChatGLM-6B's lm_head is its word_embeddings)
+    assert set(OFFICIAL_KEYS[mode]) - set(model.all_tied_weights_keys) <= saved
     assert all(k.startswith(("transformer.", "lm_head.")) for k in saved)
     assert not any("inv_freq" in k for k in saved)
     again, _ = load(mode, tmp_path)
