@@ -2,12 +2,14 @@
 
     python -m model.tiny --mode glm3 --output_dir tiny-glm3
 
-The directory looks like THUDM's: config.json with the official fields (`model_type` chatglm, `architectures`
-["ChatGLMModel"], the official `auto_map`, `torch_dtype`) plus our `chatglm_version` marker, model.safetensors under
-the official weight names, the tokenizer file of that version (ice_text.model or tokenizer.model: a real, small
+The directory looks like THUDM's current files: config.json with the official fields (THUDM's `_name_or_path`,
+`model_type` chatglm, `architectures` ["ChatGLMModel"], the official `auto_map`, `torch_dtype`) plus our
+`chatglm_version` marker, model.safetensors under the official weight names (ChatGLM-6B: lm_head.weight and
+transformer.word_embeddings.weight stored equal, the one tied matrix, as THUDM's checkpoint stores both), the tokenizer file of that version (ice_text.model or tokenizer.model: a real, small
 sentencepiece model trained on model/tiny_corpus.txt; for glm4 a tiktoken ranks file trained on the same corpus by
 model.tiktoken_build) and the official tokenizer_config.json of that version (which THUDM's
-tokenizer class reads). THUDM's .py files are not included (they are not ours to ship): copy them in to load the
+tokenizer class reads; for GLM-4 the current layout: `added_tokens_decoder` with this vocabulary's ids and a
+`chat_template` of our own, see `glm4_tokenizer_config`). THUDM's .py files are not included (they are not ours to ship): copy them in to load the
 directory with `trust_remote_code`. It trains on a CPU in seconds.
 
 The weights are drawn like the official reference tensors (uniform in [-0.5, 0.5], norm weights in [0.5, 1.5])
