@@ -342,7 +342,8 @@ def save(merged, report, args) -> None:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else None  # auto: each tensor as the base stores it
     try:
         with atomic_directory(os.path.abspath(args.output_dir)) as staging:
-            changed = write_full_checkpoint(merged.state_dict(), args.ori_model_dir, staging, dtype=dtype)
+            changed = write_full_checkpoint(merged.state_dict(), args.ori_model_dir, staging, dtype=dtype,
+                                            tied=merged.all_tied_weights_keys)
             with open(os.path.join(staging, "merge_lora.json"), "w", encoding="utf-8") as f:
                 json.dump({**report, "config_fields_changed": changed}, f, indent=2)
     except (ExportError, FileExistsError) as e:

@@ -395,8 +395,11 @@ def apply_train_type(model, args):
         freeze = args.freeze_module_name or last_layers(model.config)  # set by check_inputs in train.py's runs
         keep = {"freeze": freeze.split(","), "ptuning": ["prefix_encoder."], "all": [""]}
         names = [name for name in keep[args.train_type] if name or args.train_type == "all"]
-        for name, param in model.named_parameters():
-            param.requires_grad = any(part in name for part in names)
+        # every name of a shared parameter counts (ChatGLM-6B's lm_head.weight is transformer.word_embeddings.weight)
+        chosen = {id(param) for name, param in model.named_parameters(remove_duplicate=False)
+                  if any(part in name for part in names)}
+        for param in model.parameters():
+            param.requires_grad = id(param) in chosen
         if not any(p.requires_grad for p in model.parameters()):
             raise SystemExit(f"--freeze_module_name {freeze!r} matches no parameter of the model")
     if args.gradient_checkpointing:
@@ -687,7 +690,7 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
                       os.path.join(staging, "prefix_encoder.safetensors"))
             tokenizer.save_pretrained(staging)
         else:  # the base's files (tokenizer included) with the new weights in the base's dtype
-            write_full_checkpoint(state, args.model_name_or_path, staging)
+            write_full_checkpoint(state, args.model_name_or_path, staging, tied=model.all_tied_weights_keys)
         with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
             json.dump(run_record(args, torch.distributed.get_world_size()), f, indent=2)
     torch.distributed.barrier()

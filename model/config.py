@@ -59,7 +59,11 @@ class ChatGLMConfig(PreTrainedConfig):
         self.prefix_projection = prefix_projection
         self.quantization_bit = quantization_bit
         kwargs.setdefault(VERSION_KEY, "glm")
-        kwargs.setdefault("tie_word_embeddings", False)
+        # ChatGLM-6B's config.json says nothing about tying, and the transformers 4.x it was written for defaults
+        # `tie_word_embeddings` to True (PretrainedConfig.__init__): THUDM's model holds ONE matrix for lm_head and
+        # word_embeddings. transformers 5 has no such default (PreTrainedModel reads it with getattr(..., False)),
+        # so it is set here; an explicit `"tie_word_embeddings": false` in a config.json still unties them.
+        kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
 

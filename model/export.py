@@ -217,12 +217,38 @@ def _output_shard_name(base_file: str, shard_files: list[str]) -> str:
     return f"model-{shard_files.index(base_file) + 1:05d}-of-{len(shard_files):05d}.safetensors"
 
 
+def _shares_storage(tensor: torch.Tensor, shards: dict[str, dict[str, torch.Tensor]]) -> bool:
+    pointer = tensor.untyped_storage().data_ptr()
+    return any(other.untyped_storage().data_ptr() == pointer for shard in shards.values() for other in shard.values())
+
+
 # ---------------------------------------------------------------------------------------------- the full writer
+def with_tied_keys(state_dict: dict[str, torch.Tensor], tied: dict[str, str] | None,
+                   stored: set[str]) -> dict[str, torch.Tensor]:
+    """`state_dict` with each tied pair ({target: source}, a model's `all_tied_weights_keys`: ChatGLM-6B's lm_head and
+    word_embeddings) written under the names the base stores: a key the state dict lacks (named_parameters() names a
+    shared parameter once) is filled from its twin, a key the base does not store is left out. Both written keys
+    then hold the one matrix the model trained."""
+    tensors = dict(state_dict)
+    for target, source in (tied or {}).items():
+        value = tensors.get(source, tensors.get(target))
+        if value is None:
+            continue
+        for key in (target, source):
+            if key in stored:
+                tensors[key] = value
+            else:
+                tensors.pop(key, None)
+    return tensors
+
+
 def write_full_checkpoint(state_dict: dict[str, torch.Tensor], base_dir: str, out_dir: str,
-                          dtype: torch.dtype | None = None) -> list[str]:
+                          dtype: torch.dtype | None = None, tied: dict[str, str] | None = None) -> list[str]:
     """Write `state_dict` (official names) into the empty directory `out_dir` as the base directory with new weights
     (see the module docstring). `dtype` None keeps each tensor in the base's stored dtype; a dtype casts every
-    floating tensor to it and, where that differs from the base's, updates config.json's `torch_dtype`.
+    floating tensor to it and, where that differs from the base's, updates config.json's `torch_dtype`. `tied`
+    ({target: source}, the model's `all_tied_weights_keys`) names weights that are one parameter in the model: each
+    is written under every name of the pair that the base stores (`with_tied_keys`).
     Returns the config.json fields that were changed."""
     from safetensors.torch import save_file
 
@@ -232,6 +258,7 @@ def write_full_checkpoint(state_dict: dict[str, torch.Tensor], base_dir: str, ou
         raise ExportError(f"{config_file} not found: the base directory must be a checkpoint directory")
     base_config = read_json(config_file, ExportError)
     layout, base_files = base_weight_layout(base_dir)
+    state_dict = with_tied_keys(state_dict, tied, set(layout))
 
     base_names, ours = set(layout), set(state_dict)
     extra = sorted(ours - base_names)
@@ -250,7 +277,8 @@ def write_full_checkpoint(state_dict: dict[str, torch.Tensor], base_dir: str, ou
         if tensor.is_floating_point() and key not in base_only:
             tensor = tensor.to(dtype or stored.get(key, declared))
         shard = _output_shard_name(layout[key], base_files)
-        shards.setdefault(shard, {})[key] = tensor.contiguous()
+        # a copy where the tensor is shared with another key (tied weights): safetensors refuses aliases in one file
+        shards.setdefault(shard, {})[key] = tensor.clone() if _shares_storage(tensor, shards) else tensor.contiguous()
 
     for name in sorted(os.listdir(base_dir)):
         path = os.path.join(base_dir, name)

@@ -2,6 +2,7 @@
 the P-Tuning v2 prefix encoder, attention masks for SDPA, and chat() / stream_chat() on top of generate()."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from queue import Queue
@@ -18,6 +19,8 @@ from . import template
 from .compat import CACHE_NAME, given_cache, output_cache
 from .config import VERSION_KEY, check_checkpoint_dir
 from .template import IGNORE_INDEX
+
+logger = logging.getLogger("chatglm")
 
 
 def check_safetensors_headers(directory: str) -> None:
@@ -409,8 +412,29 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
             problems.append(f"weights of the wrong shape {list(info['mismatched_keys'])[:5]}")
         if problems:
             raise ValueError(f"{path}: " + "; ".join(problems))
+        model.retie_as_official(path)
         model.config.__dict__[VERSION_KEY] = cls.mode
         return (model, info) if want_info else model
+
+    def retie_as_official(self, path: str) -> None:
+        """A tied model (ChatGLM-6B) whose checkpoint stores both keys with different values: transformers then
+        leaves the two apart (with a warning). THUDM's code (transformers 4.x) holds one matrix and copies every key
+        into it in module order, so the LM head's values, loaded last, are the ones it runs; do the same."""
+        if not getattr(self.config, "tie_word_embeddings", False) or not self._tied_weights_keys:
+            return
+        apart = [(target, source) for target, source in self._tied_weights_keys.items()
+                 if self.get_parameter(target) is not self.get_parameter(source)]
+        if not apart:
+            return
+        for target, source in apart:
+            target_param, source_param = self.get_parameter(target), self.get_parameter(source)
+            logger.warning("%s: %s and %s differ, but this model ties them (config.json does not set "
+                           "\"tie_word_embeddings\": false); both now hold %s, as in THUDM's code", path, target,
+                           source, target)
+            with torch.no_grad():
+                source_param.copy_(target_param)
+        self.tie_weights()
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
 
     # -- the causal-LM forward -----------------------------------------------------------------------------------
     def get_output_embeddings(self):

@@ -178,6 +178,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedBase):
     config_class = ChatGLMConfig
     mode = "glm"
     _no_split_modules = ["GLMBlock"]
+    # One matrix for the input embedding and the LM head while config.tie_word_embeddings (True unless config.json
+    # says false, see ChatGLMConfig): transformers ties them in post_init() and from_pretrained(), fills either key
+    # from the other when a checkpoint stores only one, and save_pretrained() writes the source key only.
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
     chat_defaults = {"max_length": 2048, "num_beams": 1, "do_sample": True, "top_p": 0.7, "temperature": 0.95}
 
     def __init__(self, config: ChatGLMConfig):

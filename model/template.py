@@ -53,9 +53,12 @@ IGNORE_INDEX = -100
 # The official tool system prompt of GLM-4: the fixed text that the chat template of THUDM/glm-4-9b-chat
 # (tokenizer_config.json) puts after <|system|> when a message has `tools`, then one section per function tool. The
 # model was trained on exactly this text, so it is reproduced as data here; only function tools are supported.
+# A section starts with ONE newline: transformers' apply_chat_template (what THUDM's finetune_demo and the serving
+# stacks call) compiles the template with trim_blocks=True, which drops the newline right after the
+# `{% if tool['type'] == 'function' %}` tag that the template writes before "\n## {name}" (tests/test_glm4_tools.py).
 GLM4_TOOL_SYSTEM_PROMPT = ("\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
                            "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具")
-GLM4_TOOL_SECTION = "\n\n## {name}\n\n{description}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+GLM4_TOOL_SECTION = "\n## {name}\n\n{description}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
 
 
 @dataclass
@@ -216,7 +219,8 @@ def glm4_tool_prompt(tools) -> str:
                 or not isinstance(function.get("name"), str):
             raise ValueError(f"glm4: every tool must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, "
                              f"got {json.dumps(tool, ensure_ascii=False)[:80]}")
-        # json.dumps as the template's tojson(indent=4) renders it: keys in their order, non-ASCII kept.
+        # json.dumps as the template's `tojson(indent=4)` renders it under transformers (its own tojson filter:
+        # json.dumps with ensure_ascii=False, sort_keys=False): keys in their order, non-ASCII kept.
         text += GLM4_TOOL_SECTION.format(name=function["name"],
                                          description=json.dumps(function, ensure_ascii=False, indent=4))
     return text

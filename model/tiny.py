@@ -2,12 +2,14 @@
 
     python -m model.tiny --mode glm3 --output_dir tiny-glm3
 
-The directory looks like THUDM's: config.json with the official fields (`model_type` chatglm, `architectures`
-["ChatGLMModel"], the official `auto_map`, `torch_dtype`) plus our `chatglm_version` marker, model.safetensors under
-the official weight names, the tokenizer file of that version (ice_text.model or tokenizer.model: a real, small
+The directory looks like THUDM's current files: config.json with the official fields (THUDM's `_name_or_path`,
+`model_type` chatglm, `architectures` ["ChatGLMModel"], the official `auto_map`, `torch_dtype`) plus our
+`chatglm_version` marker, model.safetensors under the official weight names (ChatGLM-6B: lm_head.weight and
+transformer.word_embeddings.weight stored equal, the one tied matrix, as THUDM's checkpoint stores both), the tokenizer file of that version (ice_text.model or tokenizer.model: a real, small
 sentencepiece model trained on model/tiny_corpus.txt; for glm4 a tiktoken ranks file trained on the same corpus by
 model.tiktoken_build) and the official tokenizer_config.json of that version (which THUDM's
-tokenizer class reads). THUDM's .py files are not included (they are not ours to ship): copy them in to load the
+tokenizer class reads; for GLM-4 the current layout: `added_tokens_decoder` with this vocabulary's ids and a
+`chat_template` of our own, see `glm4_tokenizer_config`). THUDM's .py files are not included (they are not ours to ship): copy them in to load the
 directory with `trust_remote_code`. It trains on a CPU in seconds.
 
 The weights are drawn like the official reference tensors (uniform in [-0.5, 0.5], norm weights in [0.5, 1.5])
@@ -77,7 +79,59 @@ _GLM2_FIELDS = ("num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_si
                 "bias_dropout_fusion", "multi_query_attention", "multi_query_group_num", "apply_query_key_layer_scaling",
                 "attention_softmax_in_fp32", "fp32_residual_connection", "original_rope", "use_cache", "eos_token_id",
                 "pad_token_id", "tie_word_embeddings")
-# THUDM's tokenizer_config.json of each version (without its hub name_or_path).
+# config.json's `_name_or_path` in THUDM's repos: converters (e.g. chatglm.cpp's) choose the ChatGLM3 path by it, and
+# detect_version tells glm2 from glm3 by it.
+OFFICIAL_NAMES = {"glm": "THUDM/chatglm-6b", "glm2": "THUDM/chatglm2-6b", "glm3": "THUDM/chatglm3-6b",
+                  "glm4": "THUDM/glm-4-9b-chat"}
+
+
+def _jinja_text(text: str) -> str:
+    """`text` as a Jinja expression that prints it: a newline written as template text right after a block tag
+    would be dropped under transformers' trim_blocks=True, a string literal is printed as it is."""
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
+
+
+def _glm4_chat_template() -> str:
+    """Our Jinja chat template for GLM-4, written for this project: the GLM-4 chat format of model/template.py
+    ([gMASK]<sop>; per message with content <|role|>{metadata}\n{content}; a message with `tools` first <|system|>
+    and the tool prompt, each function as `tojson(indent=4)`; <|assistant|> to ask for an answer), built from the
+    same constants, so that transformers' apply_chat_template over a tiny glm4 directory gives template.py's ids
+    (tests/test_official_layout.py)."""
+    before_name, rest = template.GLM4_TOOL_SECTION.split("{name}")
+    between, after = rest.split("{description}")
+    return ("[gMASK]<sop>"
+            "{% for message in messages %}"
+            "{% if message.tools is defined %}"
+            "<|system|>" + _jinja_text(template.GLM4_TOOL_SYSTEM_PROMPT) +
+            "{% for tool in message.tools %}"
+            "{% if tool.type != 'function' %}{{ raise_exception('only function tools are supported') }}{% endif %}"
+            + _jinja_text(before_name) + "{{ tool.function.name }}" + _jinja_text(between)
+            + "{{ tool.function | tojson(indent=4) }}" + _jinja_text(after) +
+            "{% endfor %}"
+            "{% endif %}"
+            "{% if message.content %}"
+            "<|{{ message.role }}|>{{ message.metadata or '' }}" + _jinja_text("\n") + "{{ message.content }}"
+            "{% endif %}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def glm4_tokenizer_config(tokenizer) -> dict:
+    """tokenizer_config.json of a glm4 directory in the current glm-4-9b-chat layout: THUDM's current
+    tokenization_chatglm.py knows its 14 special tokens only from `added_tokens_decoder` (here with the ids of
+    this tokenizer file) and the prompt format only from `chat_template`."""
+    from .tokenization_glm4 import GLM4_SPECIAL_TOKENS
+
+    added = {str(tokenizer.get_command(token)): {"content": token, "lstrip": False, "normalized": False,
+                                                 "rstrip": False, "single_word": False, "special": True}
+             for token in GLM4_SPECIAL_TOKENS}
+    return {**OFFICIAL_TOKENIZER_CONFIGS["glm4"], "added_tokens_decoder": added,
+            "additional_special_tokens": list(GLM4_SPECIAL_TOKENS), "chat_template": _glm4_chat_template(),
+            "model_max_length": 128000}
+
+
+# THUDM's tokenizer_config.json of each version (without its hub name_or_path; glm4's is completed by
+# glm4_tokenizer_config).
 OFFICIAL_TOKENIZER_CONFIGS = {
     "glm": {"bos_token": "<sop>", "eos_token": "<eop>", "end_token": "</s>", "gmask_token": "[gMASK]",
             "mask_token": "[MASK]", "pad_token": "<pad>", "unk_token": "<unk>", "remove_space": False,
@@ -95,10 +149,11 @@ OFFICIAL_TOKENIZER_CONFIGS = {
 
 
 def official_config_dict(mode: str, config) -> dict:
-    """config.json of `config` as THUDM writes it: the network's fields, `model_type`, `architectures`, `auto_map`,
-    `torch_dtype` (fp32 here), plus our version marker."""
+    """config.json of `config` as THUDM writes it: `_name_or_path` (THUDM's repo), the network's fields,
+    `model_type`, `architectures`, `auto_map`, `torch_dtype` (fp32 here), plus our version marker."""
     fields = _GLM_FIELDS if mode == "glm" else _GLM2_FIELDS + (("rope_ratio",) if mode == "glm4" else ())
-    values = {"architectures": ["ChatGLMModel"], "auto_map": _AUTO_MAP[mode], "model_type": "chatglm"}
+    values = {"_name_or_path": OFFICIAL_NAMES[mode], "architectures": ["ChatGLMModel"], "auto_map": _AUTO_MAP[mode],
+              "model_type": "chatglm"}
     values.update({name: getattr(config, name) for name in fields})
     values.update({"torch_dtype": "float32", VERSION_KEY: mode})
     return dict(sorted(values.items()))
@@ -128,10 +183,13 @@ def write_tiny_checkpoint(mode: str, output_dir: str, seed: int = 0) -> str:
         torch.manual_seed(seed)
         model = spec.model(tiny_config(mode, tokenizer))
         draw_strong_weights(model, seed)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+        # Every key of the state dict, each its own copy: a tied ChatGLM-6B stores lm_head.weight and
+        # transformer.word_embeddings.weight, equal, as the official checkpoint does.
+        save_file({k: v.detach().clone() for k, v in model.state_dict().items()},
                   os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        tokenizer_config = glm4_tokenizer_config(tokenizer) if mode == "glm4" else OFFICIAL_TOKENIZER_CONFIGS[mode]
         for name, content in (("config.json", official_config_dict(mode, model.config)),
-                              ("tokenizer_config.json", OFFICIAL_TOKENIZER_CONFIGS[mode])):
+                              ("tokenizer_config.json", tokenizer_config)):
             with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
                 f.write(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
     return output_dir

@@ -30,8 +30,9 @@ the text "<n>" or "<|blank_4|>" encodes to the same piece as a newline or four s
 Decoding follows the official tokenizers (see `_decode`): every id becomes its piece (ChatGLM2: '' for the appended
 tokens and for bos/eos/pad; ChatGLM3: the appended tokens by name, '' for bos/eos/pad) and the whole list goes through
 one sentencepiece `decode_pieces` call, so a token after a special one keeps its leading space ("[gMASK]sop 你好");
-ChatGLM-6B and ChatGLM2-6B then apply transformers 4.x's default `clean_up_tokenization_spaces` (" ." -> "." ...),
-which THUDM's configs leave on; ChatGLM3's turns it off.
+ChatGLM-6B then applies transformers 4.x's default `clean_up_tokenization_spaces` (" ." -> "." ...), which THUDM's
+ChatGLM-6B tokenizer leaves on; the current ChatGLM2-6B and ChatGLM3-6B tokenizers turn it off (their `__init__`
+default, since chatglm2-6b's revision "Fix clean_up_tokenization_spaces", July 2023), so " !" stays " !".
 """
 from __future__ import annotations
 
@@ -96,9 +97,9 @@ def glm_postprocess(text: str, max_blank_length: int = GLM_MAX_BLANK_LENGTH) -> 
 
 
 def clean_up_spaces(text: str) -> str:
-    """transformers 4.x's `clean_up_tokenization`, which THUDM's ChatGLM-6B and ChatGLM2-6B tokenizers apply when
-    decoding (their configs leave `clean_up_tokenization_spaces` at its 4.x default, True): the space before
-    . ? ! , and before the English contractions goes. Written out here so that it cannot change under us."""
+    """transformers 4.x's `clean_up_tokenization`, which THUDM's ChatGLM-6B tokenizer applies when decoding (its
+    config leaves `clean_up_tokenization_spaces` at its 4.x default, True; ChatGLM2/3 and GLM-4 turn it off): the
+    space before . ? ! , and before the English contractions goes. Written out here so that it cannot change under us."""
     for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(before, after)
@@ -436,7 +437,9 @@ class ChatGLM2Tokenizer(AppendedSpecialTokensMixin, _SentencePieceTokenizer):
     # ChatGLM2's decoder renders the appended tokens as '', ChatGLM3's as their names.
     render_appended_tokens = False
 
-    def __init__(self, vocab_file=None, padding_side="left", clean_up_tokenization_spaces=True, **kwargs):
+    def __init__(self, vocab_file=None, padding_side="left", clean_up_tokenization_spaces=False, **kwargs):
+        # False as in THUDM's current chatglm2-6b tokenizer (revision "Fix clean_up_tokenization_spaces", July 2023):
+        # decoding keeps the space before . ? ! , (a tokenizer_config.json that says true turns the clean-up on).
         self._load_vocab_file(vocab_file, kwargs)
         sp = self.sp_model
         self.n_words = sp.get_piece_size()

@@ -58,8 +58,9 @@ RULES = {
                  {**CLEANED, "<n>": "\n", "<|blank_4|>": "    ",
                   " ".join(SPECIAL_SPELLINGS): " ".join(SPECIAL_SPELLINGS).replace("<n>", "\n").replace(
                       "<|blank_4|>", "    ")}),
-    "glm2": Rules(lambda text: text, True, dict.fromkeys(("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"), ""),
-                  lambda tok: (None, None), "", dict(CLEANED)),
+    # THUDM/chatglm2-6b's current tokenizer (4e38bef4 "Fix clean_up_tokenization_spaces", July 2023) keeps the spaces
+    "glm2": Rules(lambda text: text, False, dict.fromkeys(("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"), ""),
+                  lambda tok: (None, None), ""),
     "glm3": Rules(lambda text: text, False,
                   {name: name for name in ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>",
                                            "<|assistant|>", "<|observation|>")},

@@ -153,9 +153,10 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "查询城市天气",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市名"}},
                    "required": ["city"]}}}]
-# The official tool system prompt of GLM-4 (glm-4-9b-chat's chat template), written out here as the rule.
+# The official tool system prompt of GLM-4 (glm-4-9b-chat's chat template as transformers renders it, trim_blocks=True:
+# one newline before "## name"; tests/test_official_semantics.py has the rendered strings), written out as the rule.
 TOOL_TEXT = ("\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求"
-             "提供适当的答复和支持。\n\n# 可用工具\n\n## get_weather\n\n{\n    \"name\": \"get_weather\",\n"
+             "提供适当的答复和支持。\n\n# 可用工具\n## get_weather\n\n{\n    \"name\": \"get_weather\",\n"
              "    \"description\": \"查询城市天气\",\n    \"parameters\": {\n        \"type\": \"object\",\n"
              "        \"properties\": {\n            \"city\": {\n                \"type\": \"string\",\n"
              "                \"description\": \"城市名\"\n            }\n        },\n        \"required\": [\n"
