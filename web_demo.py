@@ -208,8 +208,9 @@ def build_page(chat: Chat, args, title: str):
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="conversation", elem_id="chatbot", height=460, render_markdown=False,
-                                     feedback_options=None)
-                query = gr.Textbox(label="your message", placeholder="Enter to send", elem_id="query", lines=2)
+                                     feedback_options=None, buttons=["copy", "copy_all"])
+                query = gr.Textbox(label="your message", placeholder="Enter sends · Shift+Enter starts a new line",
+                                   elem_id="query", lines=1, max_lines=8)
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     stop = gr.Button("Stop", elem_id="stop")
@@ -276,6 +277,7 @@ def build_page(chat: Chat, args, title: str):
         regenerate.click(again, [conversation, *settings], outputs + [query])
         stop.click(halt, None, None, queue=False)
         clear.click(lambda: ([], [], ""), None, outputs, queue=False)
+        chatbot.clear(lambda: ([], ""), None, [conversation, status], queue=False)  # the chat's own trash button
     return page
 
 

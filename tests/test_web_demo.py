@@ -70,6 +70,11 @@ def greedy(model, tokenizer, query, history=(), role="user"):
                       max_new_tokens=MAX_NEW_TOKENS)
 
 
+def as_shown(response) -> str:
+    """chat()'s response as the page shows it: a tool call ({"name", "content"}) as its JSON after a mark."""
+    return response if isinstance(response, str) else web_demo.CALL_MARK + json.dumps(response, ensure_ascii=False)
+
+
 @pytest.fixture(scope="module")
 def server(tool_adapter):
     """`python web_demo.py` on the adapter, as a user starts it; yields the URL it prints."""
@@ -159,9 +164,14 @@ class Page:
         return element.text if element else ""
 
     def answer(self, count_before, expected, send="send"):
-        """Click `send`, then wait until the chat holds exactly one more answer equal to `expected` and nothing is
+        """Click `send` (or press Enter in the message box), then wait until the chat holds exactly one more answer equal to `expected` and nothing is
         being generated; returns the distinct texts the answer showed on the way (the stream)."""
-        self.click(send)
+        if send == "Enter":
+            from selenium.webdriver.common.keys import Keys
+
+            self.find("#query textarea").send_keys(Keys.ENTER)
+        else:
+            self.click(send)
         stream = []
 
         def done():
@@ -189,6 +199,7 @@ def test_page_streams_chat_answers_with_history_equal_to_chat_and_predict(server
     first, second = "发动机水温高怎么办？", "那风扇呢？"
     answer1, history = greedy(model, tokenizer, first)
     answer2, _ = greedy(model, tokenizer, second, history)
+    answer1, answer2 = as_shown(answer1), as_shown(answer2)
     assert answer1 != answer2  # so that the second comparison shows the history was used
 
     page.type_into("#query textarea", first)
@@ -196,11 +207,12 @@ def test_page_streams_chat_answers_with_history_equal_to_chat_and_predict(server
     assert all(answer1.startswith(part.rstrip("\ufffd")) or part == answer1 for part in stream), stream
     assert predict.main(["--mode", "glm3", "--model_path", tool_adapter, "--query", first,
                          "--max_new_tokens", str(MAX_NEW_TOKENS)]) == 0
-    assert capsys.readouterr().out.rstrip("\n") == answer1 == page.messages()[1][1]
+    printed = capsys.readouterr().out.rstrip("\n")  # a tool call prints as its JSON
+    assert as_shown(json.loads(printed) if printed.startswith("{") else printed) == answer1 == page.messages()[1][1]
     assert page.find("#query textarea").get_attribute("value") == ""  # the box empties for the next question
 
     page.type_into("#query textarea", second)
-    page.answer(2, answer2)
+    page.answer(2, answer2, send="Enter")
     assert page.messages() == [["user", first], ["bot", answer1], ["user", second], ["bot", answer2]]
 
     page.click("regenerate")
@@ -209,7 +221,7 @@ def test_page_streams_chat_answers_with_history_equal_to_chat_and_predict(server
     page.click("clear")
     page.wait_for(lambda: page.messages() == [], "an empty chat")
     page.type_into("#query textarea", second)
-    page.answer(0, greedy(model, tokenizer, second)[0])  # no history left
+    page.answer(0, as_shown(greedy(model, tokenizer, second)[0]))  # no history left
 
 
 def test_page_tool_call_then_observation(server, browser, reference, tmp_path):
@@ -231,13 +243,12 @@ def test_page_tool_call_then_observation(server, browser, reference, tmp_path):
     page.type_into("#system textarea", system["content"])
     expected_call, history = greedy(model, tokenizer, user["content"], [system])
     assert expected_call == {"name": call["metadata"], "content": expected_call["content"]}  # a call, to show
-    shown_call = web_demo.CALL_MARK + json.dumps(expected_call, ensure_ascii=False)
-    page.answer(0, shown_call)
+    page.answer(0, as_shown(expected_call))
     assert page.status() == ""
 
     expected_answer, _ = greedy(model, tokenizer, observation["content"], history, role="observation")
     page.type_into("#observation textarea", observation["content"])
-    page.answer(2, expected_answer, send="send_observation")
+    page.answer(2, as_shown(expected_answer), send="send_observation")
     assert page.messages()[2] == ["user", web_demo.OBSERVATION_MARK + observation["content"]]
 
     # text that is not UTF-8 (a lone surrogate, which the browser lets through): named, the conversation stays
