@@ -238,6 +238,9 @@ def build_page(chat: Chat, args, title: str):
             stop_event = chat.stop_event(request.session_hash)
             stop_event.clear()
             try:
+                for box, typed in (("system prompt", system_text), ("tools box", tools_text)):
+                    if not is_utf8(typed):
+                        raise InputError(f"the {box} is not UTF-8 text (it holds characters that cannot be encoded)")
                 system = system_messages(args.mode, system_text, parse_tools(tools_text) if tools_mode else None)
                 gen_kwargs = chat.settings(max_new, temp, p, is_greedy)
                 if not text.strip():
