@@ -189,7 +189,7 @@ class Page:
             "return document.querySelector('#chatbot .generating, #chatbot [data-testid=status-tracker]:not(.hide)')"))
 
 
-def test_page_streams_chat_answers_with_history_equal_to_chat_and_predict(server, browser, reference, tool_adapter,
+def test_page_streams_chat_answers_with_history_equal_to_chat_and_predict(browser, server, reference, tool_adapter,
                                                                              capsys):
     """Two turns typed into the page: each streamed answer is chat()'s greedy answer for the same history (the second
     turn sees the first), the first is also predict.py --query's; Regenerate gives the last answer again in its
@@ -224,7 +224,7 @@ def test_page_streams_chat_answers_with_history_equal_to_chat_and_predict(server
     page.answer(0, as_shown(greedy(model, tokenizer, second)[0]))  # no history left
 
 
-def test_page_tool_call_then_observation(server, browser, reference, tmp_path):
+def test_page_tool_call_then_observation(browser, server, reference):
     """With the tools of data/tools.jsonl in the tools box, the user's question gets the tool call chat() makes,
     shown as its {"name", "content"}; the tool's result sent as an observation gets chat()'s answer. A tools box that
     is not JSON and text that is not UTF-8 are named in the page, and the conversation goes on."""
