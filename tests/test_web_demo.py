@@ -7,7 +7,6 @@ and selenium; .ci/run installs them, elsewhere these tests skip and say why."""
 import json
 import os
 import queue
-import shutil
 import socket
 import subprocess
 import sys
@@ -164,8 +163,9 @@ class Page:
         return element.text if element else ""
 
     def answer(self, count_before, expected, send="send"):
-        """Click `send` (or press Enter in the message box), then wait until the chat holds exactly one more answer equal to `expected` and nothing is
-        being generated; returns the distinct texts the answer showed on the way (the stream)."""
+        """Click `send` (or press Enter in the message box), then wait until the chat holds one more message and one
+        more answer, equal to `expected`, and nothing is being generated; returns the distinct texts the answer showed
+        on the way (the stream)."""
         if send == "Enter":
             from selenium.webdriver.common.keys import Keys
 
