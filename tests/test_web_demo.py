@@ -262,6 +262,31 @@ def test_page_tool_call_then_observation(browser, server, reference):
         browser.save_screenshot(os.environ["WEB_DEMO_SCREENSHOT"])
 
 
+def test_page_stop_keeps_the_answer_so_far(browser, server, reference):
+    """With room for 2000 new tokens, a question this model answers at length: the answer shows while it is being
+    generated (streaming), Stop ends it within seconds, what was written stays, and the conversation goes on."""
+    from selenium.webdriver.common.keys import Keys
+
+    page = Page(browser, server)
+    tokens = page.find("#max_new_tokens input[type=number]")
+    tokens.clear()
+    tokens.send_keys("2000", Keys.TAB)
+    page.type_into("#query textarea", "请写一篇很长的文章。")
+    page.click("send")
+    partial = page.wait_for(lambda: page.busy() and len(page.messages()) == 2 and page.messages()[1][1],
+                            "part of the answer while it is generated")
+    page.click("stop")
+    page.wait_for(lambda: not page.busy() and "stopped" in page.status(), "the answer to stop", timeout=30)
+    kept = page.messages()[1][1]
+    model, tokenizer = reference
+    whole = as_shown(model.chat(tokenizer, "请写一篇很长的文章。", do_sample=False, max_new_tokens=2000)[0])
+    assert partial and kept and len(kept) < len(whole) and len(page.messages()) == 2  # cut short, kept
+    page.type_into("#query textarea", "谢谢")
+    page.find("#query textarea").send_keys(Keys.ENTER)
+    page.wait_for(lambda: len(page.messages()) == 4 and not page.busy(), "the next answer")
+    assert page.messages()[1][1] == kept
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # without a browser
 # ------------------------------------------------------------------------------------------------------------------
