@@ -52,3 +52,4 @@ python predict.py --mode "$MODE" --model_path "$CHECKPOINT" --test_path "$TEST" 
   --output_path "$WORK/predictions.jsonl" --max_new_tokens 48 --batch_size 6
 echo "checkpoint:  $CHECKPOINT"
 echo "predictions: $WORK/predictions.jsonl"
+echo "chat page:   python web_demo.py --mode $MODE --model_path $CHECKPOINT   (then open the address it prints)"

@@ -1,0 +1,340 @@
+"""web_demo.py, the browser chat: the page in a real headless Chromium, served by `python web_demo.py` on a tiny
+ChatGLM3 checkpoint (a LoRA adapter fine-tuned by train.py on data/tools.jsonl, so that greedy decoding makes the
+tool call the data teaches), compared with the model's own chat() and with predict.py --query.
+
+The browser tests need Debian's `chromium` and `chromium-driver` packages (/usr/bin/chromium, /usr/bin/chromedriver)
+and selenium; .ci/run installs them, elsewhere these tests skip and say why."""
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+
+pytest.importorskip("gradio", reason="gradio is not installed (requirements.txt)")
+
+import predict  # noqa: E402
+import web_demo  # noqa: E402
+from inference import load_for_inference  # noqa: E402
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,1000")
+MAX_NEW_TOKENS = 64  # the page's setting (--max_new_tokens) and the reference answers'
+TOOL_SAMPLES = [json.loads(line)["conversations"]
+                for line in (ROOT / "data/tools.jsonl").read_text(encoding="utf-8").splitlines()]
+LORA_MODULES = "query_key_value,dense_h_to_4h,dense_4h_to_h,dense"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tool_adapter(tiny_dirs, tmp_path_factory):
+    """A LoRA adapter trained by train.py (one rank, gloo) on data/tools.jsonl until greedy decoding makes each
+    sample's tool call, then gives its answer to the observation (the simplest honest way to get a call out of a
+    tiny random model)."""
+    out = tmp_path_factory.mktemp("tool-lora")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    command = [sys.executable, str(ROOT / "train.py"), "--mode", "glm3", "--model_name_or_path", tiny_dirs["glm3"],
+               "--output_dir", str(out), "--train_type", "lora", "--lora_dim", "8", "--lora_alpha", "32",
+               "--lora_module_name", LORA_MODULES, "--train_path", str(ROOT / "data/tools.jsonl"),
+               "--max_len", "512", "--max_src_len", "480", "--per_device_train_batch_size", "2",
+               "--learning_rate", "1e-2", "--num_train_epochs", "40", "--warmup_ratio", "0", "--weight_decay", "0",
+               "--show_loss_step", "10", "--save_model_step", "1000", "--save_total_limit", "1"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return str(out / "epoch-40-step-40")
+
+
+@pytest.fixture(scope="module")
+def reference(tool_adapter):
+    """(model, tokenizer) loaded as predict.py loads them: the answers the page must give."""
+    return load_for_inference("glm3", tool_adapter)
+
+
+def greedy(model, tokenizer, query, history=(), role="user"):
+    return model.chat(tokenizer, query, history=list(history), role=role, do_sample=False,
+                      max_new_tokens=MAX_NEW_TOKENS)
+
+
+def as_shown(response) -> str:
+    """chat()'s response as the page shows it: a tool call ({"name", "content"}) as its JSON after a mark."""
+    return response if isinstance(response, str) else web_demo.CALL_MARK + json.dumps(response, ensure_ascii=False)
+
+
+@pytest.fixture(scope="module")
+def server(tool_adapter):
+    """`python web_demo.py` on the adapter, as a user starts it; yields the URL it prints."""
+    command = [sys.executable, str(ROOT / "web_demo.py"), "--mode", "glm3", "--model_path", tool_adapter,
+               "--port", str(free_port()), "--max_new_tokens", str(MAX_NEW_TOKENS)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    seen, deadline = [], time.monotonic() + 300
+    url = None
+    while url is None and time.monotonic() < deadline and process.poll() is None:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        if line.startswith("web_demo.py: chat with") and " at http://127.0.0.1:" in line:
+            url = line.rsplit(" at ", 1)[1].strip()
+    if url is None:
+        process.kill()
+        pytest.fail("web_demo.py printed no URL:\n" + "".join(seen[-30:]))
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium driven by selenium through Debian's chromedriver, with a fresh profile."""
+    if not (os.path.isfile(CHROMIUM) and os.path.isfile(CHROMEDRIVER)):
+        pytest.skip(f"no Chromium at {CHROMIUM} / {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver; "
+                    f".ci/run installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements.txt)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+class Page:
+    """The chat page as a user sees it: typing, clicking, reading the messages."""
+
+    def __init__(self, driver, url):
+        from selenium.webdriver.common.by import By
+
+        self.driver, self.by = driver, By
+        driver.get(url)
+        self.wait_for(lambda: self.find("#query textarea"), "the message box")
+
+    def find(self, css):
+        found = self.driver.find_elements(self.by.CSS_SELECTOR, css)
+        return found[0] if found else None
+
+    def wait_for(self, condition, what, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; the page shows {self.messages()}, "
+                             f"status {self.status()!r}")
+
+    def type_into(self, css, text):
+        box = self.find(css)
+        box.clear()
+        box.send_keys(text)
+
+    def click(self, element_id):
+        self.find(f"#{element_id}").click()
+
+    def messages(self) -> list[tuple[str, str]]:
+        """(user|bot, text) of every message in the chat, the text exactly as the page holds it."""
+        return self.driver.execute_script(
+            "return Array.from(document.querySelectorAll('#chatbot [data-testid=user], #chatbot [data-testid=bot]'))"
+            ".map(e => [e.dataset.testid, e.querySelector('.message-content').textContent]);")
+
+    def status(self) -> str:
+        element = self.find("#status")
+        return element.text if element else ""
+
+    def answer(self, count_before, expected, send="send"):
+        """Click `send` (or press Enter in the message box), then wait until the chat holds one more message and one
+        more answer, equal to `expected`, and nothing is being generated; returns the distinct texts the answer showed
+        on the way (the stream)."""
+        if send == "Enter":
+            from selenium.webdriver.common.keys import Keys
+
+            self.find("#query textarea").send_keys(Keys.ENTER)
+        else:
+            self.click(send)
+        stream = []
+
+        def done():
+            messages = self.messages()
+            if len(messages) > count_before and messages[-1][0] == "bot":
+                if not stream or stream[-1] != messages[-1][1]:
+                    stream.append(messages[-1][1])
+            return len(messages) == count_before + 2 and messages[-1] == ["bot", expected] and not self.busy()
+
+        self.wait_for(done, f"the answer {expected!r}")
+        return stream
+
+    def busy(self) -> bool:
+        return bool(self.driver.execute_script(
+            "return document.querySelector('#chatbot .generating, #chatbot [data-testid=status-tracker]:not(.hide)')"))
+
+
+def test_page_streams_chat_answers_with_history_equal_to_chat_and_predict(browser, server, reference, tool_adapter,
+                                                                             capsys):
+    """Two turns typed into the page: each streamed answer is chat()'s greedy answer for the same history (the second
+    turn sees the first), the first is also predict.py --query's; Regenerate gives the last answer again in its
+    place, Clear empties the chat and the next question starts a new conversation."""
+    model, tokenizer = reference
+    page = Page(browser, server)
+    first, second = "发动机水温高怎么办？", "那风扇呢？"
+    answer1, history = greedy(model, tokenizer, first)
+    answer2, _ = greedy(model, tokenizer, second, history)
+    answer1, answer2 = as_shown(answer1), as_shown(answer2)
+    assert answer1 != answer2  # so that the second comparison shows the history was used
+
+    page.type_into("#query textarea", first)
+    stream = page.answer(0, answer1)
+    assert all(answer1.startswith(part.rstrip("\ufffd")) or part == answer1 for part in stream), stream
+    assert predict.main(["--mode", "glm3", "--model_path", tool_adapter, "--query", first,
+                         "--max_new_tokens", str(MAX_NEW_TOKENS)]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")  # a tool call prints as its JSON
+    assert as_shown(json.loads(printed) if printed.startswith("{") else printed) == answer1 == page.messages()[1][1]
+    assert page.find("#query textarea").get_attribute("value") == ""  # the box empties for the next question
+
+    page.type_into("#query textarea", second)
+    page.answer(2, answer2, send="Enter")
+    assert page.messages() == [["user", first], ["bot", answer1], ["user", second], ["bot", answer2]]
+
+    page.click("regenerate")
+    page.wait_for(lambda: page.messages() == [["user", first], ["bot", answer1], ["user", second],
+                                              ["bot", answer2]] and not page.busy(), "the regenerated answer")
+    page.click("clear")
+    page.wait_for(lambda: page.messages() == [], "an empty chat")
+    page.type_into("#query textarea", second)
+    page.answer(0, as_shown(greedy(model, tokenizer, second)[0]))  # no history left
+
+
+def test_page_tool_call_then_observation(browser, server, reference):
+    """With the tools of data/tools.jsonl in the tools box, the user's question gets the tool call chat() makes,
+    shown as its {"name", "content"}; the tool's result sent as an observation gets chat()'s answer. A tools box that
+    is not JSON and text that is not UTF-8 are named in the page, and the conversation goes on."""
+    model, tokenizer = reference
+    system, user, call, observation, _ = TOOL_SAMPLES[0]
+    page = Page(browser, server)
+
+    page.type_into("#tools textarea", '[{"type": "function", ')  # not JSON
+    page.type_into("#query textarea", user["content"])
+    page.click("send")
+    page.wait_for(lambda: "not valid JSON" in page.status(), "the message about the tools box")
+    assert page.messages() == []
+    assert page.find("#query textarea").get_attribute("value") == user["content"]  # nothing typed is lost
+
+    page.type_into("#tools textarea", json.dumps(system["tools"], ensure_ascii=False))
+    page.type_into("#system textarea", system["content"])
+    expected_call, history = greedy(model, tokenizer, user["content"], [system])
+    assert expected_call == {"name": call["metadata"], "content": expected_call["content"]}  # a call, to show
+    page.answer(0, as_shown(expected_call))
+    assert page.status() == ""
+
+    expected_answer, _ = greedy(model, tokenizer, observation["content"], history, role="observation")
+    page.type_into("#observation textarea", observation["content"])
+    page.answer(2, as_shown(expected_answer), send="send_observation")
+    assert page.messages()[2] == ["user", web_demo.OBSERVATION_MARK + observation["content"]]
+
+    # text that is not UTF-8 (a lone surrogate, which the browser lets through): named, the conversation stays
+    browser.execute_script(
+        "const box = document.querySelector('#query textarea');"
+        "box.value = 'bad \\ud800 text'; box.dispatchEvent(new Event('input', {bubbles: true}));")
+    page.click("send")
+    page.wait_for(lambda: "not UTF-8" in page.status(), "the message about the text")
+    assert len(page.messages()) == 4
+    if os.environ.get("WEB_DEMO_SCREENSHOT"):  # refresh docs/web_demo.png
+        browser.save_screenshot(os.environ["WEB_DEMO_SCREENSHOT"])
+
+
+def test_page_stop_keeps_the_answer_so_far(browser, server, reference):
+    """With room for 2000 new tokens, a question this model answers at length: the answer shows while it is being
+    generated (streaming), Stop ends it within seconds, what was written stays, and the conversation goes on."""
+    from selenium.webdriver.common.keys import Keys
+
+    page = Page(browser, server)
+    tokens = page.find("#max_new_tokens input[type=number]")
+    tokens.clear()
+    tokens.send_keys("2000", Keys.TAB)
+    page.type_into("#query textarea", "请写一篇很长的文章。")
+    page.click("send")
+    partial = page.wait_for(lambda: page.busy() and len(page.messages()) == 2 and page.messages()[1][1],
+                            "part of the answer while it is generated")
+    page.click("stop")
+    page.wait_for(lambda: not page.busy() and "stopped" in page.status(), "the answer to stop", timeout=30)
+    kept = page.messages()[1][1]
+    model, tokenizer = reference
+    whole = as_shown(model.chat(tokenizer, "请写一篇很长的文章。", do_sample=False, max_new_tokens=2000)[0])
+    assert partial and kept and len(kept) < len(whole) and len(page.messages()) == 2  # cut short, kept
+    page.type_into("#query textarea", "谢谢")
+    page.find("#query textarea").send_keys(Keys.ENTER)
+    page.wait_for(lambda: len(page.messages()) == 4 and not page.busy(), "the next answer")
+    assert page.messages()[1][1] == kept
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# without a browser
+# ------------------------------------------------------------------------------------------------------------------
+def test_missing_checkpoint_is_one_line_at_start(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "web_demo.py"), "--mode", "glm3", "--model_path",
+                             str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"web_demo.py: error: {tmp_path / 'nowhere'}: no such checkpoint "
+                                                  f"directory"]
+
+
+@pytest.mark.parametrize("mode", ["glm", "glm2", "glm4"])
+def test_stream_ends_with_chat_answer_and_stop_keeps_a_prefix(mode, tiny_dirs, one_thread):
+    """What the page runs (web_demo.Chat.stream) for the other versions: the streamed conversation grows and ends
+    with chat()'s greedy answer; a second turn sees the first; Stop during an answer ends it early, keeping what was
+    written."""
+    model, tokenizer = load_for_inference(mode, tiny_dirs[mode])
+    chat = web_demo.Chat(model, tokenizer, mode)
+    settings = chat.settings(max_new_tokens=40, temperature=0.8, top_p=0.8, greedy=True)
+    never = threading.Event()
+    *steps, first = list(chat.stream([], "你好", "user", [], settings, never))
+    assert steps and first[-1]["content"] == model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=40)[0]
+    *_, second = list(chat.stream(first, "再说一遍", "user", [], settings, never))
+    chat_history = first if mode == "glm4" else [(first[0]["content"], first[1]["content"])]  # chat()'s format
+    assert second[-1]["content"] == model.chat(tokenizer, "再说一遍", history=chat_history, do_sample=False,
+                                               max_new_tokens=40)[0]
+
+    stop = threading.Event()
+    stopped = None
+    for stopped in chat.stream([], "你好", "user", [], chat.settings(400, 0.8, 0.8, True), stop):
+        stop.set()  # the Stop button, clicked while the first tokens show
+    full, full_history = model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=400)
+    written, whole = raw_text(stopped[-1]), raw_text(full_history[-1]) if mode == "glm4" else full
+    assert len(written) < len(whole) and whole.startswith(written.rstrip("\ufffd"))
+
+
+def raw_text(message: dict) -> str:
+    """An answer as generated: a glm4 tool call's name line, then its content."""
+    return f"{message['metadata']}\n{message['content']}" if message.get("metadata") else message["content"]
+
+
+def test_bad_page_input_is_named():
+    with pytest.raises(web_demo.InputError, match="not valid JSON"):
+        web_demo.parse_tools("[{")
+    with pytest.raises(web_demo.InputError, match="JSON list"):
+        web_demo.parse_tools('{"type": "function"}')
+    with pytest.raises(web_demo.InputError, match="tool 2 .* is not"):
+        web_demo.parse_tools('[{"type": "function", "function": {"name": "a"}}, {"name": "b"}]')
+    assert web_demo.parse_tools("  ") is None
+    assert web_demo.system_messages("glm3", "", None) == []
+    assert web_demo.system_messages("glm2", "be brief", None) == []  # glm/glm2 have no system prompt
