@@ -50,6 +50,10 @@ QUIET_WARNINGS = {
     # peft reads the model's old `is_gradient_checkpointing` property; transformers deprecates it. Nothing of ours
     # to change (tests/conftest.py lists it among the library-internal deprecations too).
     "`is_gradient_checkpointing` is deprecated": FutureWarning,
+    # DeepSpeed's ZeRO-3 gathers parameters and reduces gradients with the torch.distributed names torch now
+    # deprecates, once per rank and run.
+    "`torch.distributed.all_gather_into_tensor` is deprecated": FutureWarning,
+    "`torch.distributed.reduce_scatter_tensor` is deprecated": FutureWarning,
 }
 
 
