@@ -251,7 +251,7 @@ def read_sample_prompts(path: str, mode: str) -> list[dict]:
         if not messages or messages[-1]["role"] == "assistant" or (
                 mode not in template.MESSAGE_MODES and messages[-1]["role"] != "user"):
             raise DataError(f"{where}: a sample prompt must end with a user turn")
-        prompts.append({"messages": messages, "prompt": messages[-1]["content"], "where": where})
+        prompts.append({"messages": messages, "prompt": messages[-1]["content"], "line": number})
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
@@ -274,8 +274,7 @@ def answer_flags(new_ids: list[int], stops: set, max_new_tokens: int) -> list[st
     flags = []
     if not any(token in stops for token in new_ids) and len(new_ids) >= max_new_tokens:
         flags.append("no_stop")
-    answer = [token for token in new_ids if token not in stops]
-    if loop_length(answer):
+    if loop_length([token for token in new_ids if token not in stops]):
         flags.append("repeats")
     return flags
 
@@ -357,7 +356,7 @@ def plot_loss(output_dir: str) -> str | None:
     lr_axis.set_ylabel("learning rate")
     lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     loss_axis.legend(lines, [line.get_label() for line in lines], loc="upper right")
-    loss_axis.set_title(os.path.basename(os.path.abspath(output_dir)))
+    loss_axis.set_title(output_dir)
     points = {line.get_label(): len(line.get_xdata()) for line in lines}
     path = os.path.join(output_dir, "loss.png")
     partial = path + ".partial"
@@ -425,6 +424,7 @@ class Monitor:
 
         stops = set(template.stop_token_ids(tokenizer, mode))
         path = os.path.join(self.args.output_dir, "samples.jsonl")
+        flagged = {"repeats": [], "no_stop": []}
         with open(path, "a", encoding="utf-8") as f:
             for index, (prompt, new_ids) in enumerate(zip(self.prompts, answers)):
                 text = decode_answer(tokenizer, mode, new_ids, prompt["messages"][:-1])
@@ -434,10 +434,12 @@ class Monitor:
                 if writer:
                     writer.add_text(f"samples/{index + 1}", f"**prompt:** {prompt['prompt']}\n\n**answer:** {text}"
                                     + (f"\n\n*{', '.join(flags)}*" if flags else ""), step)
-                if "repeats" in flags:
-                    logger.warning("step %d | %s: the answer repeats itself (a %d-token loop): %.60r", step,
-                                   prompt["where"], loop_length([t for t in new_ids if t not in stops]), text)
-                if "no_stop" in flags:
-                    logger.warning("step %d | %s: the answer did not reach the stop token within --max_new_tokens "
-                                   "%d", step, prompt["where"], limit)
+                for flag in flags:
+                    loop = loop_length([token for token in new_ids if token not in stops])
+                    flagged[flag].append(f"{prompt['line']}" + (f" ({loop}-token loop)" if flag == "repeats" else ""))
         logger.info("step %d | %d sample answers in %s", step, len(answers), path)
+        for flag, what in (("repeats", "repeat themselves (an n-gram loop)"),
+                           ("no_stop", f"did not reach the stop token within --max_new_tokens {limit}")):
+            if flagged[flag]:  # one line per kind and evaluation, naming the prompts by their line
+                logger.warning("step %d | %d of %d sample answers %s: %s line %s", step, len(flagged[flag]),
+                               len(answers), what, self.args.sample_prompts, ", ".join(flagged[flag]))
