@@ -441,5 +441,6 @@ class Monitor:
         for flag, what in (("repeats", "repeat themselves (an n-gram loop)"),
                            ("no_stop", f"did not reach the stop token within --max_new_tokens {limit}")):
             if flagged[flag]:  # one line per kind and evaluation, naming the prompts by their line
-                logger.warning("step %d | %d of %d sample answers %s: %s line %s", step, len(flagged[flag]),
-                               len(answers), what, self.args.sample_prompts, ", ".join(flagged[flag]))
+                logger.warning("step %d | %d of %d sample answers %s: %s line%s %s", step, len(flagged[flag]),
+                               len(answers), what, self.args.sample_prompts, "s" * (len(flagged[flag]) > 1),
+                               ", ".join(flagged[flag]))
