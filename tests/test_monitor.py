@@ -262,6 +262,22 @@ def test_loss_png_is_a_png_of_every_logged_point(watched_run):
     assert not (out / "loss.png.partial").exists()
 
 
+def test_without_a_dev_set_the_end_answers_and_plots(tiny_dirs, tmp_path, monkeypatch, one_thread):
+    """No evaluations: the answers and the plot come once, at the end."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"你好"\n', encoding="utf-8")
+    out = tmp_path / "out"
+    one_rank_env(monkeypatch, next(PORTS))
+    train.main(flags("glm2", tiny_dirs["glm2"], out, "--max_len", 256, "--max_src_len", 200, "--max_steps", 2,
+                     "--per_device_train_batch_size", 2, "--show_loss_step", 1, "--learning_rate", 1e-2,
+                     "--sample_prompts", prompts, "--max_new_tokens", 2))
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(line["step"], line["prompt"]) for line in lines] == [(2, "你好")]
+    from PIL import Image
+    points = json.loads(Image.open(out / "loss.png").text["points"])
+    assert points == {"training loss": 2, "smoothed (0.6)": 2, "eval loss": 0, "learning rate": 2}
+
+
 def test_plot_draws_the_log_it_reads(tmp_path):
     """The series drawn: a resumed run's repeated step counts once (the later record), evals on their own steps;
     the smoothing is TensorBoard's debiased moving average."""
