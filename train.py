@@ -789,6 +789,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import sys
+    from utils import keep_bitsandbytes_out
+    keep_bitsandbytes_out(sys.argv[1:])  # QLoRA or not is known here; peft would import it regardless
     try:
         main()
     finally:

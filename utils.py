@@ -57,6 +57,21 @@ QUIET_WARNINGS = {
 }
 
 
+def keep_bitsandbytes_out(argv) -> None:
+    """For the process of train.py, predict.py or merge_lora.py, called first thing with its command line: unless a
+    --quantization_bit flag (or an abbreviation argparse accepts) is there, make bitsandbytes unimportable for this
+    process (sys.modules[name] = None: `import` raises ImportError and importlib.util.find_spec answers None). peft
+    imports bitsandbytes whenever it is installed (peft/helpers.py) and takes it as absent then: the seconds of its
+    import and its notices are saved. Not for a host process (pytest, a notebook): it may quantize later, and peft
+    caches what it found."""
+    import sys
+
+    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    if any(len(name) > 2 and "--quantization_bit".startswith(name) for name in names):
+        return
+    sys.modules.setdefault("bitsandbytes", None)
+
+
 def quiet_libraries() -> None:
     """Keep the messages above out of the console: their loggers raised to ERROR, the warnings ignored by their exact
     message (so that every other warning, a deprecation in our own code included, still shows or fails a test)."""

@@ -345,14 +345,31 @@ def test_predict_prints_no_library_noise(tiny_dirs, tmp_path):
     """A LoRA checkpoint loads peft, which imports bitsandbytes (its CPU kernel notice) and reads a deprecated
     transformers property (a FutureWarning): neither reaches the user's console; our own log line does."""
     adapter = make_lora_adapter("glm3", tiny_dirs["glm3"], tmp_path / "adapter")
-    result = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--mode", "glm3", "--model_path", adapter,
-                             "--query", "你好", "--max_new_tokens", "3", "--device", "cpu"],
+    result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "predict.py"), "--mode", "glm3",
+                             "--model_path", adapter, "--query", "你好", "--max_new_tokens", "3", "--device", "cpu"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(lora, base" in result.stderr  # our line stays
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    # no QLoRA: bitsandbytes is not even imported (importtime lists the refused attempt, none of its modules)
+    assert "peft" in imported and not any(name.startswith("bitsandbytes.") for name in imported)
+    console = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
+    assert "(lora, base" in console  # our line stays
     for noise in ("gemm_4bit_forward", "kernels-community", "FutureWarning", "is_gradient_checkpointing"):
-        assert noise not in result.stderr, result.stderr
+        assert noise not in console, console
+
+
+@pytest.mark.parametrize("argv, imported", [([], False), (["--mode", "glm3"], False), (["--quantization_bit", "4"], True),
+                                            (["--quantization_bit=8"], True), (["--quant", "4"], True)])
+def test_bitsandbytes_is_imported_only_when_quantizing(argv, imported):
+    """What the scripts call first thing: peft imports bitsandbytes only where the command line quantizes (an
+    abbreviation argparse accepts counts)."""
+    code = ("import sys, utils; utils.keep_bitsandbytes_out(sys.argv[1:]); import peft; "
+            "print(sys.modules.get('bitsandbytes') is not None)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(imported)
 
 
 def test_zero3_on_two_ranks_answers_with_the_trained_weights(tiny_dirs, tmp_path):
