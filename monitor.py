@@ -6,6 +6,7 @@ train.py calls in at four places: `add_flags` / `check_flags` (its argparse), `p
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -16,7 +17,7 @@ import tempfile
 import torch
 
 import quantization
-from dataset import DataError, InstructionDataset, read_records, sample_to_messages
+from dataset import DataError, read_records, sample_to_messages
 from model import template
 from model.config import read_json
 from utils import add_bool_flag, auto_precision, setup_logging
@@ -86,15 +87,14 @@ def _quiet(level=logging.WARNING):
         logger.setLevel(previous)
 
 
-def _one_sample(record, args, tokenizer):
-    """What InstructionDataset makes of one record, with these flags: (example or None if skipped, truncated)."""
+def _one_sample(record, args, tokenizer, build_data):
+    """What train.py's build_data makes of one record with these flags: (example or None if skipped, truncated)."""
     with tempfile.TemporaryDirectory() as directory, _quiet():
         path = os.path.join(directory, "sample.jsonl")
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         try:
-            one = InstructionDataset(path, tokenizer, args.mode, args.max_len, args.max_src_len, args.is_skip,
-                                     learn_all_turns=not args.last_turn_only)
+            one, _ = build_data(argparse.Namespace(**{**vars(args), "train_path": path, "dev_path": None}), tokenizer)
         except DataError:  # skipped (--is_skip): no usable sample
             return None, True
     return one.examples[0], bool(one.stats.truncated)
@@ -134,7 +134,7 @@ def decode_visibly(tokenizer, tokens, stops):
         yield tokenizer.decode(pending)
 
 
-def preview_lines(args, tokenizer, colour: bool = False) -> list[str]:
+def preview_lines(args, tokenizer, build_data, colour: bool = False) -> list[str]:
     """The first --preview samples of --train_path as the model sees them."""
     stops = set(template.stop_token_ids(tokenizer, args.mode))
     lines = [f"preview of the first {args.preview} samples of {args.train_path}: learned tokens "
@@ -143,7 +143,7 @@ def preview_lines(args, tokenizer, colour: bool = False) -> list[str]:
         where = f"{args.train_path}:{line}"
         messages = sample_to_messages(args.mode, record, where)
         full_ids, _, _ = template.encode_messages(tokenizer, args.mode, messages, not args.last_turn_only)
-        example, truncated = _one_sample(record, args, tokenizer)
+        example, truncated = _one_sample(record, args, tokenizer, build_data)
         if example is None:
             lines.append(f"--- sample {number} ({where}): skipped (--is_skip): {len(full_ids)} tokens do not fit "
                          f"--max_len {args.max_len} / --max_src_len {args.max_src_len}")
@@ -161,10 +161,10 @@ def preview_lines(args, tokenizer, colour: bool = False) -> list[str]:
     return lines
 
 
-def show_preview(args, tokenizer, stream=None) -> None:
+def show_preview(args, tokenizer, build_data, stream=None) -> None:
     stream = stream or sys.stdout
     colour = stream.isatty() and "NO_COLOR" not in os.environ
-    stream.write("\n".join(preview_lines(args, tokenizer, colour)) + "\n")
+    stream.write("\n".join(preview_lines(args, tokenizer, build_data, colour)) + "\n")
     stream.flush()
 
 
@@ -376,15 +376,15 @@ def preview_only(args, build_data, checkpoint_errors) -> None:
     with checkpoint_errors():
         tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
     train_set, _ = build_data(args, tokenizer)
-    Monitor(args, tokenizer, train_set, rank=0, world_size=1)
+    Monitor(args, tokenizer, train_set, build_data, rank=0, world_size=1)
 
 
 class Monitor:
-    """Before training (on construction): the data set's shape, the warnings, the preview; the sample prompts are
-    read now so that a bad file stops the run before the model loads. Then answers and the plot at each
+    """Before training (on construction): the data set's shape, the warnings, the preview (each sample as train.py's
+    `build_data` makes it); the sample prompts are read now so that a bad file stops the run before the model loads. Then answers and the plot at each
     evaluation and at the end."""
 
-    def __init__(self, args, tokenizer, train_set, rank: int, world_size: int):
+    def __init__(self, args, tokenizer, train_set, build_data, rank: int, world_size: int):
         self.args, self.tokenizer, self.rank = args, tokenizer, rank
         self.prompts = read_sample_prompts(args.sample_prompts, args.mode) if args.sample_prompts else []
         # Under ZeRO-3 each forward gathers the weights from all ranks: every rank generates, in step.
@@ -395,7 +395,7 @@ class Monitor:
             for warning in run_warnings(args, train_set, tokenizer):
                 logger.warning(warning)
             if args.preview:
-                show_preview(args, tokenizer)
+                show_preview(args, tokenizer, build_data)
 
     def at_evaluation(self, engine, step: int, writer) -> None:
         """Answers to --sample_prompts and loss.png (rank 0 writes both)."""

@@ -688,7 +688,7 @@ def train(args):
     with checkpoint_errors():
         tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
     train_set, dev_set = build_data(args, tokenizer)
-    watch = monitor.Monitor(args, tokenizer, train_set, rank, world_size)  # data shape, warnings, --preview
+    watch = monitor.Monitor(args, tokenizer, train_set, build_data, rank, world_size)  # data shape, warnings, --preview
     train_loader = make_loader(train_set, args, rank, world_size, True, tokenizer.pad_token_id)
     dev_loader = make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id) if dev_set else None
     accumulation = args.gradient_accumulation_steps

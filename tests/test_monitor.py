@@ -262,15 +262,18 @@ def test_loss_png_is_a_png_of_every_logged_point(watched_run):
     assert not (out / "loss.png.partial").exists()
 
 
-def test_without_a_dev_set_the_end_answers_and_plots(tiny_dirs, tmp_path, monkeypatch, one_thread):
-    """No evaluations: the answers and the plot come once, at the end."""
+def test_without_a_dev_set_the_end_answers_and_plots(tiny_dirs, tmp_path, monkeypatch, one_thread, capsys):
+    """No evaluations: the answers and the plot come once, at the end. The --preview of a training run comes
+    before it."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"你好"\n', encoding="utf-8")
     out = tmp_path / "out"
     one_rank_env(monkeypatch, next(PORTS))
     train.main(flags("glm2", tiny_dirs["glm2"], out, "--max_len", 256, "--max_src_len", 200, "--max_steps", 2,
                      "--per_device_train_batch_size", 2, "--show_loss_step", 1, "--learning_rate", 1e-2,
-                     "--sample_prompts", prompts, "--max_new_tokens", 2))
+                     "--sample_prompts", prompts, "--max_new_tokens", 2, "--preview", 2))
+    printed = capsys.readouterr().out
+    assert f"--- sample 2 ({TRAIN}:2): " in printed and "--- sample 3" not in printed
     lines = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [(line["step"], line["prompt"]) for line in lines] == [(2, "你好")]
     from PIL import Image
@@ -313,7 +316,7 @@ def test_repeating_and_endless_answers_warn(tiny_dirs, tmp_path, caplog, monkeyp
         max_new_tokens=8, precision="fp32", train_type="lora", learning_rate=1e-4,
         model_name_or_path=tiny_dirs["glm3"], max_len=256, max_src_len=200, is_skip=False)
     data = InstructionDataset(str(TRAIN), tokenizer, "glm3", 256, 200)
-    watch = monitor.Monitor(args, tokenizer, data, rank=0, world_size=1)
+    watch = monitor.Monitor(args, tokenizer, data, train.build_data, rank=0, world_size=1)
     loop = tokenizer.encode("好的呀", add_special_tokens=False)
     answers = [loop * 6 + [tokenizer.eos_token_id], tokenizer.encode("发动机过热", add_special_tokens=False)[:8]]
     answers[1] += [answers[1][-1]] * (8 - len(answers[1]))
