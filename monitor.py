@@ -381,8 +381,8 @@ def preview_only(args, build_data, checkpoint_errors) -> None:
 
 class Monitor:
     """Before training (on construction): the data set's shape, the warnings, the preview (each sample as train.py's
-    `build_data` makes it); the sample prompts are read now so that a bad file stops the run before the model loads. Then answers and the plot at each
-    evaluation and at the end."""
+    `build_data` makes it); the sample prompts are read now so that a bad file stops the run before the model
+    loads. Then answers and the plot at each evaluation and at the end."""
 
     def __init__(self, args, tokenizer, train_set, build_data, rank: int, world_size: int):
         self.args, self.tokenizer, self.rank = args, tokenizer, rank

@@ -353,7 +353,8 @@ def test_predict_prints_no_library_noise(tiny_dirs, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
     # no QLoRA: bitsandbytes is not even imported (importtime lists the refused attempt, none of its modules)
     assert "peft" in imported and not any(name.startswith("bitsandbytes.") for name in imported)
     console = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
@@ -362,8 +363,9 @@ def test_predict_prints_no_library_noise(tiny_dirs, tmp_path):
         assert noise not in console, console
 
 
-@pytest.mark.parametrize("argv, imported", [([], False), (["--mode", "glm3"], False), (["--quantization_bit", "4"], True),
-                                            (["--quantization_bit=8"], True), (["--quant", "4"], True)])
+@pytest.mark.parametrize("argv, imported", [([], False), (["--mode", "glm3"], False),
+                                            (["--quantization_bit", "4"], True), (["--quantization_bit=8"], True),
+                                            (["--quant", "4"], True)])
 def test_bitsandbytes_is_imported_only_when_quantizing(argv, imported):
     """What the scripts call first thing: peft imports bitsandbytes only where the command line quantizes (an
     abbreviation argparse accepts counts)."""
