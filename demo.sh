@@ -45,7 +45,7 @@ deepspeed --num_gpus 1 train.py --mode "$MODE" --model_name_or_path "$WORK/base"
   --lora_dim 8 --lora_alpha 32 --lora_module_name "query_key_value,dense_h_to_4h,dense_4h_to_h,dense" \
   "${DATA[@]}" \
   --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --learning_rate 1e-2 --num_train_epochs 3 \
-  --show_loss_step 6 --output_dir "$WORK/output"
+  --show_loss_step 6 --sample_prompts "$TEST" --max_new_tokens 32 --output_dir "$WORK/output"
 # the newest checkpoint: the highest step (train.last_checkpoint, the one --resume picks)
 CHECKPOINT="$WORK/output/$(python -c 'import sys, train; print(train.last_checkpoint(sys.argv[1]))' "$WORK/output")"
 python predict.py --mode "$MODE" --model_path "$CHECKPOINT" --test_path "$TEST" \
@@ -53,3 +53,5 @@ python predict.py --mode "$MODE" --model_path "$CHECKPOINT" --test_path "$TEST" 
 echo "checkpoint:  $CHECKPOINT"
 echo "predictions: $WORK/predictions.jsonl"
 echo "chat page:   python web_demo.py --mode $MODE --model_path $CHECKPOINT   (then open the address it prints)"
+echo "loss plot:   $WORK/output/loss.png"
+echo "samples:     $WORK/output/samples.jsonl (answers to $TEST at each evaluation)"

@@ -380,4 +380,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from utils import keep_bitsandbytes_out
+    keep_bitsandbytes_out([])  # merging never quantizes; peft would import it regardless
     sys.exit(main())

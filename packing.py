@@ -76,6 +76,7 @@ class PackedDataset(Dataset):
     (Every template starts with prompt tokens, which are unlabelled anyway.)"""
 
     def __init__(self, dataset, max_len: int):
+        self.unpacked = dataset  # what the samples are (monitor.py describes and previews them)
         examples = dataset.examples
         self.rows = [self._row([examples[i] for i in indices])
                      for indices in best_fit_decreasing([len(e["input_ids"]) for e in examples], max_len)]

@@ -482,4 +482,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from utils import keep_bitsandbytes_out
+    keep_bitsandbytes_out(sys.argv[1:])  # QLoRA or not is known here; peft would import it regardless
     sys.exit(main())

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+import monitor
 import packing
 import quantization
 from model import MODE, check_checkpoint_dir, template
@@ -130,6 +131,7 @@ def parse_args(argv=None):
     group.add_argument("--eval_step", type=int, default=None, help="evaluate on --dev_path every N steps")
     add_bool_flag(group, "--resume", "continue from the last checkpoint in output_dir")
     group.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    monitor.add_flags(parser)
     args = parser.parse_args(argv)
     args.ds_file = find_ds_file(parser, args.ds_file)
     if args.max_src_len >= args.max_len:
@@ -157,6 +159,7 @@ def parse_args(argv=None):
         parser.error("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has none): use bf16 or fp32")
     quantization.check_train_args(parser, args)
     packing.check_train_args(parser, args)
+    monitor.check_flags(parser, args)
     if args.compile and quantization.zero_stage(args.ds_file) == 3:
         # ZeRO-3 gathers each parameter in module hooks that torch.compile must not trace: the parts would fall
         # back to eager piece by piece, recompiling for every layer
@@ -797,6 +800,8 @@ def train(args):
     with checkpoint_errors():
         tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
     train_set, dev_set = build_data(args, tokenizer)
+    samples = train_set.unpacked if args.packing else train_set
+    watch = monitor.Monitor(args, tokenizer, samples, build_data, rank, world_size)  # data shape, warnings, --preview
     train_loader = make_loader(train_set, args, rank, world_size, True, tokenizer.pad_token_id)
     dev_loader = make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id) if dev_set else None
     accumulation = args.gradient_accumulation_steps
@@ -880,6 +885,7 @@ def train(args):
                 with clock.paused():
                     log_eval(engine, dev_loader, writer, step, f"step {step}" + " (epoch end)" * epoch_done,
                              log_file)
+                    watch.at_evaluation(engine, step, writer)  # sample answers, loss.png
             if (args.save_model_step and step % args.save_model_step == 0) or epoch_done or step == total_steps:
                 # a checkpoint at the end of an epoch resumes at the start of the next one
                 resume_at = (epoch + 1, 0) if epoch_done else (epoch, batch_index)
@@ -887,6 +893,7 @@ def train(args):
                     last_good = save_checkpoint(engine, tokenizer, args, f"epoch-{epoch + 1}-step-{step}",
                                                 {"step": step, "epoch": resume_at[0], "batches_in_epoch": resume_at[1]})
         epoch, batch_index = epoch + 1, 0
+    watch.at_end(engine, step, writer)
     progress.close()
     if writer:
         writer.close()
@@ -896,6 +903,8 @@ def train(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.preview_only:  # the data as the model would see it: no DeepSpeed, no weights, nothing written
+            return monitor.preview_only(args, build_data, checkpoint_errors)
         return train(args)
     except DataError as error:
         raise SystemExit(str(error)) from None
@@ -904,6 +913,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import sys
+    from utils import keep_bitsandbytes_out
+    keep_bitsandbytes_out(sys.argv[1:])  # QLoRA or not is known here; peft would import it regardless
     try:
         main()
     finally:

@@ -31,10 +31,57 @@ def add_bool_flag(group, flag: str, help: str, default: bool = False) -> None:
 
 def setup_logging(rank: int) -> None:
     """INFO on rank 0, warnings only elsewhere: one voice in the console. Handlers a host process already put on the
-    root logger (pytest's, a notebook's) stay; ours is added only where there is none."""
+    root logger (pytest's, a notebook's) stay; ours is added only where there is none. Library messages the user
+    cannot act on stay out (`quiet_libraries`); our own warnings stay in."""
     level = logging.INFO if rank <= 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=level)
     logging.getLogger().setLevel(level)
+    quiet_libraries()
+
+
+# What libraries print that needs no action from a user of this tool, each with the reason it is noise.
+QUIET_LOGGERS = {
+    # peft imports bitsandbytes whenever it is installed (peft/helpers.py), QLoRA or not; on a CPU with AVX512-BF16
+    # bitsandbytes then warns that the optional `kernels` package for its 4-bit CPU kernel is missing. Its errors
+    # still show.
+    "bitsandbytes": logging.ERROR,
+}
+QUIET_WARNINGS = {
+    # peft reads the model's old `is_gradient_checkpointing` property; transformers deprecates it. Nothing of ours
+    # to change (tests/conftest.py lists it among the library-internal deprecations too).
+    "`is_gradient_checkpointing` is deprecated": FutureWarning,
+    # DeepSpeed's ZeRO-3 gathers parameters and reduces gradients with the torch.distributed names torch now
+    # deprecates, once per rank and run.
+    "`torch.distributed.all_gather_into_tensor` is deprecated": FutureWarning,
+    "`torch.distributed.reduce_scatter_tensor` is deprecated": FutureWarning,
+}
+
+
+def keep_bitsandbytes_out(argv) -> None:
+    """For the process of train.py, predict.py or merge_lora.py, called first thing with its command line: unless a
+    --quantization_bit flag (or an abbreviation argparse accepts) is there, make bitsandbytes unimportable for this
+    process (sys.modules[name] = None: `import` raises ImportError and importlib.util.find_spec answers None). peft
+    imports bitsandbytes whenever it is installed (peft/helpers.py) and takes it as absent then: the seconds of its
+    import and its notices are saved. Not for a host process (pytest, a notebook): it may quantize later, and peft
+    caches what it found."""
+    import sys
+
+    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    if any(len(name) > 2 and "--quantization_bit".startswith(name) for name in names):
+        return
+    sys.modules.setdefault("bitsandbytes", None)
+
+
+def quiet_libraries() -> None:
+    """Keep the messages above out of the console: their loggers raised to ERROR, the warnings ignored by their exact
+    message (so that every other warning, a deprecation in our own code included, still shows or fails a test)."""
+    import re
+    import warnings
+
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    for message, category in QUIET_WARNINGS.items():
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category)
 
 
 # ------------------------------------------------------------------------------------------------------------------
