@@ -54,8 +54,8 @@ from utils import PRECISIONS, add_bool_flag, setup_logging
 logger = logging.getLogger("chatglm")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_flags(parser) -> None:
+    """The flags that choose and load the checkpoint (predict.py and web_demo.py load it alike)."""
     group = parser.add_argument_group("model")
     group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2, glm3 or glm4")
     group.add_argument("--model_path", required=True,
@@ -69,6 +69,11 @@ def parse_args(argv=None):
     quantization.add_flag(group, "an adapter or prefix on top stays in full precision (low-memory inference); 0: "
                                  "full precision; default: a LoRA adapter on the base quantized as it was trained "
                                  "(training_args.json), anything else unquantized", off=True)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(parser)
 
     group = parser.add_argument_group("what to answer (default: chat in the terminal)")
     group.add_argument("--query", default=None, help="answer this one query on stdout and exit")
@@ -142,15 +147,24 @@ def load_tools(path: str) -> list[dict]:
         raise DataError(f"--tools {path}: cannot read it ({e.strerror or e})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"--tools {path}: not a JSON file ({e})") from None
+    problem = tool_list_problem(tools)
+    if problem:
+        raise DataError(f"--tools {path}: {problem}")
+    return tools
+
+
+def tool_list_problem(tools) -> str | None:
+    """What is wrong with a tool list (--tools, the page's tools box), or None: it must be a non-empty JSON list of
+    {"type": "function", "function": {"name": ...}}, as the training data's system messages carry it."""
     if not isinstance(tools, list) or not tools:
-        raise DataError(f"--tools {path}: expected a non-empty JSON list of tools, got {type(tools).__name__}")
+        return f"expected a non-empty JSON list of tools, got {type(tools).__name__}"
     for number, tool in enumerate(tools, start=1):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or tool.get("type") != "function" \
                 or not isinstance(function.get("name"), str) or not function["name"].strip():
-            raise DataError(f"--tools {path}: tool {number} is not {{\"type\": \"function\", \"function\": "
-                            f"{{\"name\": ...}}}}: {json.dumps(tool, ensure_ascii=False)[:80]}")
-    return tools
+            return (f"tool {number} is not {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}: "
+                    f"{json.dumps(tool, ensure_ascii=False)[:80]}")
+    return None
 
 
 def tool_names(tools) -> list[str]:

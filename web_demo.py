@@ -28,11 +28,10 @@ from types import SimpleNamespace
 import torch
 from transformers import StoppingCriteria
 
-import quantization
 from inference import CheckpointError, load_for_inference
-from model import MODE, template
-from predict import generation_kwargs, is_utf8
-from utils import PRECISIONS, add_bool_flag, setup_logging
+from model import template
+from predict import add_model_flags, generation_kwargs, is_utf8, tool_list_problem
+from utils import add_bool_flag, setup_logging
 
 logger = logging.getLogger("chatglm")
 
@@ -41,20 +40,8 @@ OBSERVATION_MARK = "🔎 observation "  # before a tool's result sent back as an
 
 
 def parse_args(argv=None):
-    # The model flags repeat predict.py's (same names, meanings and defaults): predict.py builds its parser inside
-    # parse_args, so there is nothing to import.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("model")
-    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2, glm3 or glm4")
-    group.add_argument("--model_path", required=True,
-                       help="checkpoint directory: full model, LoRA adapter or P-Tuning prefix")
-    group.add_argument("--base_model_path", default=None,
-                       help="base model under a LoRA adapter / P-Tuning prefix (default: from training_args.json)")
-    group.add_argument("--device", default=None,
-                       help="cpu, or a GPU index (0, 1, ...) / cuda:N (default: GPU 0 if there is one, else cpu)")
-    group.add_argument("--dtype", default="auto", choices=PRECISIONS,
-                       help="auto: fp32 on the CPU, bf16 on a GPU that supports it, else fp16")
-    quantization.add_flag(group, "an adapter or prefix on top stays in full precision (low-memory inference)")
+    add_model_flags(parser)
 
     group = parser.add_argument_group("page")
     group.add_argument("--host", default="127.0.0.1",
@@ -99,14 +86,9 @@ def parse_tools(text: str) -> list | None:
         tools = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"the tools box is not valid JSON: {e}") from None
-    if not isinstance(tools, list):
-        raise InputError(f"the tools box must hold a JSON list of tools, not a {type(tools).__name__}")
-    for number, tool in enumerate(tools, start=1):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict) \
-                or not isinstance(function.get("name"), str):
-            raise InputError(f'tool {number} in the tools box is not {{"type": "function", "function": '
-                             f'{{"name": ...}}}}: {json.dumps(tool, ensure_ascii=False)[:80]}')
+    problem = tool_list_problem(tools)
+    if problem:
+        raise InputError(f"the tools box: {problem}")
     return tools
 
 

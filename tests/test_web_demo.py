@@ -333,7 +333,7 @@ def test_bad_page_input_is_named():
         web_demo.parse_tools("[{")
     with pytest.raises(web_demo.InputError, match="JSON list"):
         web_demo.parse_tools('{"type": "function"}')
-    with pytest.raises(web_demo.InputError, match="tool 2 .* is not"):
+    with pytest.raises(web_demo.InputError, match="the tools box: tool 2 is not"):
         web_demo.parse_tools('[{"type": "function", "function": {"name": "a"}}, {"name": "b"}]')
     assert web_demo.parse_tools("  ") is None
     assert web_demo.system_messages("glm3", "", None) == []
