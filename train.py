@@ -30,6 +30,7 @@ import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import quantization
+import sequence_parallel
 from model import MODE, check_checkpoint_dir, template
 from model.config import read_json
 from model.compat import enable_activation_checkpointing
@@ -47,7 +48,7 @@ PATH_FLAGS = ("model_name_or_path", "train_path", "dev_path", "ds_file")  # abso
 RESUME_FIXED = {
     "any": ("model_name_or_path", "mode", "train_type", "quantization_bit", "train_path", "max_len", "max_src_len",
             "is_skip", "last_turn_only", "group_by_length", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "seed", "world_size"),
+            "gradient_accumulation_steps", "seed", "world_size", "sequence_parallel_size"),
     "lora": ("lora_dim", "lora_alpha", "lora_module_name"),
     "ptuning": ("pre_seq_len", "prefix_projection"),
     "freeze": ("freeze_module_name",),
@@ -81,6 +82,10 @@ def parse_args(argv=None):
     group.add_argument("--train_path", required=True, help="training data: JSONL or JSON array")
     group.add_argument("--dev_path", default=None, help="evaluation data; eval loss every --eval_step and per epoch")
     group.add_argument("--max_len", type=int, default=1024, help="longest sample in tokens")
+    group.add_argument("--sequence_parallel_size", type=int, default=1,
+                       help="split each sample's tokens over N ranks (DeepSpeed Ulysses; glm2/glm3/glm4, not "
+                            "ptuning): for samples too long for one GPU; N must divide the ranks and the attention "
+                            "heads; data parallel over ranks / N (see README)")
     group.add_argument("--max_src_len", type=int, default=256,
                        help="longest prompt in tokens; longer prompts lose their oldest rounds first, never the "
                             "question being answered (see README)")
@@ -144,6 +149,7 @@ def parse_args(argv=None):
     if args.precision == "fp16" and not torch.cuda.is_available():
         parser.error("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has none): use bf16 or fp32")
     quantization.check_train_args(parser, args)
+    sequence_parallel.check_flags(parser, args)
     if args.compile and quantization.zero_stage(args.ds_file) == 3:
         # ZeRO-3 gathers each parameter in module hooks that torch.compile must not trace: the parts would fall
         # back to eager piece by piece, recompiling for every layer
@@ -262,6 +268,8 @@ def fill_ds_config(args, world_size: int) -> dict:
     config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     config["train_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     config["steps_per_print"] = 10 ** 9  # our own logging line instead
+    if args.sequence_parallel_size > 1:  # read where no mpu is at hand (ZeRO-3's zero.Init while loading)
+        config["sequence_parallel_size"] = args.sequence_parallel_size
     precision = pick_precision(args.precision)
     config["fp16"] = {**config.get("fp16", {}), "enabled": precision == "fp16"}
     config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
@@ -353,8 +361,11 @@ def build_engine(model, ds_config, args, total_steps: int):
     size_buckets(ds_config, model)
     check_host_memory(ds_config, model, args.ds_file)
     factor = lr_factor(total_steps, warmup_steps(args, total_steps))
+    mpu = sequence_parallel.initialize(args.sequence_parallel_size)
+    if mpu:
+        sequence_parallel.install(model, mpu, args.per_device_train_batch_size)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, config=ds_config, model_parameters=parameter_groups(model, args.weight_decay),
+        model=model, config=ds_config, model_parameters=parameter_groups(model, args.weight_decay), mpu=mpu,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
     # from_pretrained returns the model in eval mode: without this, dropout (LoRA, P-Tuning) would be off and
     # gradient checkpointing (which only checkpoints in training mode) would do nothing.
@@ -492,15 +503,19 @@ def real_tokens(batch, pad_token_id: int) -> int:
 
 
 def labelled_tokens(batch) -> int:
-    """Tokens that carry a label (each position predicts the next token's label), counted on the host."""
+    """Tokens that carry a label (each position predicts the next token's label), counted on the host. A
+    sequence-parallel slice brings its labels already shifted (shift_labels)."""
+    if "shift_labels" in batch:
+        return int((batch["shift_labels"] != template.IGNORE_INDEX).sum())
     return int((batch["labels"][:, 1:] != template.IGNORE_INDEX).sum())
 
 
 def batch_loss(engine, batch):
     """Summed loss of a host batch. Labels stay on the host: the loss finds the labelled positions there without
-    waiting for the device."""
-    return engine(input_ids=batch["input_ids"].to(engine.device, non_blocking=True), labels=batch["labels"],
-                  reduction="sum").loss
+    waiting for the device. A sequence-parallel slice comes with its position_ids and shift_labels."""
+    inputs = {name: batch[name].to(engine.device, non_blocking=True)
+              for name in ("input_ids", "position_ids") if name in batch}
+    return engine(**inputs, labels=batch.get("labels"), shift_labels=batch.get("shift_labels"), reduction="sum").loss
 
 
 def train_step(engine, window, world_size: int):
@@ -508,7 +523,9 @@ def train_step(engine, window, world_size: int):
 
     The gradient is the mean over every labelled token of the window on all ranks, so long and short answers
     weigh per token. Returns (summed loss of this rank, labelled tokens of all ranks), both on the device: nothing
-    is read back to the host here."""
+    is read back to the host here. With sequence parallelism each labelled token lives on one rank, so the counts
+    still add up over all ranks; `world_size` is then what DeepSpeed averages over, the data-parallel size (ranks /
+    N: it sums the gradients of a sequence-parallel group)."""
     # torch.full writes the count with a kernel; torch.tensor would copy it from pageable memory (a stream sync).
     tokens = torch.full((), float(sum(labelled_tokens(b) for b in window)), device=engine.device)
     torch.distributed.all_reduce(tokens)
@@ -685,18 +702,22 @@ def train(args):
     with checkpoint_errors():
         tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
     train_set, dev_set = build_data(args, tokenizer)
-    train_loader = make_loader(train_set, args, rank, world_size, True, tokenizer.pad_token_id)
-    dev_loader = make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id) if dev_set else None
+    mpu = sequence_parallel.initialize(args.sequence_parallel_size)
+    train_loader = sequence_parallel.shard(make_loader(train_set, args, rank, world_size, True,
+                                                       tokenizer.pad_token_id), mpu)
+    dev_loader = sequence_parallel.shard(make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id)
+                                         if dev_set else None, mpu)
+    data_parallel = world_size // args.sequence_parallel_size  # what DeepSpeed's batch size and averaging count
     accumulation = args.gradient_accumulation_steps
     steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
         raise SystemExit(f"{args.train_path}: {len(train_set)} samples make no optimizer step of "
-                         f"{args.per_device_train_batch_size} x {accumulation} x {world_size}")
+                         f"{args.per_device_train_batch_size} x {accumulation} x {data_parallel}")
     total_steps = steps_per_epoch * args.num_train_epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
 
-    ds_config = fill_ds_config(args, world_size)
+    ds_config = fill_ds_config(args, data_parallel)
     engine = build_engine(build_model(args, ds_config), ds_config, args, total_steps)
 
     step, epoch, batch_index = 0, 0, 0  # optimizer steps done; where in which epoch the next window starts
@@ -726,7 +747,7 @@ def train(args):
         while step < total_steps and batch_index + accumulation <= len(train_loader):
             window = [next(batches) for _ in range(accumulation)]
             lr = engine.get_lr()[0]  # what this step's optimizer update uses (the schedule moves after it)
-            loss_sum, tokens = train_step(engine, window, world_size)
+            loss_sum, tokens = train_step(engine, window, data_parallel)
             window_loss[0] += loss_sum
             window_loss[1] += tokens / world_size
             window_tokens += sum(real_tokens(b, tokenizer.pad_token_id) for b in window) * world_size

@@ -17,7 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .compat import given_cache
 from .config import ChatGLM2Config, ChatGLM4Config
 from .modeling_base import (BodyMixin, ChatGLMPreTrainedBase, LMHead, PrefixEncoder, attention_allowed,
-                            padding_or_none, sdpa)
+                            padding_or_none, sdpa_attention)
 
 
 class RMSNorm(nn.Module):
@@ -52,6 +52,10 @@ def apply_rotary(x, cos, sin):
 
 
 class SelfAttention(nn.Module):
+    # The core attention, in transformers' attention-interface convention (modeling_base.sdpa_attention); sequence
+    # parallelism replaces it on each instance with DeepSpeed's Ulysses attention around it (sequence_parallel.py).
+    attention_function = staticmethod(sdpa_attention)
+
     def __init__(self, config: ChatGLM2Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -75,8 +79,8 @@ class SelfAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         elif prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
-        context = sdpa(q, k, v, allowed)  # [b, heads, s, d]
-        return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
+        context, _ = self.attention_function(self, q, k, v, allowed)  # [b, s, heads, d]
+        return self.dense(context.reshape(batch, seq, -1))
 
 
 class MLP(nn.Module):
