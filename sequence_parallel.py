@@ -3,12 +3,19 @@ parallelism (deepspeed.runtime.sequence_parallel, the Arctic Long Sequence Train
 
 What DeepSpeed provides and this module only wires up:
 - parallel_state_sp: the process groups (N consecutive ranks share a sample; data parallel over the world / N
-  groups), handed to deepspeed.initialize as `mpu` so that ZeRO reduces and partitions over all ranks and averages
-  gradients over the data-parallel size;
+  groups);
 - UlyssesSPAttentionHF: around each attention, an all-to-all turns [local tokens, all heads] into [all tokens,
   heads / N] for the core attention (our SDPA) and back;
 - UlyssesSPDataLoaderAdapter: gathers one batch from each rank of a group, shifts its labels over the whole sequence
   (shift_labels) and gives each rank its slice of every batch in turn.
+
+The engine itself gets no `mpu`, so for DeepSpeed every rank is a data-parallel rank: ZeRO partitions over all
+ranks (as it would with the mpu) and every gradient reduction divides by the world size. With the mpu, DeepSpeed
+0.19.8 divides by world / N in ZeRO-2 and in ZeRO-3's contiguous-bucket path, but by the world size in ZeRO-3's
+reduce-scatter path (the default: stage3.py's __avg_scatter_grads, reduce_scatter_coalesced), so the gradient's
+scale would depend on the path a bucket takes (tests/test_sequence_parallel.py caught ZeRO-3 at half the gradient).
+train.py divides each rank's summed loss by the labelled tokens of all ranks and multiplies by the world size: the
+gradient of the token mean, as without sequence parallelism.
 
 Everything else in the network (embeddings, norms, MLP, rotary from the sliced position_ids, the LM head and the
 chunked loss) works on the local slice unchanged. The model's hook is SelfAttention.attention_function
@@ -71,8 +78,8 @@ def attention_heads(config: dict) -> tuple[int, int]:
 # groups and the attention
 # ------------------------------------------------------------------------------------------------------------------
 def initialize(size: int):
-    """DeepSpeed's sequence-parallel groups (once per process); returns the `mpu` for deepspeed.initialize, or
-    None without sequence parallelism."""
+    """DeepSpeed's sequence-parallel groups (once per process): parallel_state_sp, or None without sequence
+    parallelism."""
     if size == 1:
         return None
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
@@ -82,16 +89,19 @@ def initialize(size: int):
     return mpu
 
 
-def install(model, mpu, micro_batch_size: int) -> None:
-    """Put DeepSpeed's Ulysses attention around the core attention of every layer of `model` (a LoRA-wrapped model
-    too). One UlyssesSPAttentionHF serves all layers, as in DeepSpeed's own registration; the sequence length may
-    change from batch to batch."""
+def install(model, args) -> None:
+    """With --sequence_parallel_size above 1, put DeepSpeed's Ulysses attention around the core attention of every
+    layer of `model` (a LoRA-wrapped model too). One UlyssesSPAttentionHF serves all layers, as in DeepSpeed's own
+    registration; the sequence length may change from batch to batch."""
+    mpu = initialize(args.sequence_parallel_size)
+    if mpu is None:
+        return
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
     layers = [m for m in model.modules() if hasattr(type(m), "attention_function")]
     body = next(m for m in model.modules() if hasattr(type(m), "position_ids_for"))
     first = layers[0]
-    ulysses = UlyssesSPAttentionHF(attn=type(first).attention_function, batch_size=micro_batch_size,
+    ulysses = UlyssesSPAttentionHF(attn=type(first).attention_function, batch_size=args.per_device_train_batch_size,
                                    attn_head_count=first.num_heads, attn_head_size=first.head_dim,
                                    kv_head_count=first.num_groups, num_hidden_layers=len(layers),
                                    process_group=mpu.get_sequence_parallel_group(), seq_length_is_variable=True)

@@ -268,8 +268,6 @@ def fill_ds_config(args, world_size: int) -> dict:
     config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     config["train_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     config["steps_per_print"] = 10 ** 9  # our own logging line instead
-    if args.sequence_parallel_size > 1:  # read where no mpu is at hand (ZeRO-3's zero.Init while loading)
-        config["sequence_parallel_size"] = args.sequence_parallel_size
     precision = pick_precision(args.precision)
     config["fp16"] = {**config.get("fp16", {}), "enabled": precision == "fp16"}
     config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
@@ -361,11 +359,9 @@ def build_engine(model, ds_config, args, total_steps: int):
     size_buckets(ds_config, model)
     check_host_memory(ds_config, model, args.ds_file)
     factor = lr_factor(total_steps, warmup_steps(args, total_steps))
-    mpu = sequence_parallel.initialize(args.sequence_parallel_size)
-    if mpu:
-        sequence_parallel.install(model, mpu, args.per_device_train_batch_size)
+    sequence_parallel.install(model, args)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, config=ds_config, model_parameters=parameter_groups(model, args.weight_decay), mpu=mpu,
+        model=model, config=ds_config, model_parameters=parameter_groups(model, args.weight_decay),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
     # from_pretrained returns the model in eval mode: without this, dropout (LoRA, P-Tuning) would be off and
     # gradient checkpointing (which only checkpoints in training mode) would do nothing.
@@ -523,9 +519,8 @@ def train_step(engine, window, world_size: int):
 
     The gradient is the mean over every labelled token of the window on all ranks, so long and short answers
     weigh per token. Returns (summed loss of this rank, labelled tokens of all ranks), both on the device: nothing
-    is read back to the host here. With sequence parallelism each labelled token lives on one rank, so the counts
-    still add up over all ranks; `world_size` is then what DeepSpeed averages over, the data-parallel size (ranks /
-    N: it sums the gradients of a sequence-parallel group)."""
+    is read back to the host here. With sequence parallelism too: each labelled token lives on one rank, and
+    DeepSpeed averages the gradients over all ranks (sequence_parallel.py says why it gets no mpu)."""
     # torch.full writes the count with a kernel; torch.tensor would copy it from pageable memory (a stream sync).
     tokens = torch.full((), float(sum(labelled_tokens(b) for b in window)), device=engine.device)
     torch.distributed.all_reduce(tokens)
@@ -707,17 +702,16 @@ def train(args):
                                                        tokenizer.pad_token_id), mpu)
     dev_loader = sequence_parallel.shard(make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id)
                                          if dev_set else None, mpu)
-    data_parallel = world_size // args.sequence_parallel_size  # what DeepSpeed's batch size and averaging count
     accumulation = args.gradient_accumulation_steps
     steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
         raise SystemExit(f"{args.train_path}: {len(train_set)} samples make no optimizer step of "
-                         f"{args.per_device_train_batch_size} x {accumulation} x {data_parallel}")
+                         f"{args.per_device_train_batch_size} x {accumulation} x {world_size // args.sequence_parallel_size}")
     total_steps = steps_per_epoch * args.num_train_epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
 
-    ds_config = fill_ds_config(args, data_parallel)
+    ds_config = fill_ds_config(args, world_size)
     engine = build_engine(build_model(args, ds_config), ds_config, args, total_steps)
 
     step, epoch, batch_index = 0, 0, 0  # optimizer steps done; where in which epoch the next window starts
@@ -747,7 +741,7 @@ def train(args):
         while step < total_steps and batch_index + accumulation <= len(train_loader):
             window = [next(batches) for _ in range(accumulation)]
             lr = engine.get_lr()[0]  # what this step's optimizer update uses (the schedule moves after it)
-            loss_sum, tokens = train_step(engine, window, data_parallel)
+            loss_sum, tokens = train_step(engine, window, world_size)
             window_loss[0] += loss_sum
             window_loss[1] += tokens / world_size
             window_tokens += sum(real_tokens(b, tokenizer.pad_token_id) for b in window) * world_size
