@@ -107,7 +107,7 @@ def install(model, args) -> None:
                                    process_group=mpu.get_sequence_parallel_group(), seq_length_is_variable=True)
     positions = {}
 
-    def remember_positions(module, args, kwargs):
+    def remember_positions(_body, _args, kwargs):
         positions["local"] = kwargs.get("position_ids")
 
     # Ulysses gathers the position ids of the whole sequence for the core attention (which needs them only for

@@ -82,10 +82,6 @@ def parse_args(argv=None):
     group.add_argument("--train_path", required=True, help="training data: JSONL or JSON array")
     group.add_argument("--dev_path", default=None, help="evaluation data; eval loss every --eval_step and per epoch")
     group.add_argument("--max_len", type=int, default=1024, help="longest sample in tokens")
-    group.add_argument("--sequence_parallel_size", type=int, default=1,
-                       help="split each sample's tokens over N ranks (DeepSpeed Ulysses; glm2/glm3/glm4, not "
-                            "ptuning): for samples too long for one GPU; N must divide the ranks and the attention "
-                            "heads; data parallel over ranks / N (see README)")
     group.add_argument("--max_src_len", type=int, default=256,
                        help="longest prompt in tokens; longer prompts lose their oldest rounds first, never the "
                             "question being answered (see README)")
@@ -115,6 +111,10 @@ def parse_args(argv=None):
     group.add_argument("--ds_file", default="ds_zero2_no_offload.json",
                        help="DeepSpeed JSON (ZeRO, offload, clipping); a shipped one's bare name works from any "
                             "directory")
+    group.add_argument("--sequence_parallel_size", type=int, default=1,
+                       help="split each sample's tokens over N ranks (DeepSpeed Ulysses; glm2/glm3/glm4, not "
+                            "ptuning) for samples too long for one GPU; N must divide the ranks and the attention "
+                            "heads; data parallel over ranks / N (see README)")
     group.add_argument("--output_dir", required=True, help="where checkpoints and logs go")
     group.add_argument("--save_model_step", type=int, default=None, help="also save every N optimizer steps")
     group.add_argument("--save_total_limit", type=int, default=None,
@@ -697,7 +697,7 @@ def train(args):
     with checkpoint_errors():
         tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
     train_set, dev_set = build_data(args, tokenizer)
-    mpu = sequence_parallel.initialize(args.sequence_parallel_size)
+    mpu = sequence_parallel.initialize(args.sequence_parallel_size)  # DeepSpeed's groups; None without
     train_loader = sequence_parallel.shard(make_loader(train_set, args, rank, world_size, True,
                                                        tokenizer.pad_token_id), mpu)
     dev_loader = sequence_parallel.shard(make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id)
@@ -705,8 +705,9 @@ def train(args):
     accumulation = args.gradient_accumulation_steps
     steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
+        groups = world_size // args.sequence_parallel_size
         raise SystemExit(f"{args.train_path}: {len(train_set)} samples make no optimizer step of "
-                         f"{args.per_device_train_batch_size} x {accumulation} x {world_size // args.sequence_parallel_size}")
+                         f"{args.per_device_train_batch_size} x {accumulation} x {groups}")
     total_steps = steps_per_epoch * args.num_train_epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)

@@ -88,7 +88,8 @@ def unrotated_key_bias(base_dir):
 
 @pytest.mark.parametrize("flags,message", [
     (["--mode", "glm", "--sequence_parallel_size", "2"], "--mode glm is not supported"),
-    (["--mode", "glm4", "--train_type", "ptuning", "--sequence_parallel_size", "2"], "does not work with --train_type ptuning"),
+    (["--mode", "glm4", "--train_type", "ptuning", "--sequence_parallel_size", "2"],
+     "does not work with --train_type ptuning"),
     (["--mode", "glm4", "--sequence_parallel_size", "2"], "must divide the number of ranks (3)"),
     (["--mode", "glm4", "--sequence_parallel_size", "3"], "has 4 attention heads and 2 key/value groups"),
     (["--mode", "glm4", "--sequence_parallel_size", "0"], "must be at least 1"),
