@@ -134,3 +134,23 @@ def test_batches_are_padded_to_a_multiple_of_the_ranks():
                                                                                        "labels": [-100, 6, 7]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [0, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100], [-100] * 4]
+
+
+def test_resume_with_sequence_parallelism_continues_the_run(tiny_dirs, tmp_path):
+    """A 2-rank --sequence_parallel_size 2 run resumed from its step-1 checkpoint trains step 2 on the same slices
+    (the loader skips the step-1 window through DeepSpeed's adapter) to the same loss and weights."""
+    import json
+    import shutil
+
+    args = [*common_args("glm4", "lora", epochs=1), "--per_device_train_batch_size", 2, "--max_steps", 2,
+            "--save_model_step", 1, "--sequence_parallel_size", 2]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_train(tiny_dirs["glm4"], full, *args, ranks=2)
+    losses, _ = read_log(full)
+    cut.mkdir()
+    shutil.copytree(full / "epoch-1-step-1", cut / "epoch-1-step-1")
+    (cut / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": losses[1]}) + "\n")
+    run_train(tiny_dirs["glm4"], cut, *args, "--resume", ranks=2)
+    resumed, _ = read_log(cut)
+    assert resumed[2] == pytest.approx(losses[2], rel=1e-6)
+    torch.testing.assert_close(weights(cut, "lora"), weights(full, "lora"), rtol=0, atol=1e-7)
