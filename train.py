@@ -32,6 +32,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 import monitor
 import packing
 import quantization
+import sequence_parallel
 from model import MODE, check_checkpoint_dir, template
 from model.config import read_json
 from model.compat import enable_activation_checkpointing
@@ -49,7 +50,7 @@ PATH_FLAGS = ("model_name_or_path", "train_path", "dev_path", "ds_file")  # abso
 RESUME_FIXED = {
     "any": ("model_name_or_path", "mode", "train_type", "quantization_bit", "train_path", "max_len", "max_src_len",
             "is_skip", "last_turn_only", "group_by_length", "packing", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "seed", "world_size"),
+            "gradient_accumulation_steps", "seed", "world_size", "sequence_parallel_size"),
     "lora": ("lora_dim", "lora_alpha", "lora_module_name"),
     "ptuning": ("pre_seq_len", "prefix_projection"),
     "freeze": ("freeze_module_name",),
@@ -123,6 +124,10 @@ def parse_args(argv=None):
                             "any directory. Its optimizer params are kept; lr and weight_decay come from the flags, "
                             "and what it leaves out or sets to \"auto\" is filled: type AdamW, betas [0.9, 0.95], "
                             "eps 1e-8")
+    group.add_argument("--sequence_parallel_size", type=int, default=1,
+                       help="split each sample's tokens over N ranks (DeepSpeed Ulysses; glm2/glm3/glm4, not "
+                            "ptuning) for samples too long for one GPU; N must divide the ranks and the attention "
+                            "heads; data parallel over ranks / N (see README)")
     group.add_argument("--output_dir", required=True, help="where checkpoints and logs go")
     group.add_argument("--save_model_step", type=int, default=None, help="also save every N optimizer steps")
     group.add_argument("--save_total_limit", type=int, default=None,
@@ -160,6 +165,7 @@ def parse_args(argv=None):
     quantization.check_train_args(parser, args)
     packing.check_train_args(parser, args)
     monitor.check_flags(parser, args)
+    sequence_parallel.check_flags(parser, args)
     if args.compile and quantization.zero_stage(args.ds_file) == 3:
         # ZeRO-3 gathers each parameter in module hooks that torch.compile must not trace: the parts would fall
         # back to eager piece by piece, recompiling for every layer
@@ -449,6 +455,7 @@ def build_engine(model, ds_config, args, total_steps: int):
     size_buckets(ds_config, model)
     check_host_memory(ds_config, model, args.ds_file)
     factor = lr_factor(total_steps, warmup_steps(args, total_steps))
+    sequence_parallel.install(model, args)
     engine, _, _, _ = deepspeed.initialize(
         model=model, config=ds_config, model_parameters=parameter_groups(model, args.weight_decay),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
@@ -603,17 +610,20 @@ def real_tokens(batch, pad_token_id: int) -> int:
 
 
 def labelled_tokens(batch) -> int:
-    """Tokens that carry a label (each position predicts the next token's label), counted on the host."""
+    """Tokens that carry a label (each position predicts the next token's label), counted on the host. A
+    sequence-parallel slice brings its labels already shifted (shift_labels)."""
+    if "shift_labels" in batch:
+        return int((batch["shift_labels"] != template.IGNORE_INDEX).sum())
     return int((batch["labels"][:, 1:] != template.IGNORE_INDEX).sum())
 
 
 def batch_loss(engine, batch):
     """Summed loss of a host batch. Labels stay on the host: the loss finds the labelled positions there without
-    waiting for the device. Packed rows (packing.py) bring their position_ids and cu_seqlens."""
-    packed = {key: batch[key].to(engine.device, non_blocking=True) for key in ("position_ids", "cu_seqlens")
-              if key in batch}
-    return engine(input_ids=batch["input_ids"].to(engine.device, non_blocking=True), labels=batch["labels"],
-                  reduction="sum", **packed).loss
+    waiting for the device. Packed rows (packing.py) bring their position_ids and cu_seqlens; a sequence-parallel
+    slice its position_ids and shift_labels."""
+    inputs = {name: batch[name].to(engine.device, non_blocking=True)
+              for name in ("input_ids", "position_ids", "cu_seqlens") if name in batch}
+    return engine(**inputs, labels=batch.get("labels"), shift_labels=batch.get("shift_labels"), reduction="sum").loss
 
 
 def train_step(engine, window, world_size: int):
@@ -623,7 +633,9 @@ def train_step(engine, window, world_size: int):
     weigh per token. Returns (summed loss of this rank, labelled tokens of all ranks), both on the device: nothing
     is read back to the host here. A window without a labelled token on any rank (answers truncated away, say)
     contributes a zero gradient rather than 0 / 0: the optimizer step still runs, so the schedule and the step
-    count stay on plan (AdamW's momentum and weight decay move the weights that step, as on any other)."""
+    count stay on plan (AdamW's momentum and weight decay move the weights that step, as on any other). With
+    sequence parallelism too: each labelled token lives on one rank, and DeepSpeed averages the gradients over all
+    ranks (sequence_parallel.py says why it gets no mpu)."""
     # torch.full writes the count with a kernel; torch.tensor would copy it from pageable memory (a stream sync).
     tokens = torch.full((), float(sum(labelled_tokens(b) for b in window)), device=engine.device)
     torch.distributed.all_reduce(tokens)
@@ -802,13 +814,17 @@ def train(args):
     train_set, dev_set = build_data(args, tokenizer)
     samples = train_set.unpacked if args.packing else train_set
     watch = monitor.Monitor(args, tokenizer, samples, build_data, rank, world_size)  # data shape, warnings, --preview
-    train_loader = make_loader(train_set, args, rank, world_size, True, tokenizer.pad_token_id)
-    dev_loader = make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id) if dev_set else None
+    mpu = sequence_parallel.initialize(args.sequence_parallel_size)  # DeepSpeed's groups; None without
+    train_loader = sequence_parallel.shard(make_loader(train_set, args, rank, world_size, True,
+                                                       tokenizer.pad_token_id), mpu)
+    dev_loader = sequence_parallel.shard(make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id)
+                                         if dev_set else None, mpu)
     accumulation = args.gradient_accumulation_steps
     steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
+        groups = world_size // args.sequence_parallel_size
         raise SystemExit(f"{args.train_path}: {len(train_set)} {'packed rows' if args.packing else 'samples'} make "
-                         f"no optimizer step of {args.per_device_train_batch_size} x {accumulation} x {world_size}")
+                         f"no optimizer step of {args.per_device_train_batch_size} x {accumulation} x {groups}")
     # --max_steps sets the run's length instead of the epochs, as HF Trainer's does: epochs repeat or stop early
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
 

@@ -7,6 +7,8 @@ otherwise pick (transformers' GlmForCausalLM, the same network, with PEFT LoRA, 
     python bench/bench.py --cases lora:2048x4:ckpt lora:1560x1:ckpt --output bench/RESULTS.md
     python bench/bench.py --cases qlora4:1560x1:ckpt qlora8:1560x1:ckpt   # QLoRA: --quantization_bit 4 / 8
     python bench/bench.py --cases all:2048x2:ckpt --ds_file ds_zero3_offload_optimizer.json   # full, ZeRO-3
+    python bench/bench.py --cases long             # GPU: GLM-4-9B LoRA, checkpointing, 16K / 32K / 64K tokens
+    deepspeed --num_gpus 2 bench/bench.py --cases long   # and 128K with --sequence_parallel_size 2 (":sp2")
 
 Random weights are built directly on the device; batches are random token ids with every position labelled.
 Each case runs train.py's parse_args -> fill_ds_config -> apply_train_type -> build_engine (deepspeed.initialize,
@@ -29,6 +31,8 @@ batch). MFU is left out for these cases.
 `--ds_file` gives every case another DeepSpeed JSON (e.g. ds_zero3_offload_optimizer.json for all). MFU counts
 model FLOPs only: 6N per token for full training, 4N for LoRA/freeze/ptuning (no weight gradients for the frozen
 base), plus attention, recomputation not counted.
+A case ending in ":spN" trains with --sequence_parallel_size N: it runs in the N processes of the deepspeed launcher
+(each rank measures its slice of the same samples; rank 0 prints the table), ours only.
 """
 from __future__ import annotations
 
@@ -67,6 +71,9 @@ DEFAULT_CASES = ["lora:1560x1:ckpt", "lora:1560x1:ckpt:compile", "lora:2048x4:ck
                  "lora:2048x4:nockpt", "lora:2048x4:nockpt:compile", "freeze:1560x1:ckpt", "ptuning:1560x1:ckpt",
                  "all:2048x2:ckpt", "qlora4:1560x1:ckpt", "qlora8:1560x1:ckpt", "qlora4:2048x4:ckpt",
                  "lora:2048x4:ckpt:real", "lora:2048x1:ckpt:real", "lora:2048x4:ckpt:compile:real"]
+# --cases long: GLM-4-9B LoRA with checkpointing, one sample of 16K / 32K / 64K tokens; 128K over 2 ranks
+LONG_CASES = ["lora:16384x1:ckpt", "lora:32768x1:ckpt", "lora:65536x1:ckpt"]
+LONG_CASES_SP = ["lora:131072x1:ckpt:sp2"]
 QLORA = {"qlora4": 4, "qlora8": 8}  # case name -> --quantization_bit (train type lora)
 LORA_TARGETS = "query_key_value,dense,dense_h_to_4h,dense_4h_to_h"
 PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -77,7 +84,7 @@ REAL_WHO = ("ours", "ours-packed", "peer", "peer-flat")  # the four ways a :real
 
 
 def parse_case(case: str):
-    """train_type:SEQxBATCH:ckpt|nockpt[:compile][:real] -> (train_type, seq, batch, ckpt, compile)."""
+    """train_type:SEQxBATCH:ckpt|nockpt[:compile][:real][:spN] -> (train_type, seq, batch, ckpt, compile)."""
     train_type, shape, ckpt, *options = case.split(":")
     seq, batch = (int(x) for x in shape.split("x"))
     return train_type, seq, batch, ckpt == "ckpt", "compile" in options
@@ -87,7 +94,13 @@ def is_real(case: str) -> bool:
     return "real" in case.split(":")[3:]
 
 
-def train_args(train_type, batch, ckpt, layers, mode="glm3", compile_blocks=False, ds_file=None):
+def sequence_parallel_size(case: str) -> int:
+    """N of a case's ":spN" option, else 1."""
+    sizes = [int(option[2:]) for option in case.split(":")[3:] if option.startswith("sp")]
+    return sizes[0] if sizes else 1
+
+
+def train_args(train_type, batch, ckpt, layers, mode="glm3", compile_blocks=False, ds_file=None, sp=1):
     """The flags a user would pass to train.py for this case."""
     ds_file = ds_file or ("ds_zero3_offload.json" if train_type == "all" else "ds_zero2_no_offload.json")
     bits = QLORA.get(train_type)
@@ -101,6 +114,8 @@ def train_args(train_type, batch, ckpt, layers, mode="glm3", compile_blocks=Fals
     if ckpt:
         argv.append("--gradient_checkpointing")
     argv += ["--compile", str(compile_blocks)]  # explicit: train.py's default compiles where it can
+    if sp > 1:
+        argv += ["--sequence_parallel_size", str(sp)]
     return train.parse_args(argv)
 
 
@@ -158,15 +173,30 @@ def build_through_checkpoint(config, args, ds_config, dtype, device):
         return train.build_model(args, ds_config)
 
 
-def random_window(vocab, seq, batch, accumulation, seed=0):
-    """Host batches as train.py's DataLoader yields them: pinned where there is a GPU."""
+def random_window(vocab, seq, batch, accumulation, seed=0, sp=1):
+    """Host batches as train.py's DataLoader yields them: pinned where there is a GPU. With sequence parallelism,
+    this rank's slices, cut by DeepSpeed's adapter as train.py's loader cuts them (sequence_parallel.py)."""
     generator = torch.Generator().manual_seed(seed)
     window = []
     for _ in range(accumulation):
         ids = torch.randint(3, vocab, (batch, seq), generator=generator)
-        batch_ = {"input_ids": ids, "labels": ids.clone()}
-        window.append({k: v.pin_memory() for k, v in batch_.items()} if torch.cuda.is_available() else batch_)
-    return window
+        window.append({"input_ids": ids, "labels": ids.clone(),
+                       "position_ids": torch.arange(seq).expand(batch, -1).clone()})
+    if sp > 1:
+        import itertools
+
+        import sequence_parallel
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPDataLoaderAdapter
+
+        mpu = sequence_parallel.initialize(sp)
+        adapter = UlyssesSPDataLoaderAdapter(window, sp_rank=mpu.get_sequence_parallel_rank(),
+                                             sp_group=mpu.get_sequence_parallel_group(), sp_world_size=sp,
+                                             device=get_accelerator().current_device_name())
+        window = list(itertools.islice(adapter, accumulation))
+    if not torch.cuda.is_available():
+        return [{k: v.contiguous() for k, v in batch_.items()} for batch_ in window]
+    return [{k: v.contiguous().pin_memory() for k, v in batch_.items()} for batch_ in window]
 
 
 def real_lengths(path: str = REAL_LENGTHS) -> list[int]:
@@ -345,9 +375,9 @@ def peer_step(engine, window):
 
 
 def models_to_run(case: str, with_peer: bool) -> list[str]:
-    """Ours always; the peer for the train types it has (LoRA through PEFT, and full training). A :real case runs
-    ours padded and packed, and the peer padded and padding-free."""
-    peer = with_peer and parse_case(case)[0] in ("lora", "all")
+    """Ours always; the peer for the train types it has (LoRA through PEFT, and full training), without sequence
+    parallelism. A :real case runs ours padded and packed, and the peer padded and padding-free."""
+    peer = with_peer and sequence_parallel_size(case) == 1 and parse_case(case)[0] in ("lora", "all")
     if is_real(case):
         return list(REAL_WHO) if peer else ["ours", "ours-packed"]
     return ["ours", "peer"] if peer else ["ours"]
@@ -359,18 +389,19 @@ def run_case(case, shape, dtype_name, steps, warmup, models, peak_tflops, mode="
     import deepspeed
 
     train_type, seq, batch, ckpt, compile_blocks = parse_case(case)
+    sp = sequence_parallel_size(case)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = MODE[mode].config(**SHAPES[shape], pre_seq_len=128 if train_type == "ptuning" else None,
                                prefix_projection=False)
 
     def flags_and_ds_config(json_file):
-        flags = train_args(train_type, batch, ckpt, config.num_layers, mode, compile_blocks, json_file)
+        flags = train_args(train_type, batch, ckpt, config.num_layers, mode, compile_blocks, json_file, sp)
         flags.precision = dtype_name
-        return flags, train.fill_ds_config(flags, 1)
+        return flags, train.fill_ds_config(flags, sp)
 
     args, ds_config = flags_and_ds_config(ds_file)
     dtype = DTYPES[train.pick_precision(dtype_name)]
-    window = random_window(config.padded_vocab_size, seq, batch, args.gradient_accumulation_steps)
+    window = random_window(config.padded_vocab_size, seq, batch, args.gradient_accumulation_steps, sp=sp)
     real = real_windows(config.padded_vocab_size, seq, batch, samples=8 * batch) if is_real(case) else {}
     rows = []
     for who in models:
@@ -381,10 +412,10 @@ def run_case(case, shape, dtype_name, steps, warmup, models, peak_tflops, mode="
             torch.cuda.reset_peak_memory_stats()
         if who == "ours" and (args.quantization_bit or ds_config["zero_optimization"].get("stage") == 3):
             model = build_through_checkpoint(config, args, copy.deepcopy(ds_config), dtype, device)
-            step_fn = our_step(1)
+            step_fn = our_step(sp)
         elif who == "ours":
             model = train.apply_train_type(build_ours(config, dtype, device, mode), args)
-            step_fn = our_step(1)
+            step_fn = our_step(sp)
         else:  # for all, every weight trains: ZeRO-3 partitions the built model in deepspeed.initialize
             model = build_peer(config, dtype, device)
             if train_type == "lora":
@@ -514,6 +545,7 @@ def main():
                              "the wall time, kernels a step, and the ops that take the most time")
     parser.add_argument("--profile_dir", default=None,
                         help="with --profile: also write each model's whole trace here (CASE-WHO.json.gz)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (:spN cases)")
     args = parser.parse_args()
     if args.write_real_lengths:
         write_real_lengths(*args.write_real_lengths)
@@ -521,11 +553,17 @@ def main():
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
     gpu = torch.cuda.is_available()
-    shape = args.shape or ("chatglm3-6b" if gpu else "tiny")
-    mode = args.mode or SHAPE_MODES[shape]
-    cases = args.cases or (DEFAULT_CASES if shape != "tiny" else
-                           ["lora:256x2:ckpt", "lora:256x2:nockpt", "freeze:256x2:ckpt", "ptuning:256x2:ckpt",
-                            "all:256x2:nockpt", "qlora4:256x2:ckpt", "qlora8:256x2:ckpt"])
+    long = args.cases == ["long"]
+    shape = args.shape or ("glm-4-9b" if long and gpu else "chatglm3-6b" if gpu else "tiny")
+    mode = args.mode or ("glm4" if long else SHAPE_MODES[shape])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if long:
+        cases = (LONG_CASES if world_size == 1 else LONG_CASES_SP) if shape != "tiny" else \
+            (["lora:512x1:ckpt"] if world_size == 1 else ["lora:512x1:ckpt:sp2"])
+    else:
+        cases = args.cases or (DEFAULT_CASES if shape != "tiny" else
+                               ["lora:256x2:ckpt", "lora:256x2:nockpt", "freeze:256x2:ckpt", "ptuning:256x2:ckpt",
+                                "all:256x2:nockpt", "qlora4:256x2:ckpt", "qlora8:256x2:ckpt"])
     device_name = torch.cuda.get_device_name() if gpu else "CPU"
     if gpu:
         print(sdpa_backends(DTYPES[train.pick_precision(args.precision)], "cuda"), flush=True)
@@ -543,10 +581,20 @@ def main():
     real_lines = ["", "Real lengths (bench/real_lengths.json): real (non-padding) tokens/s",
                   "", "| case | ours padded | ours packed | peer padded | peer padding-free | packed / ours padded | "
                       "packed / peer padded | peak GiB ours padded / packed |", "|---|---|---|---|---|---|---|---|"]
+    rank = 0
+    if world_size > 1:  # under the launcher: the sequence-parallel cases, in this process, on every rank
+        rank, _ = train.init_distributed()
     for case in cases:
+        if sequence_parallel_size(case) != world_size:
+            print(f"{case}: skipped, it runs on {sequence_parallel_size(case)} rank(s): "
+                  f"`deepspeed --num_gpus {sequence_parallel_size(case)} bench/bench.py --cases {case}`", flush=True)
+            continue
         rows = {}
         for who in models_to_run(case, not args.no_peer):  # each in its own process: see run_in_child
-            _, *rows[who] = run_in_child(case, who, options)
+            if world_size > 1:
+                _, *rows[who] = run_case(case, models=[who], **options)[0]
+            else:
+                _, *rows[who] = run_in_child(case, who, options)
         if is_real(case):
             speed = {who: rows.get(who, [None])[0] for who in REAL_WHO}
             packed = speed["ours-packed"]
@@ -562,7 +610,10 @@ def main():
         lines.append(f"| {case} | {fmt(ours[0], '.0f')} | {fmt(ours[1], '.1%')} | {fmt(ours[2], '.1f')} | "
                      f"{fmt(peer[0] if peer else None, '.0f')} | {fmt(peer[2] if peer else None, '.1f')} | "
                      f"{fmt(ratio, '.2f')} |")
-        print(lines[-1], flush=True)
+        if rank == 0:
+            print(lines[-1], flush=True)
+    if rank != 0:
+        return
     if len(real_lines) > 5:
         lines += real_lines
     lines.append("")
@@ -575,4 +626,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # the launcher's ranks: before interpreter shutdown, as train.py does
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -92,8 +92,13 @@ class LMHead(nn.Linear):
         return _ChunkedLinearCrossEntropy.apply(hidden_states, self.weight, targets, chunk_rows)
 
 
-def labelled_loss(head: LMHead, hidden_states, labels, reduction: str = "mean"):
+def labelled_loss(head: LMHead, hidden_states, labels=None, reduction: str = "mean", shift_labels=None):
     """Causal-LM loss: position t predicts labels[t + 1]; only labels != -100 count.
+
+    `shift_labels` (transformers' name) are targets already aligned with the positions: shift_labels[t] is what
+    position t predicts. Sequence parallelism needs them: it shifts the labels of the whole sequence before cutting
+    it into shards (the last position of one shard predicts the first token of the next), so no shard can shift its
+    own. Given `labels`, they are shifted here.
 
     The labelled positions are found where the labels live: train.py leaves them on the host, so finding them costs
     the accelerator no sync, and only those rows of the hidden states reach the LM head (prompt tokens cost no
@@ -103,19 +108,20 @@ def labelled_loss(head: LMHead, hidden_states, labels, reduction: str = "mean"):
 
     reduction "mean" (over the labelled tokens) or "sum" (train.py divides by the token count of the whole
     accumulation window, so every labelled token weighs the same)."""
-    batch, seq = labels.shape
-    targets = labels[:, 1:].reshape(-1)
-    positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # flat index over [batch, seq - 1]
-    rows = positions // (seq - 1) * seq + positions % (seq - 1)  # the same positions in [batch, seq]
-    targets = targets[positions]
+    if shift_labels is None:
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    batch, seq = shift_labels.shape
+    targets = shift_labels.reshape(-1)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # flat index over [batch, seq]
+    targets = targets[rows]
     device = hidden_states.device
-    if device.type == "cuda" and labels.device.type == "cpu":
+    if device.type == "cuda" and shift_labels.device.type == "cpu":
         rows, targets = rows.pin_memory(), targets.pin_memory()
     hidden = hidden_states.reshape(batch * seq, -1).index_select(0, rows.to(device, non_blocking=True))
     loss = head(hidden, targets=targets.to(device, non_blocking=True))
     if reduction == "sum":
         return loss
-    return loss / max(positions.numel(), 1)
+    return loss / max(rows.numel(), 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,6 +241,14 @@ def varlen_sdpa(query, key, value, cu_seqlens):
     context = varlen_attn(flat(query), flat(key), flat(value), cu_seqlens, cu_seqlens, seq, seq,
                           window_size=(-1, 0), enable_gqa=key.shape[1] != heads)  # (-1, 0): causal
     return context.view(batch, seq, heads, dim).transpose(1, 2)
+
+
+def sdpa_attention(module, query, key, value, allowed, **kwargs):
+    """`sdpa` in transformers' attention-interface convention, (module, query, key, value, mask, **kwargs) ->
+    (context [batch, q, heads, dim], weights): the form DeepSpeed's Ulysses sequence parallelism wraps
+    (sequence_parallel.py). Extra keyword arguments (the gathered position_ids) are not needed: causal masking
+    covers the right-padded batches training feeds."""
+    return sdpa(query, key, value, allowed).transpose(1, 2), None
 
 
 def padding_or_none(attention_mask):
@@ -442,12 +456,13 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, return_dict=None, reduction="mean",
-                return_logits=None, logits_to_keep=0, past_key_values=None, **kwargs):
+                return_logits=None, logits_to_keep=0, past_key_values=None, shift_labels=None, **kwargs):
         """Logits, and with `labels` the causal-LM loss over positions whose label is not -100.
 
         The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older releases) and goes back
         in the output under the installed release's field name. With labels, logits are only computed when
-        `return_logits=True` (training never needs them). Packed rows (packing.py) add `cu_seqlens`."""
+        `return_logits=True` (training never needs them). Packed rows (packing.py) add `cu_seqlens`; `shift_labels`
+        instead of `labels`: targets already aligned with the positions (see labelled_loss)."""
         if kwargs.get("cu_seqlens") is not None and not self.supports_packing:
             raise ValueError(f"{type(self).__name__} does not take packed rows (cu_seqlens)")
         outputs = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
@@ -455,10 +470,10 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
                                    use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state  # [batch, seq, hidden]
         loss = None
-        if labels is not None:
-            loss = labelled_loss(self.output_head, hidden, labels, reduction)
+        if labels is not None or shift_labels is not None:
+            loss = labelled_loss(self.output_head, hidden, labels, reduction, shift_labels=shift_labels)
         logits = None
-        if labels is None or return_logits:
+        if (labels is None and shift_labels is None) or return_logits:
             if logits_to_keep:
                 hidden = hidden[:, -logits_to_keep:]
             logits = self.output_head(hidden)

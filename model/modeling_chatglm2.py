@@ -17,7 +17,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .compat import given_cache
 from .config import ChatGLM2Config, ChatGLM4Config
 from .modeling_base import (BodyMixin, ChatGLMPreTrainedBase, LMHead, PrefixEncoder, attention_allowed,
-                            packed_attention_allowed, padding_or_none, sdpa, varlen_available, varlen_sdpa)
+                            packed_attention_allowed, padding_or_none, sdpa_attention, varlen_available,
+                            varlen_sdpa)
 
 
 class RMSNorm(nn.Module):
@@ -52,6 +53,10 @@ def apply_rotary(x, cos, sin):
 
 
 class SelfAttention(nn.Module):
+    # The core attention, in transformers' attention-interface convention (modeling_base.sdpa_attention); sequence
+    # parallelism replaces it on each instance with DeepSpeed's Ulysses attention around it (sequence_parallel.py).
+    attention_function = staticmethod(sdpa_attention)
+
     def __init__(self, config: ChatGLM2Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -76,10 +81,10 @@ class SelfAttention(nn.Module):
         elif prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
         if cu_seqlens is not None:  # packed rows on CUDA: each sequence attends to itself only
-            context = varlen_sdpa(q, k, v, cu_seqlens)
+            context = varlen_sdpa(q, k, v, cu_seqlens).transpose(1, 2)
         else:
-            context = sdpa(q, k, v, allowed)  # [b, heads, s, d]
-        return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
+            context, _ = self.attention_function(self, q, k, v, allowed)  # [b, s, heads, d]
+        return self.dense(context.reshape(batch, seq, -1))
 
 
 class MLP(nn.Module):

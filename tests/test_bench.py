@@ -139,3 +139,35 @@ def test_real_case_runs_the_same_samples_padded_packed_and_padding_free(monkeypa
     assert all(row[1] > 0 for row in rows.values())
     assert rows["ours-packed"][4] == pytest.approx(rows["ours"][4], rel=2e-6)
     assert rows["peer-flat"][4] == pytest.approx(rows["peer"][4], rel=2e-6)
+
+
+def test_long_case_runs_at_tiny_shape(monkeypatch, one_thread):
+    """--cases long (GLM-4-9B LoRA with checkpointing at 16K-64K tokens on a GPU) at the tiny shape: a world of one,
+    --mode glm4, through train.py's set-up."""
+    import bench
+    import train
+
+    assert bench.LONG_CASES == ["lora:16384x1:ckpt", "lora:32768x1:ckpt", "lora:65536x1:ckpt"]
+    assert [bench.sequence_parallel_size(case) for case in bench.LONG_CASES_SP] == [2]
+    one_rank_env(monkeypatch, 29697)
+    train.init_distributed()
+    rows = bench.run_case("lora:512x1:ckpt", "tiny", "fp32", steps=1, warmup=0, models=["ours"], peak_tflops=1.0,
+                          mode="glm4")
+    assert rows[0][0] == "ours" and rows[0][1] > 0
+
+
+def test_long_case_with_sequence_parallelism_under_the_launcher(tmp_path):
+    """`deepspeed --num_gpus 2 bench/bench.py --cases long`: the 128K case's ":sp2" form, here at the tiny shape on
+    two CPU ranks; rank 0 alone prints the table."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                             str(29800 + os.getpid() % 100), str(ROOT / "bench/bench.py"), "--cases", "long",
+                             "--shape", "tiny", "--steps", "1", "--warmup", "0"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| lora:512x1:ckpt:sp2 |")]
+    assert len(rows) == 2, result.stdout[-3000:]  # printed as measured, then in the table; by rank 0 only
+    assert float(rows[0].split("|")[2]) > 0
