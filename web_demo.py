@@ -9,9 +9,11 @@ base, an official model; --quantization_bit for a 4/8-bit base). The page stream
 conversation; Stop ends the answer being written (what was written stays), Regenerate answers the last question
 again, Clear starts afresh. For glm3/glm4 there is a system prompt and a tools box: the JSON list of function tools
 the training data uses ([{"type": "function", "function": {"name": ..., "description": ..., "parameters": ...}}]).
-A tool call the model makes shows as the {"name", "content"} that chat() returns; the tool's result goes back
-through the observation box, as an "observation" message, and the model answers from it. The system prompt and
-tools in the boxes are put before the conversation each time the model answers.
+A tool call the model makes shows as the call chat() returns, its name and its arguments (as JSON when chat()
+could read them, "parameters"; else the text the model wrote), as predict.py's terminal chat shows it; several calls
+in one answer show as several calls. The tool's result goes back through the observation box, as an "observation"
+message, and the model answers from it. The system prompt and tools in the boxes are put before the conversation
+each time the model answers.
 
 Greedy answers are exactly chat()'s and predict.py --query's for the same conversation and settings: the page
 calls the model's stream_chat() with predict.py's generation settings.
@@ -30,12 +32,12 @@ from transformers import StoppingCriteria
 
 from inference import CheckpointError, load_for_inference
 from model import template
-from predict import add_model_flags, generation_kwargs, is_utf8, tool_list_problem
+from predict import add_model_flags, generation_kwargs, is_utf8, shown_arguments, tool_list_problem
 from utils import add_bool_flag, setup_logging
 
 logger = logging.getLogger("chatglm")
 
-CALL_MARK = "🔧 tool call "  # before the {"name", "content"} JSON of a tool call in the chat
+CALL_MARK = "🔧 tool call "  # before a tool call's name and arguments in the chat
 OBSERVATION_MARK = "🔎 observation "  # before a tool's result sent back as an observation message
 
 
@@ -106,15 +108,25 @@ def is_call(message: dict) -> bool:
     return message["role"] == "assistant" and bool((message.get("metadata") or "").strip())
 
 
-def call_text(message: dict) -> str:
-    """A tool call as chat() returns it: {"name", "content"}."""
+def as_call(mode: str, message: dict) -> dict:
+    """A tool-call message of the history as chat() returns the call: {"name", "content"}, and "parameters" when
+    the arguments read as the mode's call form (template.call_arguments, as in template.process_response)."""
     call = {"name": message["metadata"].strip(), "content": message["content"]}
-    return CALL_MARK + json.dumps(call, ensure_ascii=False)
+    parameters = template.call_arguments(mode, message["content"])
+    if parameters is not None:
+        call["parameters"] = parameters
+    return call
 
 
-def shown(conversation: list[dict]) -> list[dict]:
+def call_text(call: dict) -> str:
+    """A call as the page shows it: its name, then its arguments as predict.py's terminal chat shows them."""
+    return f"{CALL_MARK}{call['name']} {shown_arguments(call)}"
+
+
+def shown(conversation: list[dict], mode: str) -> list[dict]:
     """The conversation as gradio's chat messages: the user's and the observations on the right, the model's
-    answers and tool calls on the left."""
+    answers and tool calls on the left (each call of an answer with several is a message of its own, as it is in
+    chat()'s history)."""
     messages = []
     for message in conversation:
         if message["role"] == "user":
@@ -122,7 +134,7 @@ def shown(conversation: list[dict]) -> list[dict]:
         elif message["role"] == "observation":
             messages.append({"role": "user", "content": OBSERVATION_MARK + message["content"]})
         elif is_call(message):
-            messages.append({"role": "assistant", "content": call_text(message)})
+            messages.append({"role": "assistant", "content": call_text(as_call(mode, message))})
         else:
             messages.append({"role": "assistant", "content": message["content"]})
     return messages
@@ -227,13 +239,13 @@ def build_page(chat: Chat, args, title: str):
                 gen_kwargs = chat.settings(max_new, temp, p, is_greedy)
                 if not text.strip():
                     raise InputError("nothing to send")
-                yield shown(history), history, "", ""  # the box empties as the answer starts
+                yield shown(history, args.mode), history, "", ""  # the box empties as the answer starts
                 for history_now in chat.stream(history, text, role, system, gen_kwargs, stop_event):
-                    yield shown(history_now), history_now, "", gr.skip()
+                    yield shown(history_now, args.mode), history_now, "", gr.skip()
                 if stop_event.is_set():
                     yield gr.skip(), gr.skip(), "stopped: the answer so far stays in the conversation", gr.skip()
             except InputError as e:  # the message shows in the page; the conversation and the typed text stay
-                yield shown(history), history, f"⚠️ {e}", gr.skip()
+                yield shown(history, args.mode), history, f"⚠️ {e}", gr.skip()
 
         def ask(history, text, system_text, tools_text, max_new, temp, p, is_greedy, request: gr.Request):
             yield from answer(history, text, "user", system_text, tools_text, max_new, temp, p, is_greedy, request)
@@ -246,7 +258,7 @@ def build_page(chat: Chat, args, title: str):
             last = next((i for i in range(len(history) - 1, -1, -1)
                          if history[i]["role"] in ("user", "observation")), None)
             if last is None:
-                yield shown(history), history, "⚠️ nothing to regenerate yet", gr.skip()
+                yield shown(history, args.mode), history, "⚠️ nothing to regenerate yet", gr.skip()
                 return
             for outputs in answer(history[:last], history[last]["content"], history[last]["role"], system_text,
                                   tools_text, max_new, temp, p, is_greedy, request):
