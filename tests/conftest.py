@@ -89,3 +89,36 @@ def tiny_dirs(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("tiny")
     return {mode: write_tiny_checkpoint(mode, str(base / mode)) for mode in ("glm", "glm2", "glm3", "glm4")}
+
+
+def overfit(mode: str, base: str, output_dir, conversations: list[list[dict]], max_steps: int, stop_below: float,
+            must_reach: float) -> None:
+    """A full checkpoint of the tiny base trained with plain AdamW on `conversations` (message lists, as train.py's
+    data path gives them) until the loss is below `stop_below`; it must end below `must_reach`. Right-padded like
+    train.py's collator. Tests use it for a tiny model whose greedy answers are known."""
+    import torch
+
+    from model import MODE, template
+
+    torch.manual_seed(0)
+    tokenizer = MODE[mode].tokenizer.from_pretrained(base)
+    model = MODE[mode].model.from_pretrained(base)
+    encoded = [template.encode_messages(tokenizer, mode, messages)[:2] for messages in conversations]
+    longest = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), longest), tokenizer.pad_token_id)
+    labels = torch.full((len(encoded), longest), template.IGNORE_INDEX)
+    for row, (ids, row_labels) in enumerate(encoded):
+        input_ids[row, :len(ids)], labels[row, :len(ids)] = torch.tensor(ids), torch.tensor(row_labels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(max_steps):
+        loss = model(input_ids=input_ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < stop_below:
+            break
+    assert loss.item() < must_reach, f"{mode}: the tiny model did not over-fit (loss {loss.item():.3f})"
+    model.eval()
+    model.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))

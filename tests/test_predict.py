@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import predict
-from conftest import ROOT
+from conftest import ROOT, overfit
 from metrics import compute_metrics
 from model import MODE, template
 from test_merge_lora import make_lora_adapter
@@ -68,31 +68,10 @@ def make_ptuning_checkpoint(mode, base, output_dir, pre_seq_len=4, projection=Tr
     return str(output_dir), model
 
 
-def overfit(mode, base, output_dir, max_steps=400):
-    """Plain AdamW on FIT_SAMPLES (right-padded like train.py's collator) until the loss is tiny; saved as a full
-    checkpoint."""
-    torch.manual_seed(0)
-    tokenizer = MODE[mode].tokenizer.from_pretrained(base)
-    model = MODE[mode].model.from_pretrained(base)
-    encoded = [template.encode_messages(tokenizer, mode, sample_to_messages(mode, s, "fit"))[:2] for s in FIT_SAMPLES]
-    longest = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), longest), tokenizer.pad_token_id)
-    labels = torch.full((len(encoded), longest), template.IGNORE_INDEX)
-    for row, (ids, row_labels) in enumerate(encoded):
-        input_ids[row, :len(ids)], labels[row, :len(ids)] = torch.tensor(ids), torch.tensor(row_labels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    model.train()
-    for _ in range(max_steps):
-        loss = model(input_ids=input_ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.01:
-            break
-    assert loss.item() < 0.05, f"{mode}: the tiny model did not over-fit (loss {loss.item():.3f})"
-    model.eval()
-    model.save_pretrained(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
+def overfit_on_samples(mode, base, output_dir, max_steps=400):
+    """Plain AdamW on FIT_SAMPLES until the loss is tiny; saved as a full checkpoint."""
+    overfit(mode, base, output_dir, [sample_to_messages(mode, s, "fit") for s in FIT_SAMPLES], max_steps,
+            stop_below=0.01, must_reach=0.05)
     training_args(output_dir, mode, "all", base)
     return str(output_dir)
 
@@ -113,7 +92,7 @@ def checkpoints(tiny_dirs, tmp_path_factory):
             elif kind == "ptuning":
                 built[mode, kind] = make_ptuning_checkpoint(mode, base, target)[0]
             else:
-                built[mode, kind] = overfit(mode, base, target)
+                built[mode, kind] = overfit_on_samples(mode, base, target)
         return built[mode, kind]
 
     return get

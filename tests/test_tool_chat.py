@@ -13,12 +13,11 @@ from itertools import count
 from pathlib import Path
 
 import pytest
-import torch
 
 import predict
 import tool_data
-from conftest import one_rank_env
-from model import MODE, template
+from conftest import one_rank_env, overfit
+from model import template
 
 TOOLS = [
     {"type": "function", "function": {"name": "read_fault_codes", "description": "读取车辆的故障码",
@@ -55,30 +54,9 @@ def args_of(call: dict):
 
 def overfit_on_tools(mode, base, output_dir, max_steps=300) -> str:
     """A full checkpoint of the tiny base trained with AdamW on CONVERSATIONS until the loss is tiny."""
-    torch.manual_seed(0)
-    tokenizer = MODE[mode].tokenizer.from_pretrained(base)
-    model = MODE[mode].model.from_pretrained(base)
     # as train.py gets them: through tool_data (glm3 arguments rewritten in ChatGLM3's tool_call form)
-    encoded = [template.encode_messages(tokenizer, mode, tool_data.conversation_messages(mode, {"conversations": c}))
-               [:2] for c in CONVERSATIONS]
-    longest = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), longest), tokenizer.pad_token_id)
-    labels = torch.full((len(encoded), longest), template.IGNORE_INDEX)
-    for row, (ids, row_labels) in enumerate(encoded):
-        input_ids[row, :len(ids)], labels[row, :len(ids)] = torch.tensor(ids), torch.tensor(row_labels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    model.train()
-    for _ in range(max_steps):
-        loss = model(input_ids=input_ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.005:
-            break
-    assert loss.item() < 0.01, f"{mode}: the tiny model did not learn the tool conversations ({loss.item():.3f})"
-    model.eval()
-    model.save_pretrained(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
+    overfit(mode, base, output_dir, [tool_data.conversation_messages(mode, {"conversations": c}) for c in CONVERSATIONS],
+            max_steps, stop_below=0.005, must_reach=0.01)
     Path(output_dir, "training_args.json").write_text(json.dumps(
         {"mode": mode, "train_type": "all", "model_name_or_path": os.path.abspath(base)}))
     return str(output_dir)
