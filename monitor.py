@@ -94,7 +94,9 @@ def _one_sample(record, args, tokenizer, build_data):
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         try:
-            one, _ = build_data(argparse.Namespace(**{**vars(args), "train_path": path, "dev_path": None}), tokenizer)
+            # the sample as it is before --packing puts it into a row
+            one, _ = build_data(argparse.Namespace(**{**vars(args), "train_path": path, "dev_path": None,
+                                                      "packing": False}), tokenizer)
         except DataError:  # skipped (--is_skip): no usable sample
             return None, True
     return one.examples[0], bool(one.stats.truncated)
@@ -323,8 +325,8 @@ def read_log(log_file: str) -> tuple[dict, dict]:
             if not line.strip():
                 continue
             record = json.loads(line)
-            if "loss" in record:
-                train[record["step"]] = (record["loss"], record["lr"])
+            if "loss" in record:  # loss null: a window without labelled tokens (train.py); lr may be absent
+                train[record["step"]] = (record["loss"], record.get("lr"))
             if "eval_loss" in record:
                 evals[record["step"]] = record["eval_loss"]
     return dict(sorted(train.items())), dict(sorted(evals.items()))
@@ -344,12 +346,13 @@ def plot_loss(output_dir: str) -> str | None:
     FigureCanvasAgg(figure)
     loss_axis = figure.add_subplot()
     lr_axis = loss_axis.twinx()
-    steps = list(train)
-    losses = [loss for loss, _ in train.values()]
+    steps = [step for step, (loss, _) in train.items() if loss is not None]
+    losses = [train[step][0] for step in steps]
+    lr_steps = [step for step, (_, lr) in train.items() if lr is not None]
     lines = [loss_axis.plot(steps, losses, color="tab:blue", alpha=0.35, marker=".", label="training loss")[0],
              loss_axis.plot(steps, smooth(losses), color="tab:blue", label=f"smoothed ({SMOOTHING})")[0],
              loss_axis.plot(list(evals), list(evals.values()), color="tab:orange", marker="o", label="eval loss")[0],
-             lr_axis.plot(steps, [lr for _, lr in train.values()], color="tab:gray", linestyle="--",
+             lr_axis.plot(lr_steps, [train[step][1] for step in lr_steps], color="tab:gray", linestyle="--",
                           label="learning rate")[0]]
     loss_axis.set_xlabel("optimizer step")
     loss_axis.set_ylabel("loss per labelled token")
@@ -376,7 +379,7 @@ def preview_only(args, build_data, checkpoint_errors) -> None:
     with checkpoint_errors():
         tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
     train_set, _ = build_data(args, tokenizer)
-    Monitor(args, tokenizer, train_set, build_data, rank=0, world_size=1)
+    Monitor(args, tokenizer, getattr(train_set, "unpacked", train_set), build_data, rank=0, world_size=1)
 
 
 class Monitor:

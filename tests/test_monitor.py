@@ -77,6 +77,16 @@ def test_preview_only_shows_the_known_sample_with_its_learned_span(tiny_dirs, tm
         caplog.messages
 
 
+@pytest.mark.parametrize("extra", [(), ("--packing",)], ids=["padded", "packed"])
+def test_preview_and_shape_describe_the_samples_also_when_packed(tiny_dirs, tmp_path, capsys, caplog, no_engine,
+                                                                 extra):
+    """--packing puts samples into rows; the preview and the shape line still show the samples themselves."""
+    with caplog.at_level(logging.INFO, logger="chatglm"):
+        train.main(flags("glm3", tiny_dirs["glm3"], tmp_path / "out", "--preview_only", "--preview", "1", *extra))
+    assert f"--- sample 1 ({TRAIN}:1): " in capsys.readouterr().out
+    assert any(message.startswith(f"{TRAIN}: 24 samples, ") for message in caplog.messages)
+
+
 def test_preview_says_what_truncation_did(tiny_dirs, tmp_path, capsys, no_engine):
     train.main(flags("glm3", tiny_dirs["glm3"], tmp_path / "out", "--preview_only", "--preview", "1",
                      "--max_len", "40", "--max_src_len", "30"))
