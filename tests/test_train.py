@@ -232,7 +232,9 @@ def test_glm4_tool_calls_overfit_then_chat_calls_the_tool_and_answers(tiny_dirs,
         system, user, call, observation, answer = sample["conversations"]
         response, history = model.chat(tokenizer, user["content"], history=[system], do_sample=False,
                                        max_new_tokens=40)
-        assert response == {"name": call["metadata"], "content": call["content"]}
+        # chat() returns the call with its arguments read ("parameters"), as the official chat() does with tools
+        assert response == {"name": call["metadata"], "content": call["content"],
+                            "parameters": json.loads(call["content"])}
         assert history[-1] == {"role": "assistant", "metadata": call["metadata"], "content": call["content"]}
         response, _ = model.chat(tokenizer, observation["content"], history=history, role="observation",
                                  do_sample=False, max_new_tokens=60)
