@@ -185,6 +185,29 @@ def choose_quantization(asked: int | None, trained: int | None) -> tuple[int | N
     return asked or None, "as the adapter was trained" if trained else ""
 
 
+def planned_quantization(model_path: str | None, asked: int | None) -> tuple[int | None, str]:
+    """(bits the base of `model_path` loads in, or None for full precision; why, for the log): --quantization_bit
+    `asked`, else what a LoRA adapter records (choose_quantization). The rule load_for_inference follows, and that
+    utils.keep_bitsandbytes_out reads before anything loads. model_path None: the flag alone."""
+    trained = None
+    if model_path is not None and checkpoint_kind(str(model_path)) == "lora":
+        trained = recorded_quantization_bit(str(model_path))
+    return choose_quantization(asked, trained)
+
+
+def check_bitsandbytes(model_path: str, bits: int | None, asked: int | None) -> None:
+    """A quantized load (`bits`; `asked`: --quantization_bit, None where the adapter's record decided) needs
+    bitsandbytes: where it cannot be imported, one line that says so and how to load the base unquantized, instead
+    of transformers' traceback."""
+    import quantization
+
+    problem = quantization.bitsandbytes_problem() if bits else None
+    if problem:
+        source = f"--quantization_bit {asked}" if asked else "as the adapter was trained, training_args.json"
+        raise CheckpointError(f"{model_path}: the base loads {bits}-bit ({source}), which needs {problem}; or pass "
+                              f"--quantization_bit 0 to load the base unquantized")
+
+
 def attach_lora(model, adapter_dir: str, where: str, **peft_kwargs):
     """The PEFT adapter in `adapter_dir` on top of `model` (not merged), every weight checked to fit; `where`
     starts the one-line error."""
@@ -253,8 +276,9 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
     check_trained_mode(model_path, mode)
     device = inference_device(device)
     dtype = inference_dtype(dtype, device)
-    trained_bits = recorded_quantization_bit(model_path) if kind == "lora" else None
-    quantization_bit, why = choose_quantization(quantization_bit, trained_bits)
+    asked = quantization_bit
+    quantization_bit, why = planned_quantization(model_path, asked)
+    check_bitsandbytes(model_path, quantization_bit, asked)
 
     def load(path, **kwargs):
         if quantization_bit:

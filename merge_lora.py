@@ -33,6 +33,7 @@ import sys
 
 import torch
 
+import quantization
 from model import MODE, check_checkpoint_dir, template
 from model.config import read_json
 from model.modeling_base import check_safetensors_headers
@@ -272,8 +273,6 @@ def merge_and_check(peft_model):
 def trained_logits(args, spec, dtype, device, bits: int, prompts) -> list[torch.Tensor]:
     """Logits of the adapter on the base quantized as in training (--quantization_bit `bits`), computing in `dtype`;
     the model is freed before the full-precision one loads."""
-    import quantization
-
     with checkpoint_errors():
         model = quantization.load_quantized(spec.model, args.ori_model_dir, bits, dtype, device)
         model = attach_lora(model, args.model_dir, f"--model_dir {args.model_dir}")
@@ -294,7 +293,11 @@ def merge(args):
         tokenizer = load_tokenizer(spec, args.model_dir, args.ori_model_dir)
     prompts = check_prompt_ids(tokenizer, args.mode)
     trained = None
-    if bits:
+    problem = quantization.bitsandbytes_problem() if bits else None
+    if problem:  # the merge itself needs no bitsandbytes; only the comparison with what was trained does
+        logger.warning("the adapter was trained on a %d-bit base (QLoRA); comparing the merged model with that needs "
+                       "%s: skipped", bits, problem)
+    elif bits:
         logger.info("the adapter was trained on a %d-bit base (QLoRA): loading it so as well, to compare", bits)
         trained = trained_logits(args, spec, dtype, device, bits, prompts)
     with checkpoint_errors():
@@ -381,5 +384,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from utils import keep_bitsandbytes_out
-    keep_bitsandbytes_out([])  # merging never quantizes; peft would import it regardless
+    command_line = parse_args()  # (main parses it again) what this process loads decides, before peft is imported
+    keep_bitsandbytes_out(None, command_line.model_dir)  # a QLoRA adapter: its quantized base, to compare
     sys.exit(main())

@@ -71,6 +71,13 @@ def add_model_flags(parser) -> None:
                                  "(training_args.json), anything else unquantized", off=True)
 
 
+def load_model(args):
+    """(model, tokenizer) from the flags add_model_flags defines (inference.load_for_inference); CheckpointError with
+    one line where they cannot be loaded."""
+    return load_for_inference(args.mode, args.model_path, args.base_model_path, args.device, args.dtype,
+                              args.quantization_bit)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(parser)
@@ -475,8 +482,7 @@ def main(argv=None) -> int:
             check_outputs(args)
             samples = read_test_set(args.test_path, args.mode, args.last_turn_only)
         tools = load_tools(args.tools) if args.tools is not None else None
-        model, tokenizer = load_for_inference(args.mode, args.model_path, args.base_model_path, args.device,
-                                              args.dtype, args.quantization_bit)
+        model, tokenizer = load_model(args)
     except (DataError, CheckpointError) as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2
@@ -497,5 +503,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from utils import keep_bitsandbytes_out
-    keep_bitsandbytes_out(sys.argv[1:])  # QLoRA or not is known here; peft would import it regardless
+    command_line = parse_args()  # (main parses it again) what this process loads decides, before peft is imported
+    keep_bitsandbytes_out(command_line.quantization_bit, command_line.model_path)
     sys.exit(main())

@@ -71,13 +71,28 @@ def check_train_args(parser, args) -> None:
         parser.error(f"--quantization_bit {args.quantization_bit} with ZeRO-3 ({args.ds_file}) is not supported: "
                      f"{SUPPORTED}")
     if importlib_missing("bitsandbytes"):
-        parser.error(f"--quantization_bit {args.quantization_bit} needs bitsandbytes: pip install "
-                     f"'bitsandbytes>=0.50,<1'")
+        parser.error(f"--quantization_bit {args.quantization_bit} needs bitsandbytes: {INSTALL}")
+
+
+INSTALL = "pip install 'bitsandbytes>=0.50,<1'"
 
 
 def importlib_missing(name: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(name) is None
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why a quantized load cannot run here (bitsandbytes not installed, or its import fails), or None where it can.
+    Imports bitsandbytes: for where a quantized load follows."""
+    if importlib_missing("bitsandbytes"):
+        return f"bitsandbytes, which is not installed ({INSTALL})"
+    try:
+        import bitsandbytes  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as e:  # a broken install: a missing native library, say
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"bitsandbytes, which fails to import ({first_line})"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------------

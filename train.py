@@ -929,9 +929,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
     from utils import keep_bitsandbytes_out
-    keep_bitsandbytes_out(sys.argv[1:])  # QLoRA or not is known here; peft would import it regardless
+    keep_bitsandbytes_out(parse_args().quantization_bit)  # (main parses it again) before peft is imported
     try:
         main()
     finally:

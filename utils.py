@@ -57,19 +57,26 @@ QUIET_WARNINGS = {
 }
 
 
-def keep_bitsandbytes_out(argv) -> None:
-    """For the process of train.py, predict.py or merge_lora.py, called first thing with its command line: unless a
-    --quantization_bit flag (or an abbreviation argparse accepts) is there, make bitsandbytes unimportable for this
-    process (sys.modules[name] = None: `import` raises ImportError and importlib.util.find_spec answers None). peft
-    imports bitsandbytes whenever it is installed (peft/helpers.py) and takes it as absent then: the seconds of its
-    import and its notices are saved. Not for a host process (pytest, a notebook): it may quantize later, and peft
-    caches what it found."""
+def keep_bitsandbytes_out(quantization_bit: int | None, checkpoint_dir: str | None = None) -> None:
+    """For the process of train.py, predict.py, merge_lora.py or web_demo.py, called first thing (before anything
+    imports peft) with what it will load: its --quantization_bit (None where the flag is absent) and the checkpoint
+    it loads on a base (predict.py / web_demo.py --model_path, merge_lora.py --model_dir). Unless that load quantizes
+    (the flag, else a QLoRA adapter's recorded quantization_bit: inference.planned_quantization, the rule the
+    loading follows), make bitsandbytes unimportable for this process (sys.modules[name] = None: `import` raises
+    ImportError and importlib.util.find_spec answers None). peft imports bitsandbytes whenever it is installed
+    (peft/helpers.py) and takes it as absent then: the seconds of its import and its notices are saved. A checkpoint
+    that cannot be read leaves bitsandbytes importable: loading it reports the problem in one line. Not for a host
+    process (pytest, a notebook): it may quantize later, and peft caches what it found."""
     import sys
 
-    names = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
-    if any(len(name) > 2 and "--quantization_bit".startswith(name) for name in names):
+    from inference import CheckpointError, planned_quantization  # here: inference imports this module
+
+    try:
+        bits, _ = planned_quantization(checkpoint_dir, quantization_bit)
+    except CheckpointError:
         return
-    sys.modules.setdefault("bitsandbytes", None)
+    if not bits:
+        sys.modules.setdefault("bitsandbytes", None)
 
 
 def quiet_libraries() -> None:

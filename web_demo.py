@@ -30,9 +30,9 @@ from types import SimpleNamespace
 import torch
 from transformers import StoppingCriteria
 
-from inference import CheckpointError, load_for_inference
+from inference import CheckpointError
 from model import template
-from predict import add_model_flags, generation_kwargs, is_utf8, shown_arguments, tool_list_problem
+from predict import add_model_flags, generation_kwargs, load_model, is_utf8, shown_arguments, tool_list_problem
 from utils import add_bool_flag, setup_logging
 
 logger = logging.getLogger("chatglm")
@@ -293,8 +293,7 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()
     try:
-        model, tokenizer = load_for_inference(args.mode, args.model_path, args.base_model_path, args.device,
-                                              args.dtype, args.quantization_bit)
+        model, tokenizer = load_model(args)
     except CheckpointError as e:
         print(f"web_demo.py: error: {e}", file=sys.stderr)
         return 2
@@ -319,4 +318,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from utils import keep_bitsandbytes_out
+    command_line = parse_args()  # (main parses it again) what this process loads decides, before peft is imported
+    keep_bitsandbytes_out(command_line.quantization_bit, command_line.model_path)
     sys.exit(main())
