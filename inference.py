@@ -204,8 +204,8 @@ def check_bitsandbytes(model_path: str, bits: int | None, asked: int | None) -> 
     problem = quantization.bitsandbytes_problem() if bits else None
     if problem:
         source = f"--quantization_bit {asked}" if asked else "as the adapter was trained, training_args.json"
-        raise CheckpointError(f"{model_path}: the base loads {bits}-bit ({source}), which needs {problem}; or pass "
-                              f"--quantization_bit 0 to load the base unquantized")
+        raise CheckpointError(f"{model_path}: the base loads {bits}-bit ({source}), but {problem}: install it, or "
+                              f"pass --quantization_bit 0 to load the base unquantized")
 
 
 def attach_lora(model, adapter_dir: str, where: str, **peft_kwargs):

@@ -295,8 +295,8 @@ def merge(args):
     trained = None
     problem = quantization.bitsandbytes_problem() if bits else None
     if problem:  # the merge itself needs no bitsandbytes; only the comparison with what was trained does
-        logger.warning("the adapter was trained on a %d-bit base (QLoRA); comparing the merged model with that needs "
-                       "%s: skipped", bits, problem)
+        logger.warning("the adapter was trained on a %d-bit base (QLoRA), but %s: the comparison of the merged "
+                       "model with what was trained is skipped", bits, problem)
     elif bits:
         logger.info("the adapter was trained on a %d-bit base (QLoRA): loading it so as well, to compare", bits)
         trained = trained_logits(args, spec, dtype, device, bits, prompts)

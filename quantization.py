@@ -86,12 +86,12 @@ def bitsandbytes_problem() -> str | None:
     """Why a quantized load cannot run here (bitsandbytes not installed, or its import fails), or None where it can.
     Imports bitsandbytes: for where a quantized load follows."""
     if importlib_missing("bitsandbytes"):
-        return f"bitsandbytes, which is not installed ({INSTALL})"
+        return f"bitsandbytes is not installed ({INSTALL})"
     try:
         import bitsandbytes  # noqa: F401
     except (ImportError, OSError, RuntimeError) as e:  # a broken install: a missing native library, say
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"bitsandbytes, which fails to import ({first_line})"
+        return f"bitsandbytes fails to import ({first_line})"
     return None
 
 

@@ -122,3 +122,56 @@ def overfit(mode: str, base: str, output_dir, conversations: list[list[dict]], m
     model.eval()
     model.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
+
+
+def free_port() -> int:
+    """A TCP port the OS calls free now (port 0), for a process group's MASTER_PORT or a server."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The training command of the README's "Your own fine-tune, step by step" (step 2), shrunk to one optimizer step
+# on the tiny ChatGLM3 checkpoint; per train type its own flags (README "Training"; qlora4: step 2's
+# `--quantization_bit 4` for QLoRA).
+STEP_BY_STEP_TRAIN_TYPES = {
+    "lora": ["--train_type", "lora", "--lora_dim", "4", "--lora_alpha", "16"],
+    "qlora4": ["--train_type", "lora", "--lora_dim", "4", "--lora_alpha", "16", "--quantization_bit", "4"],
+    "freeze": ["--train_type", "freeze"],
+    "ptuning": ["--train_type", "ptuning", "--pre_seq_len", "4", "--prefix_projection", "True"],
+    "all": ["--train_type", "all"],
+}
+
+
+@pytest.fixture(scope="session")
+def trained_glm3(tiny_dirs, tmp_path_factory):
+    """A function: train type (STEP_BY_STEP_TRAIN_TYPES) -> the checkpoint directory train.py wrote after one step
+    on the tiny ChatGLM3 checkpoint, with the README's step-by-step flags. train.main runs in this process (a world
+    of one, gloo on the CPU, one thread), once per train type and session; the process group stays up for the next
+    run, as DeepSpeed keeps references to it."""
+    import torch
+
+    import train
+
+    checkpoints = {}
+
+    def checkpoint(train_type: str) -> str:
+        if train_type not in checkpoints:
+            out = tmp_path_factory.mktemp(f"trained-glm3-{train_type}")
+            argv = ["--mode", "glm3", "--model_name_or_path", tiny_dirs["glm3"], "--train_path",
+                    ROOT / "data/train.jsonl", "--max_len", "48", "--max_src_len", "24", "--learning_rate", "1e-3",
+                    "--max_steps", "1", "--gradient_checkpointing", "--output_dir", out,
+                    *STEP_BY_STEP_TRAIN_TYPES[train_type]]
+            threads = torch.get_num_threads()
+            with pytest.MonkeyPatch.context() as patch:
+                one_rank_env(patch, free_port())
+                torch.set_num_threads(1)
+                try:
+                    train.main([str(arg) for arg in argv])
+                finally:
+                    torch.set_num_threads(threads)
+            checkpoints[train_type] = str(out / "epoch-1-step-1")
+        return checkpoints[train_type]
+    return checkpoint
