@@ -18,7 +18,8 @@ the bound the script fails loudly and writes nothing. (Layer by layer in float64
 would need 48 GB.) The logits of the merged model and of base + adapter on a few fixed prompts, in the merge dtype,
 are reported as information: their difference is rounding, which grows with the model's width and depth. For a
 QLoRA adapter (its training_args.json records --quantization_bit) the merged model is also compared with what was
-trained, the adapter on the base quantized as in training: the base's quantization error lies between them.
+trained, the adapter on the base quantized as in training: the base's quantization error lies between them (where
+bitsandbytes cannot be imported, that comparison is skipped with a warning; the merge itself needs no bitsandbytes).
 The output appears only once complete (written to a temporary directory beside it, then renamed). It never writes
 into the base or the adapter directory and refuses an output directory that exists and is not empty.
 """
