@@ -194,6 +194,33 @@ class PairCollator:
         return batch
 
 
+def preview_lines(args, tokenizer, colour: bool) -> list[str]:
+    """monitor.py's --preview for pairs: the first --preview pairs of --train_path, each answer on the shared
+    prompt, learned tokens marked."""
+    from monitor import render
+
+    stops = set(template.stop_token_ids(tokenizer, args.mode))
+    lines = [f"preview of the first {args.preview} pairs of {args.train_path}: learned tokens "
+             + ("in green" if colour else "in [[ ]]")]
+    for number, (line, record) in enumerate(read_records(args.train_path)[:args.preview], start=1):
+        where = f"{args.train_path}:{line}"
+        prompt, chosen, rejected = pair_messages(args.mode, record, where)
+        example, truncated = PreferenceDataset._encode(tokenizer, args.mode, prompt, chosen, rejected,
+                                                       args.max_len, args.max_src_len)
+        if example is None:
+            lines.append(f"--- pair {number} ({where}): left out: an answer does not fit --max_len {args.max_len} "
+                         f"beside its prompt (--max_src_len {args.max_src_len})")
+            continue
+        lines.append(f"--- pair {number} ({where}): prompt "
+                     + ("shortened to fit --max_src_len" if truncated else "whole"))
+        for which in ("", "rejected_"):
+            ids, labels = example[which + "input_ids"], example[which + "labels"]
+            learned = sum(label != template.IGNORE_INDEX for label in labels)
+            lines.append(f"{which[:-1] or 'chosen'}: {len(ids)} tokens, {learned} learned")
+            lines.append(render(tokenizer, ids, labels, stops, colour))
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # the losses: pure functions of log-probabilities
 # ------------------------------------------------------------------------------------------------------------------

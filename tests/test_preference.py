@@ -324,3 +324,48 @@ def test_refused_flags_say_why_in_one_line(flags, message, glm3, tmp_path, capsy
         train.parse_args([str(a) for a in ("--stage", "dpo", "--mode", "glm3", "--model_name_or_path", base,
                                            "--train_path", PAIRS, "--output_dir", tmp_path, *flags)])
     assert message in capsys.readouterr().err
+
+
+def test_the_ptuning_reference_is_the_model_without_its_prefix(glm3):
+    """DPO's reference for --train_type ptuning: the same model with the prefix switched off, which computes what
+    the base computes (and the prefix, while on, changes the logits)."""
+    import preference
+    from model import MODE
+
+    base, tokenizer = glm3
+    ids = pair_batch(tokenizer, "glm3", PAIRS, 2)["input_ids"]
+    plain = MODE["glm3"].model.from_pretrained(base).eval()
+    prefixed = MODE["glm3"].model.from_pretrained(base, pre_seq_len=4, prefix_projection=False).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(prefixed.transformer.prefix_encoder.embedding.weight, std=1.0)
+        expected = plain(input_ids=ids, return_logits=True).logits
+        assert not torch.allclose(prefixed(input_ids=ids, return_logits=True).logits, expected, atol=1e-4)
+        with preference.adapter_off(prefixed):
+            switched_off = prefixed(input_ids=ids, return_logits=True).logits
+        torch.testing.assert_close(switched_off, expected)
+        assert not torch.allclose(prefixed(input_ids=ids, return_logits=True).logits, expected, atol=1e-4)
+
+
+def test_orpo_lora_through_train_py_logs_what_trl_computes(glm3, tmp_path, train_in_process):
+    """train.py --stage orpo: the dev loss and rewards it logs after a step are TRL's odds-ratio term plus the
+    chosen answer's NLL on the adapter it saved."""
+    from peft import PeftModel
+
+    import train
+    from model import MODE
+
+    base, tokenizer = glm3
+    out = tmp_path / "orpo"
+    train_in_process("--stage", "orpo", "--pref_beta", "0.25", "--mode", "glm3", "--model_name_or_path", base,
+                     "--train_path", PAIRS, "--dev_path", DEV_PAIRS, "--train_type", "lora", "--lora_dropout", "0",
+                     "--max_len", "256", "--max_src_len", "200", "--per_device_train_batch_size", "8",
+                     "--learning_rate", "2e-2", "--max_steps", "2", "--output_dir", out)
+    last_eval = [r for r in read_records(out) if "eval_loss" in r][-1]
+    model = PeftModel.from_pretrained(MODE["glm3"].model.from_pretrained(base),
+                                      str(out / train.last_checkpoint(str(out)))).eval()
+    with torch.no_grad():
+        theirs, chosen_rewards, rejected_rewards = trl_orpo(model, pair_batch(tokenizer, "glm3", DEV_PAIRS, 6),
+                                                            beta=0.25)
+    assert last_eval["eval_loss"] == pytest.approx(theirs.item(), rel=1e-4)
+    assert last_eval["eval_rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), rel=1e-4)
+    assert last_eval["eval_rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), rel=1e-4)
