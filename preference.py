@@ -52,6 +52,10 @@ def add_flags(parser) -> None:
     group.add_argument("--pref_label_smoothing", type=float, default=0.0,
                        help="dpo: the share of pairs assumed to be labelled the wrong way round (conservative DPO), "
                             "in [0, 0.5)")
+    group.add_argument("--ref_model_path", default=None,
+                       help="dpo: the reference model's checkpoint directory (a full checkpoint of the same --mode, "
+                            "e.g. the merged SFT model); its log-probabilities are computed once before training. "
+                            "Default: the model being trained as loaded (lora / ptuning: with the adapter off)")
 
 
 def check_flags(parser, args) -> None:
@@ -61,6 +65,8 @@ def check_flags(parser, args) -> None:
         parser.error(f"--pref_beta must be above 0, got {args.pref_beta}")
     if not 0 <= args.pref_label_smoothing < 0.5:
         parser.error(f"--pref_label_smoothing must be in [0, 0.5), got {args.pref_label_smoothing}")
+    if args.ref_model_path and args.stage != "dpo":
+        parser.error(f"--ref_model_path is DPO's reference; --stage {args.stage} has none: leave it out")
     if args.stage == "orpo" and args.pref_label_smoothing:
         parser.error("--pref_label_smoothing is DPO's; ORPO has no such term: leave it out with --stage orpo")
     if args.packing:  # a pair must stay in one micro-batch, and packed rows mix samples
@@ -286,13 +292,29 @@ def forward_logps(engine, batch):
     return sequence_logps(logits, batch["labels"])
 
 
+class ReferenceEngine:
+    """A reference model (--ref_model_path) called as train.py calls its DeepSpeed engine."""
+
+    def __init__(self, module, device):
+        self.module, self.device = module.to(device), device
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def eval(self):
+        self.module.eval()
+
+    def train(self):
+        pass
+
+
 class PreferenceObjective:
     """DPO or ORPO over pair batches, for train.py's train_step and evaluate: `units` counts a batch's pairs (the
     divisor of the step's mean), `loss` returns the summed loss of its pairs and the sums of METRICS."""
 
     def __init__(self, args):
         self.stage, self.beta, self.smoothing = args.stage, args.pref_beta, args.pref_label_smoothing
-        self.adapter_reference = args.train_type in ADAPTER_TYPES
+        self.adapter_reference = args.train_type in ADAPTER_TYPES and not args.ref_model_path
         self.reference = {}  # "train" / "dev": [pairs, 2] log-probabilities of the weights as loaded (freeze / all)
 
     names = METRICS
@@ -341,15 +363,19 @@ class PreferenceObjective:
         values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
         return values
 
-    def prepare(self, engine, loaders: dict, saved: dict | None) -> None:
-        """freeze / all: the reference log-probabilities of every pair, read from a resumed checkpoint or computed
-        now, before the first step (the weights are still those loaded). Each rank scores its evaluation shard of
-        the data; the sums over ranks give every rank the whole table."""
+    def prepare(self, engine, loaders: dict, saved: dict | None, reference_model=None) -> None:
+        """freeze / all (or --ref_model_path): the reference log-probabilities of every pair, read from a resumed
+        checkpoint or computed now, before the first step (the weights are still those loaded), by
+        `reference_model` where one is given. Each rank scores its evaluation shard of the data; the sums over
+        ranks give every rank the whole table."""
         if self.stage != "dpo" or self.adapter_reference:
             return
         if saved:
             self.reference = {split: table.cpu() for split, table in saved.items()}
+            logger.info("reference log-probabilities read from the checkpoint")
             return
+        if reference_model is not None:
+            engine = ReferenceEngine(reference_model, engine.device)
         engine.eval()
         for split, (loader, size) in loaders.items():
             table = torch.zeros(size, 2, dtype=torch.float32, device=engine.device)

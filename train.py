@@ -45,14 +45,15 @@ from utils import DTYPES, PRECISIONS, add_bool_flag, auto_precision, count_param
 logger = logging.getLogger("chatglm")
 TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
 HERE = os.path.dirname(os.path.abspath(__file__))
-PATH_FLAGS = ("model_name_or_path", "train_path", "dev_path", "ds_file")  # absolute in training_args.json
+# absolute in training_args.json
+PATH_FLAGS = ("model_name_or_path", "train_path", "dev_path", "ds_file", "ref_model_path")
 # What a resumed run must share with the run that wrote its checkpoint: the flags that decide which parameters train
 # and which samples come in which order. Epochs, --max_steps, the lr, logging and saving may change.
 RESUME_FIXED = {
     "any": ("model_name_or_path", "mode", "train_type", "quantization_bit", "train_path", "max_len", "max_src_len",
             "is_skip", "last_turn_only", "group_by_length", "packing", "per_device_train_batch_size",
             "gradient_accumulation_steps", "seed", "world_size", "sequence_parallel_size", "stage", "pref_beta",
-            "pref_label_smoothing"),
+            "pref_label_smoothing", "ref_model_path"),
     "lora": ("lora_dim", "lora_alpha", "lora_module_name"),
     "ptuning": ("pre_seq_len", "prefix_projection"),
     "freeze": ("freeze_module_name",),
@@ -609,6 +610,15 @@ def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
                       drop_last=True, generator=torch.Generator().manual_seed(args.seed), pin_memory=pin_memory)
 
 
+def reference_model(args):
+    """--ref_model_path: DPO's reference, loaded whole on each rank in the run's precision for one pass over the data
+    (each rank scores only its share, so no collective is needed)."""
+    with checkpoint_errors():
+        check_checkpoint_dir(args.ref_model_path, args.mode)
+        return MODE[args.mode].model.from_pretrained(args.ref_model_path,
+                                                     dtype=DTYPES[pick_precision(args.precision)])
+
+
 def reference_loaders(args, train_set, dev_set, rank, world_size, pad_token_id) -> dict:
     """Every pair of the training and dev sets once over all ranks (evaluation shards), for DPO's precomputed
     reference: {split: (loader, pairs)}."""
@@ -885,9 +895,10 @@ def train(args):
             logger.info("%s already reached step %d of %d: nothing to do", resume_tag, step, total_steps)
             return os.path.join(args.output_dir, resume_tag)
 
-    if args.stage == "dpo":  # freeze / all: the reference log-probabilities of the weights as loaded (preference.py)
+    if args.stage == "dpo":  # freeze / all, --ref_model_path: the reference's log-probabilities (preference.py)
         objective.prepare(engine, reference_loaders(args, train_set, dev_set, rank, world_size,
-                                                    tokenizer.pad_token_id), saved_reference)
+                                                    tokenizer.pad_token_id), saved_reference,
+                          reference_model(args) if args.ref_model_path and not saved_reference else None)
 
     writer = None
     if rank == 0:

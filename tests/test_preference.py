@@ -290,6 +290,42 @@ def test_bad_pairs_name_file_and_line(row, message, glm3, tmp_path):
         preference.PreferenceDataset(str(path), tokenizer, "glm3", 256, 200)
 
 
+@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3", "glm4"])
+def test_every_mode_builds_the_example_pairs_on_one_prompt(mode, tiny_dirs):
+    """data/pairs_train.jsonl through each mode's template: both rows start with the same prompt tokens, which
+    carry no label, and each answer's labels start right after them (with its end token, as in SFT)."""
+    import preference
+    from model import MODE, template
+
+    tokenizer = MODE[mode].tokenizer.from_pretrained(tiny_dirs[mode])
+    data = preference.PreferenceDataset(str(PAIRS), tokenizer, mode, 256, 200)
+    assert len(data) == 24
+    for example in data.examples[:3]:
+        starts = [next(i for i, label in enumerate(example[k]) if label != template.IGNORE_INDEX)
+                  for k in ("labels", "rejected_labels")]
+        assert starts[0] == starts[1]
+        assert example["input_ids"][:starts[0]] == example["rejected_input_ids"][:starts[0]]
+        assert example["input_ids"] != example["rejected_input_ids"]
+
+
+def test_a_tool_call_can_be_the_chosen_answer(tiny_dirs):
+    """glm4: chosen calls the declared tool (our `metadata` form), rejected answers in text; the call is built as
+    training builds calls."""
+    import preference
+    from model import MODE, template
+
+    tokenizer = MODE["glm4"].tokenizer.from_pretrained(tiny_dirs["glm4"])
+    conversation = json.loads((ROOT / "data" / "tools_train.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    prompt_turns = conversation["conversations"][:2]
+    call = conversation["conversations"][2]
+    prompt, chosen, rejected = preference.pair_messages(
+        "glm4", {"conversations": prompt_turns, "chosen": call, "rejected": "我无法读取故障码。"}, "x:1")
+    example, _ = preference.PreferenceDataset._encode(tokenizer, "glm4", prompt, chosen, rejected, 2048, 1900)
+    sft_ids, sft_labels, _ = template.encode_messages(tokenizer, "glm4", prompt + chosen, learn_all_turns=False)
+    assert (example["input_ids"], example["labels"]) == (sft_ids, sft_labels)
+    assert "read_fault_codes" in tokenizer.decode([t for t in example["labels"] if t != template.IGNORE_INDEX])
+
+
 def test_the_two_answers_share_one_prompt_and_only_answers_are_learned(glm3):
     """A conversation pair: the prompt (system, earlier turns) is the same tokens in both rows, labels start where
     the answers start, and a pair whose answer cannot fit is left out whole rather than cut."""
@@ -369,3 +405,29 @@ def test_orpo_lora_through_train_py_logs_what_trl_computes(glm3, tmp_path, train
     assert last_eval["eval_loss"] == pytest.approx(theirs.item(), rel=1e-4)
     assert last_eval["eval_rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), rel=1e-4)
     assert last_eval["eval_rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), rel=1e-4)
+
+
+def test_ref_model_path_is_the_reference_of_the_first_step(glm3, tmp_path, train_in_process):
+    """--ref_model_path: the first step's loss (policy: the base with a fresh LoRA adapter, i.e. the base) is TRL's
+    DPO loss against that other model's log-probabilities, no longer log 2."""
+    from model import MODE
+
+    base, tokenizer = glm3
+    reference_dir = tmp_path / "reference"
+    reference = perturbed(MODE["glm3"].model.from_pretrained(base), seed=3).eval()
+    reference.save_pretrained(str(reference_dir))
+    tokenizer.save_pretrained(str(reference_dir))
+    out = tmp_path / "dpo-ref"
+    train_in_process("--stage", "dpo", "--ref_model_path", reference_dir, "--mode", "glm3",
+                     "--model_name_or_path", base, "--train_path", PAIRS, "--train_type", "lora",
+                     "--max_len", "256", "--max_src_len", "200", "--per_device_train_batch_size", "24",
+                     "--max_steps", "1", "--show_loss_step", "1", "--output_dir", out)
+    first = read_records(out)[0]
+    batch = pair_batch(tokenizer, "glm3", PAIRS, 24)
+    import preference
+    with torch.no_grad():
+        ref_logps, _ = preference.sequence_logps(reference(input_ids=batch["input_ids"], return_logits=True).logits,
+                                                 batch["labels"])
+        theirs, _ = trl_dpo(MODE["glm3"].model.from_pretrained(base).eval(), batch, *ref_logps.chunk(2), beta=0.1)
+    assert abs(theirs.item() - 0.6931) > 1e-3
+    assert first["loss"] == pytest.approx(theirs.item(), rel=1e-5)
