@@ -272,7 +272,7 @@ def check_resume(args, tag: str, world_size: int) -> None:
         raise SystemExit(f"--resume: {error}") from None
     now = run_record(args, world_size)
     for flag in RESUME_FIXED["any"] + RESUME_FIXED.get(args.train_type, ()):
-        if flag in PATH_FLAGS and flag in before:  # older records: relative paths
+        if flag in PATH_FLAGS and before.get(flag):  # older records: relative paths
             before[flag] = os.path.abspath(before[flag])
         if flag in before and before[flag] != now[flag]:
             what = "ranks" if flag == "world_size" else f"--{flag}"

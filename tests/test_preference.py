@@ -136,7 +136,7 @@ def test_dpo_loss_rewards_and_gradients_equal_trl(glm3):
     ref_chosen, ref_rejected = ref_logps.chunk(2)
     policy = perturbed(MODE["glm3"].model.from_pretrained(base), seed=1).eval()
     objective = preference.PreferenceObjective(SimpleNamespace(stage="dpo", pref_beta=0.3, pref_label_smoothing=0.0,
-                                                               train_type="all"))
+                                                               train_type="all", ref_model_path=None))
     objective.reference["train"] = torch.stack([ref_chosen, ref_rejected], dim=1)
     loss_sum, stats = objective.loss(Engine(module=policy, device=torch.device("cpu")), batch)
     ours = loss_sum / objective.units(batch)
@@ -175,7 +175,7 @@ def test_orpo_loss_and_rewards_equal_trl(glm3):
     batch = pair_batch(tokenizer, "glm3", PAIRS, 3)
     policy = perturbed(MODE["glm3"].model.from_pretrained(base), seed=2).eval()
     objective = preference.PreferenceObjective(SimpleNamespace(stage="orpo", pref_beta=0.25, pref_label_smoothing=0.0,
-                                                               train_type="lora"))
+                                                               train_type="lora", ref_model_path=None))
     loss_sum, stats = objective.loss(Engine(module=policy, device=torch.device("cpu")), batch)
     theirs, chosen_rewards, rejected_rewards = trl_orpo(policy, batch, beta=0.25)
     assert (loss_sum / 3).item() == pytest.approx(theirs.item(), rel=FP32_RTOL)
