@@ -288,7 +288,8 @@ def adapter_off(model):
 
 def forward_logps(engine, batch):
     """(summed log-probabilities, labelled tokens) of each row of a pair batch."""
-    logits = engine(input_ids=batch["input_ids"].to(engine.device), return_logits=True).logits
+    # no labels: every model returns its logits (ours and transformers' own classes alike)
+    logits = engine(input_ids=batch["input_ids"].to(engine.device)).logits
     return sequence_logps(logits, batch["labels"])
 
 
