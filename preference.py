@@ -289,7 +289,7 @@ def adapter_off(model):
 def forward_logps(engine, batch):
     """(summed log-probabilities, labelled tokens) of each row of a pair batch."""
     # no labels: every model returns its logits (ours and transformers' own classes alike)
-    logits = engine(input_ids=batch["input_ids"].to(engine.device)).logits
+    logits = engine(input_ids=batch["input_ids"].to(engine.device), use_cache=False).logits
     return sequence_logps(logits, batch["labels"])
 
 
