@@ -324,8 +324,9 @@ class EvalShard(Dataset):
         position = self.indices[index]
         if position < len(self.dataset):
             return self.dataset[position]
-        example = self.dataset[0]
-        return {"input_ids": example["input_ids"], "labels": [template.IGNORE_INDEX] * len(example["labels"])}
+        example = self.dataset[0]  # every label list blanked (a preference pair has two)
+        return {key: [template.IGNORE_INDEX] * len(value) if key.endswith("labels") else value
+                for key, value in example.items()}
 
 
 class DataCollator:

@@ -4,13 +4,30 @@
 #   bash demo.sh            (MODE=glm, MODE=glm2 or MODE=glm4 bash demo.sh for the other versions)
 #   MODE=glm4 TASK=tools bash demo.sh   the tool-calling fine-tune (glm3 or glm4) on data/tools_train.jsonl, predicted
 #                                       on data/tools_test.jsonl (the set data/make_tools.py writes)
+#   STAGE=dpo bash demo.sh              preference training (DPO; STAGE=orpo: ORPO) on the pairs in
+#                                       data/pairs_train.jsonl (the set data/make_pairs.py writes)
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE="${MODE:-glm3}"
 TASK="${TASK:-chat}"
+STAGE="${STAGE:-sft}"
+case "$STAGE" in
+  sft) ;;
+  dpo|orpo) if [ "$TASK" != chat ]; then
+              echo "demo.sh: STAGE=$STAGE runs on the chat pairs (data/pairs_train.jsonl): leave TASK out" >&2
+              exit 2
+            fi
+            TASK=pairs ;;
+  *)   echo "demo.sh: STAGE=$STAGE is not one of sft, dpo, orpo" >&2
+       exit 2 ;;
+esac
 case "$TASK" in
   chat)  WORK="${WORK:-demo-$MODE}"
          DATA=(--train_path data/train.jsonl --dev_path data/dev.jsonl --max_len 256 --max_src_len 200)
+         TEST=data/test.jsonl ;;
+  pairs) WORK="${WORK:-demo-$MODE-$STAGE}"
+         DATA=(--stage "$STAGE" --pref_beta 0.1 --train_path data/pairs_train.jsonl --dev_path data/pairs_dev.jsonl
+               --max_len 256 --max_src_len 200)
          TEST=data/test.jsonl ;;
   tools) if [ "$MODE" != glm3 ] && [ "$MODE" != glm4 ]; then
            echo "demo.sh: TASK=tools needs MODE=glm3 or MODE=glm4 (ChatGLM-6B and ChatGLM2-6B have no tool calls)" >&2
@@ -41,7 +58,9 @@ elif [ -e "$WORK" ]; then
   rm -rf "$WORK"
 fi
 python -m model.tiny --mode "$MODE" --output_dir "$WORK/base"
-deepspeed --num_gpus 1 train.py --mode "$MODE" --model_name_or_path "$WORK/base" --train_type lora \
+# a free port for the launcher's rendezvous (its default, 29500, may be taken by another run on this machine)
+PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+deepspeed --num_gpus 1 --master_port "$PORT" train.py --mode "$MODE" --model_name_or_path "$WORK/base" --train_type lora \
   --lora_dim 8 --lora_alpha 32 --lora_module_name "query_key_value,dense_h_to_4h,dense_4h_to_h,dense" \
   "${DATA[@]}" \
   --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --learning_rate 1e-2 --num_train_epochs 3 \

@@ -138,6 +138,9 @@ def decode_visibly(tokenizer, tokens, stops):
 
 def preview_lines(args, tokenizer, build_data, colour: bool = False) -> list[str]:
     """The first --preview samples of --train_path as the model sees them."""
+    if getattr(args, "stage", "sft") != "sft":  # pairs: both answers on their shared prompt
+        import preference
+        return preference.preview_lines(args, tokenizer, colour)
     stops = set(template.stop_token_ids(tokenizer, args.mode))
     lines = [f"preview of the first {args.preview} samples of {args.train_path}: learned tokens "
              + ("in green" if colour else "in [[ ]]")]

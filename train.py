@@ -31,6 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 import monitor
 import packing
+import preference
 import quantization
 import sequence_parallel
 from model import MODE, check_checkpoint_dir, template
@@ -44,13 +45,15 @@ from utils import DTYPES, PRECISIONS, add_bool_flag, auto_precision, count_param
 logger = logging.getLogger("chatglm")
 TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
 HERE = os.path.dirname(os.path.abspath(__file__))
-PATH_FLAGS = ("model_name_or_path", "train_path", "dev_path", "ds_file")  # absolute in training_args.json
+# absolute in training_args.json
+PATH_FLAGS = ("model_name_or_path", "train_path", "dev_path", "ds_file", "ref_model_path")
 # What a resumed run must share with the run that wrote its checkpoint: the flags that decide which parameters train
 # and which samples come in which order. Epochs, --max_steps, the lr, logging and saving may change.
 RESUME_FIXED = {
     "any": ("model_name_or_path", "mode", "train_type", "quantization_bit", "train_path", "max_len", "max_src_len",
             "is_skip", "last_turn_only", "group_by_length", "packing", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "seed", "world_size", "sequence_parallel_size"),
+            "gradient_accumulation_steps", "seed", "world_size", "sequence_parallel_size", "stage", "pref_beta",
+            "pref_label_smoothing", "ref_model_path"),
     "lora": ("lora_dim", "lora_alpha", "lora_module_name"),
     "ptuning": ("pre_seq_len", "prefix_projection"),
     "freeze": ("freeze_module_name",),
@@ -137,6 +140,7 @@ def parse_args(argv=None):
     add_bool_flag(group, "--resume", "continue from the last checkpoint in output_dir")
     group.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     monitor.add_flags(parser)
+    preference.add_flags(parser)
     args = parser.parse_args(argv)
     args.ds_file = find_ds_file(parser, args.ds_file)
     if args.max_src_len >= args.max_len:
@@ -166,6 +170,7 @@ def parse_args(argv=None):
     packing.check_train_args(parser, args)
     monitor.check_flags(parser, args)
     sequence_parallel.check_flags(parser, args)
+    preference.check_flags(parser, args)
     if args.compile and quantization.zero_stage(args.ds_file) == 3:
         # ZeRO-3 gathers each parameter in module hooks that torch.compile must not trace: the parts would fall
         # back to eager piece by piece, recompiling for every layer
@@ -267,7 +272,7 @@ def check_resume(args, tag: str, world_size: int) -> None:
         raise SystemExit(f"--resume: {error}") from None
     now = run_record(args, world_size)
     for flag in RESUME_FIXED["any"] + RESUME_FIXED.get(args.train_type, ()):
-        if flag in PATH_FLAGS and flag in before:  # older records: relative paths
+        if flag in PATH_FLAGS and before.get(flag):  # older records: relative paths
             before[flag] = os.path.abspath(before[flag])
         if flag in before and before[flag] != now[flag]:
             what = "ranks" if flag == "world_size" else f"--{flag}"
@@ -569,6 +574,8 @@ def build_data(args, tokenizer):
                          f"template alone takes {shortest} tokens")
 
     def load(path):
+        if args.stage != "sft":  # pairs of answers (preference.py)
+            return preference.PreferenceDataset(path, tokenizer, args.mode, args.max_len, args.max_src_len)
         return InstructionDataset(path, tokenizer, args.mode, args.max_len, args.max_src_len, args.is_skip,
                                   learn_all_turns=not args.last_turn_only)
     train_set = load(args.train_path)
@@ -584,6 +591,8 @@ def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
 
     packed = isinstance(dataset, packing.PackedDataset)
     collate = packing.PackedCollator(pad_token_id) if packed else DataCollator(pad_token_id)
+    if isinstance(dataset, preference.PreferenceDataset):
+        collate = preference.PairCollator(pad_token_id)
     # Pinned batches reach the GPU without a stream sync (a copy from pageable memory waits for the device's queue).
     pin_memory = torch.cuda.is_available()
     if not shuffle:
@@ -599,6 +608,23 @@ def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
     # restores (dropout draws from that), so resuming at any point replays the same random numbers.
     return DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate,
                       drop_last=True, generator=torch.Generator().manual_seed(args.seed), pin_memory=pin_memory)
+
+
+def reference_model(args):
+    """--ref_model_path: DPO's reference, loaded whole on each rank in the run's precision for one pass over the data
+    (each rank scores only its share, so no collective is needed)."""
+    with checkpoint_errors():
+        check_checkpoint_dir(args.ref_model_path, args.mode)
+        return MODE[args.mode].model.from_pretrained(args.ref_model_path,
+                                                     dtype=DTYPES[pick_precision(args.precision)])
+
+
+def reference_loaders(args, train_set, dev_set, rank, world_size, pad_token_id) -> dict:
+    """Every pair of the training and dev sets once over all ranks (evaluation shards), for DPO's precomputed
+    reference: {split: (loader, pairs)}."""
+    sets = {"train": train_set, "dev": dev_set} if dev_set else {"train": train_set}
+    return {split: (make_loader(data, args, rank, world_size, False, pad_token_id), len(data))
+            for split, data in sets.items()}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -626,7 +652,23 @@ def batch_loss(engine, batch):
     return engine(**inputs, labels=batch.get("labels"), shift_labels=batch.get("shift_labels"), reduction="sum").loss
 
 
-def train_step(engine, window, world_size: int):
+class TokenLoss:
+    """Supervised fine-tuning's objective: the summed cross-entropy of a batch's labelled tokens, a step's mean taken
+    over its tokens. preference.PreferenceObjective has the same interface (units: pairs)."""
+
+    names = ()  # the metrics it logs beside the loss
+    units = staticmethod(labelled_tokens)
+
+    @staticmethod
+    def loss(engine, batch, split: str = "train"):
+        return batch_loss(engine, batch), torch.zeros(0, dtype=torch.float64, device=engine.device)
+
+    @staticmethod
+    def describe(sums, units: float) -> dict:
+        return {}
+
+
+def train_step(engine, window, world_size: int, objective):
     """One optimizer step over the accumulation window (a list of micro-batches on the host).
 
     The gradient is the mean over every labelled token of the window on all ranks, so long and short answers
@@ -637,32 +679,36 @@ def train_step(engine, window, world_size: int):
     sequence parallelism too: each labelled token lives on one rank, and DeepSpeed averages the gradients over all
     ranks (sequence_parallel.py says why it gets no mpu)."""
     # torch.full writes the count with a kernel; torch.tensor would copy it from pageable memory (a stream sync).
-    tokens = torch.full((), float(sum(labelled_tokens(b) for b in window)), device=engine.device)
+    tokens = torch.full((), float(sum(objective.units(b) for b in window)), device=engine.device)
     torch.distributed.all_reduce(tokens)
-    loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)
+    loss_total = torch.zeros(1 + len(objective.names), dtype=torch.float64, device=engine.device)
     for batch in window:
-        loss_sum = batch_loss(engine, batch)
+        loss_sum, stats = objective.loss(engine, batch)
         # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
         engine.backward(loss_sum * (len(window) * world_size) / tokens.clamp(min=1))
         engine.step()
-        loss_total += loss_sum.detach().double()
+        loss_total += torch.cat([loss_sum.detach().double().reshape(1), stats])
     return loss_total, tokens
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # evaluation and saving
 # ------------------------------------------------------------------------------------------------------------------
-def evaluate(engine, loader) -> float:
-    """Mean loss per labelled token over the whole dev set (all ranks)."""
+def evaluate(engine, loader, objective) -> tuple[float, dict]:
+    """Mean loss per labelled token (per pair in preference training) over the whole dev set (all ranks), and the
+    objective's metrics."""
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    total = torch.zeros(2 + len(objective.names), dtype=torch.float64, device=engine.device)
     with torch.no_grad():
         for batch in loader:
-            total[0] += batch_loss(engine, batch).double()
-            total[1] += labelled_tokens(batch)
+            loss_sum, stats = objective.loss(engine, batch, "dev")
+            total[0] += loss_sum.double()
+            total[1] += objective.units(batch)
+            total[2:] += stats
     torch.distributed.all_reduce(total)
     engine.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    loss, units, *sums = total.tolist()
+    return loss / max(units, 1), objective.describe(sums, units)
 
 
 def gathered_state_dict(engine, only_trainable: bool) -> dict:
@@ -743,12 +789,13 @@ def prune_checkpoints(output_dir, limit: int, keep: str) -> None:
         logger.info("removed %s (--save_total_limit %d)", os.path.join(output_dir, tag), limit)
 
 
-def log_eval(engine, loader, writer, step, where, log_file):
-    dev_loss = evaluate(engine, loader)
-    logger.info("%s | eval loss %.4f", where, dev_loss)
+def log_eval(engine, loader, writer, step, where, log_file, objective):
+    dev_loss, metrics = evaluate(engine, loader, objective)
+    logger.info("%s | eval loss %.4f%s", where, dev_loss, "".join(f" | {k} {v:.4f}" for k, v in metrics.items()))
     if writer:
-        writer.add_scalar("eval/loss", dev_loss, step)
-        append_jsonl(log_file, {"step": step, "eval_loss": dev_loss})
+        for name, value in {"loss": dev_loss, **metrics}.items():
+            writer.add_scalar(f"eval/{name}", value, step)
+        append_jsonl(log_file, {"step": step, "eval_loss": dev_loss, **{f"eval_{k}": v for k, v in metrics.items()}})
 
 
 def append_jsonl(path, record):
@@ -830,20 +877,28 @@ def train(args):
 
     ds_config = fill_ds_config(args, world_size)
     engine = build_engine(build_model(args, ds_config), ds_config, args, total_steps)
+    objective = preference.PreferenceObjective(args) if args.stage != "sft" else TokenLoss()
 
     step, epoch, batch_index = 0, 0, 0  # optimizer steps done; where in which epoch the next window starts
+    saved_reference = None
     if resume_tag:
         path = os.path.join(args.output_dir, resume_tag, "deepspeed")
         # not the scheduler's state: it holds the old run's lr and T, and this run's schedule is the flags'
         _, client = engine.load_checkpoint(path, tag="state", load_module_strict=False,
                                            load_lr_scheduler_states=False)
         step, epoch, batch_index = client["step"], client["epoch"], client["batches_in_epoch"]
+        saved_reference = client.get("reference_logps")
         restart_schedule(engine, step)
         set_rng_state(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False))
         logger.info("resumed from %s at step %d", resume_tag, step)
         if step >= total_steps:
             logger.info("%s already reached step %d of %d: nothing to do", resume_tag, step, total_steps)
             return os.path.join(args.output_dir, resume_tag)
+
+    if args.stage == "dpo":  # freeze / all, --ref_model_path: the reference's log-probabilities (preference.py)
+        objective.prepare(engine, reference_loaders(args, train_set, dev_set, rank, world_size,
+                                                    tokenizer.pad_token_id), saved_reference,
+                          reference_model(args) if args.ref_model_path and not saved_reference else None)
 
     writer = None
     if rank == 0:
@@ -853,8 +908,9 @@ def train(args):
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     postfix = {"compile": "the first steps"} if args.compile else {}
     progress.set_postfix(postfix)
-    # summed loss, labelled tokens (of all ranks, / world_size), real tokens: all-reduced when logged
-    window_loss = torch.zeros(3, dtype=torch.float64, device=engine.device)
+    # summed loss, labelled tokens or pairs (of all ranks, / world_size), real tokens, the objective's metric sums:
+    # all-reduced when logged
+    window_loss = torch.zeros(3 + len(objective.names), dtype=torch.float64, device=engine.device)
     clock, last_good = StepClock(), None
     log_file = os.path.join(args.output_dir, "train_log.jsonl")  # one JSON line per logging step, rank 0
 
@@ -864,9 +920,10 @@ def train(args):
         while step < total_steps and batch_index + accumulation <= len(train_loader):
             window = [next(batches) for _ in range(accumulation)]
             lr = engine.get_lr()[0]  # what this step's optimizer update uses (the schedule moves after it)
-            loss_sum, tokens = train_step(engine, window, world_size)
-            window_loss[0] += loss_sum
+            loss_sums, tokens = train_step(engine, window, world_size, objective)
+            window_loss[0] += loss_sums[0]
             window_loss[1] += tokens / world_size
+            window_loss[3:] += loss_sums[1:]
             window_loss[2] += sum(real_tokens(b, tokenizer.pad_token_id) for b in window)  # this rank's
             batch_index += accumulation
             step += 1
@@ -877,7 +934,8 @@ def train(args):
             epoch_done = batch_index + accumulation > len(train_loader)  # no whole window left in this epoch
             if step % args.show_loss_step == 0 or step == total_steps:
                 torch.distributed.all_reduce(window_loss)
-                loss_sum, labelled, window_tokens = window_loss.tolist()  # the host reads the sums only here
+                loss_sum, labelled, window_tokens, *sums = window_loss.tolist()  # the host reads the sums only here
+                metrics = objective.describe(sums, labelled)
                 loss = loss_sum / labelled if labelled else None  # None: no labelled token in the whole window
                 if loss is not None and not math.isfinite(loss):
                     raise SystemExit(f"step {step}: loss is {loss}; stopping. Last good checkpoint: {last_good}")
@@ -885,29 +943,31 @@ def train(args):
                 seconds = clock.lap()
                 speed = window_tokens / max(seconds, 1e-9)
                 shown = "n/a (no labelled tokens)" if loss is None else f"{loss:.4f}"
-                logger.info("step %d | loss %s | lr %.3e | tokens/s %.0f", step, shown, lr, speed)
+                logger.info("step %d | loss %s | lr %.3e | tokens/s %.0f%s", step, shown, lr, speed,
+                            "".join(f" | {k} {v:.4f}" for k, v in metrics.items()))
                 postfix.update(loss=shown, lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
                 progress.set_postfix(postfix)
                 if writer:
                     for name, value in (("loss", loss), ("lr", lr), ("tokens_per_s", speed),
-                                        ("grad_norm", engine.get_global_grad_norm())):
+                                        ("grad_norm", engine.get_global_grad_norm()), *metrics.items()):
                         if value is not None:
                             writer.add_scalar(f"train/{name}", float(value), step)
                     append_jsonl(log_file, {"step": step, "loss": loss, "lr": lr, "tokens": window_tokens,
-                                            "seconds": seconds, "tokens_per_s": speed})
+                                            "seconds": seconds, "tokens_per_s": speed, **metrics})
                 window_loss.zero_()
             # at most one evaluation and one checkpoint per step, however the conditions coincide
             if dev_loader and ((args.eval_step and step % args.eval_step == 0) or epoch_done or step == total_steps):
                 with clock.paused():
                     log_eval(engine, dev_loader, writer, step, f"step {step}" + " (epoch end)" * epoch_done,
-                             log_file)
+                             log_file, objective)
                     watch.at_evaluation(engine, step, writer)  # sample answers, loss.png
             if (args.save_model_step and step % args.save_model_step == 0) or epoch_done or step == total_steps:
                 # a checkpoint at the end of an epoch resumes at the start of the next one
                 resume_at = (epoch + 1, 0) if epoch_done else (epoch, batch_index)
                 with clock.paused():
                     last_good = save_checkpoint(engine, tokenizer, args, f"epoch-{epoch + 1}-step-{step}",
-                                                {"step": step, "epoch": resume_at[0], "batches_in_epoch": resume_at[1]})
+                                                {"step": step, "epoch": resume_at[0], "batches_in_epoch": resume_at[1],
+                                                 **objective.state()})
         epoch, batch_index = epoch + 1, 0
     watch.at_end(engine, step, writer)
     progress.close()
