@@ -31,6 +31,7 @@ import torch
 from transformers import StoppingCriteria
 
 from inference import CheckpointError, load_for_inference
+from model.config import resolve_mode
 from model import template
 from predict import add_model_flags, generation_kwargs, is_utf8, shown_arguments, tool_list_problem
 from utils import add_bool_flag, setup_logging
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (when sampling)")
     group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (when sampling)")
     args = parser.parse_args(argv)
+    resolve_mode(parser, args, "model_path")
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
         parser.error(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
     if not 0 < args.top_p <= 1:
