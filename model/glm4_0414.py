@@ -102,3 +102,33 @@ def is_glm4_0414_config(config_dict: dict) -> bool:
 def num_layers(config) -> int:
     """Layers of a config of any mode (ChatGLM: num_layers; transformers' Glm4: num_hidden_layers)."""
     return getattr(config, "num_layers", None) or config.num_hidden_layers
+
+
+def with_chat(model):
+    """The loaded model (or the Glm4ForCausalLM under a PEFT wrapper) given chat() / stream_chat() in the
+    checkpoint's own chat format, for predict.py and web_demo.py: its class becomes `Glm4ForChat`, which only adds
+    those methods (inference only: nothing is saved from it)."""
+    from transformers import Glm4ForCausalLM
+
+    for module in model.modules():
+        if type(module) is Glm4ForCausalLM:
+            module.__class__ = _chat_class()
+    return model
+
+
+def _chat_class():
+    global _CHAT_CLASS
+    if _CHAT_CLASS is None:
+        from transformers import Glm4ForCausalLM
+
+        from .modeling_base import ChatMixin
+
+        class Glm4ForChat(ChatMixin, Glm4ForCausalLM):
+            mode = MODE_NAME
+            # our glm4 chat() defaults (modeling_chatglm2.py); the caller's flags replace them
+            chat_defaults = {"max_length": 8192, "num_beams": 1, "do_sample": True, "top_p": 0.8, "temperature": 0.8}
+        _CHAT_CLASS = Glm4ForChat
+    return _CHAT_CLASS
+
+
+_CHAT_CLASS = None
