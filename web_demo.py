@@ -125,6 +125,9 @@ def call_text(call: dict) -> str:
     return f"{CALL_MARK}{call['name']} {shown_arguments(call)}"
 
 
+THINKING_TITLE = "思考过程 (thinking)"  # gradio shows a message with a metadata title as a collapsed box
+
+
 def shown(conversation: list[dict], mode: str) -> list[dict]:
     """The conversation as gradio's chat messages: the user's and the observations on the right, the model's
     answers and tool calls on the left (each call of an answer with several is a message of its own, as it is in
@@ -138,6 +141,9 @@ def shown(conversation: list[dict], mode: str) -> list[dict]:
         elif is_call(message):
             messages.append({"role": "assistant", "content": call_text(as_call(mode, message))})
         else:
+            if message.get("reasoning_content"):  # GLM-Z1's thinking: a collapsed box of its own, above the answer
+                messages.append({"role": "assistant", "content": message["reasoning_content"],
+                                 "metadata": {"title": THINKING_TITLE, "status": "done"}})
             messages.append({"role": "assistant", "content": message["content"]})
     return messages
 

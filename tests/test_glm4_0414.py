@@ -126,6 +126,16 @@ def test_generated_thinking_is_shown_apart_and_not_scored():
     assert call["name"] == "查询天气" and call["parameters"] == {"城市": "北京"}
 
 
+def test_web_demo_shows_the_thinking_collapsed_apart_from_the_answer():
+    import web_demo
+    from model import template
+    _, history = template.process_response(MODE, "想一想</think>答案")
+    shown = web_demo.shown([{"role": "user", "content": "q"}] + history, MODE)
+    assert shown[1] == {"role": "assistant", "content": "想一想",
+                        "metadata": {"title": web_demo.THINKING_TITLE, "status": "done"}}
+    assert shown[2] == {"role": "assistant", "content": "答案"}
+
+
 def run_train(monkeypatch, *argv):
     import train
     one_rank_env(monkeypatch, next(PORTS))
@@ -163,11 +173,16 @@ def test_lora_detected_mode_merge_equals_base_plus_adapter(tiny, tmp_path, monke
 
 @pytest.mark.parametrize("train_type,extra", [("freeze", []), ("all", []), ("lora", ["--quantization_bit", 4])])
 def test_other_train_types_train_and_save_loadable(tiny, tmp_path, monkeypatch, one_thread, train_type, extra):
+    """freeze (last layers by default), all, QLoRA 4-bit train through train.main and load for chat()."""
+    from transformers import Glm4ForCausalLM
+
     from inference import load_for_inference
     saved = run_train(monkeypatch, *train_args(tiny, tmp_path / "out", "--mode", MODE, "--train_type", train_type,
                                                *extra))
-    model, _ = load_for_inference(MODE, saved)
-    assert type(model.base_model.model if train_type == "lora" else model).__name__ == "Glm4ForCausalLM"
+    model, tokenizer = load_for_inference(MODE, saved)
+    assert isinstance(model.base_model.model if train_type == "lora" else model, Glm4ForCausalLM)
+    response, history = model.chat(tokenizer, "发动机", max_new_tokens=3, do_sample=False)  # predict.py / web_demo
+    assert isinstance(response, (str, dict, list)) and history[0] == {"role": "user", "content": "发动机"}
 
 
 @pytest.mark.parametrize("flags,named", [(["--train_type", "ptuning"], "--train_type ptuning"),
