@@ -429,6 +429,10 @@ class ChatMixin:
             response = tokenizer.decode(new_ids)
             if response and response[-1] != "\ufffd":  # wait for a whole character
                 yield self._finish(tokenizer, query, history, role, list(new_ids))
+        thread.join()
+        if errors:
+            raise errors[0]
+        yield self._finish(tokenizer, query, history, role, list(new_ids))
 
 
 class ChatGLMPreTrainedBase(ChatMixin, PreTrainedModel, GenerationMixin):
@@ -557,8 +561,4 @@ class ChatGLMPreTrainedBase(ChatMixin, PreTrainedModel, GenerationMixin):
         # generate() would build 1-D positions once and count them up; ChatGLM-6B's are 2-D and its first row stays
         # at the [gMASK] position, so positions are derived from the ids at every step instead (see above).
         return None
-        thread.join()
-        if errors:
-            raise errors[0]
-        yield self._finish(tokenizer, query, history, role, list(new_ids))
 
