@@ -36,8 +36,10 @@ MODE = {
     "glm4": ModeSpec("glm4", ChatGLM4Config, ChatGLM4ForConditionalGeneration, ChatGLM4Tokenizer, "tokenizer.model"),
     "glm4-0414": ModeSpec("glm4-0414", Glm4Config, Glm4ForCausalLM, AutoTokenizer, "tokenizer.json"),
 }
-# modes whose model is transformers' own class, not ours (no chat(), no P-Tuning prefix, its own loss)
+# modes whose model is transformers' own class, not ours: its own loss interface, no P-Tuning prefix; chat() is
+# added at inference (model/glm4_0414.with_chat)
 UPSTREAM_MODES = ("glm4-0414",)
 
-__all__ = ["MODE", "ModeSpec", "UPSTREAM_MODES", "ChatGLMConfig", "ChatGLM2Config", "ChatGLM4Config", "check_checkpoint_dir",
+__all__ = ["MODE", "ModeSpec", "UPSTREAM_MODES",
+           "ChatGLMConfig", "ChatGLM2Config", "ChatGLM4Config", "check_checkpoint_dir",
            "detect_version"]
