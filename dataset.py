@@ -246,7 +246,7 @@ class InstructionDataset(Dataset):
     SHOWN_UNFIT = 5  # how many `file:line` of unfit samples the log names
 
     def __init__(self, path: str, tokenizer, mode: str, max_len: int, max_src_len: int, is_skip: bool = False,
-                 learn_all_turns: bool = True):
+                 learn_all_turns: bool = True, thinking: str = "learn"):
         shortest = template.template_length(tokenizer, mode)
         if max_src_len <= shortest or max_src_len >= max_len:
             raise ValueError(f"max_src_len={max_src_len} must exceed the {mode} template's own {shortest} tokens "
@@ -257,7 +257,8 @@ class InstructionDataset(Dataset):
             where = f"{path}:{number}"
             messages = sample_to_messages(mode, sample, where, check_tools=True)
             self.stats.samples += 1
-            example, truncated = self._encode(tokenizer, mode, messages, max_len, max_src_len, learn_all_turns)
+            example, truncated = self._encode(tokenizer, mode, messages, max_len, max_src_len, learn_all_turns,
+                                              thinking)
             if example is None:
                 self.stats.unfit += 1
                 if len(self.stats.unfit_where) < self.SHOWN_UNFIT:
@@ -284,12 +285,12 @@ class InstructionDataset(Dataset):
                     f", {self.stats.unfit} skipped as too long" if self.stats.unfit else "")
 
     @staticmethod
-    def _encode(tokenizer, mode, messages, max_len, max_src_len, learn_all_turns):
+    def _encode(tokenizer, mode, messages, max_len, max_src_len, learn_all_turns, thinking="learn"):
         """({"input_ids", "labels"}, truncated), or (None, True) when the sample cannot fit."""
         messages, truncated = fit_prompt(tokenizer, mode, messages, max_src_len)
         if messages is None:
             return None, True
-        ids, labels, answer_start = template.encode_messages(tokenizer, mode, messages, learn_all_turns)
+        ids, labels, answer_start = template.encode_messages(tokenizer, mode, messages, learn_all_turns, thinking)
         if answer_start > max_src_len:  # cannot happen after fit_prompt; kept as a guard on the template
             return None, True
         if len(ids) > max_len:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on the built-in default: a tiny ChatGLM3 checkpoint, the sample data in data/,
 # LoRA training under the deepspeed launcher (on the CPU when there is no GPU), then batch prediction with metrics.
-#   bash demo.sh            (MODE=glm, MODE=glm2 or MODE=glm4 bash demo.sh for the other versions)
+#   bash demo.sh            (MODE=glm, MODE=glm2, MODE=glm4 or MODE=glm4-0414 bash demo.sh for the other versions;
+#                            glm4-0414: transformers' Glm4ForCausalLM with GLM-Z1's chat template)
 #   MODE=glm4 TASK=tools bash demo.sh   the tool-calling fine-tune (glm3 or glm4) on data/tools_train.jsonl, predicted
 #                                       on data/tools_test.jsonl (the set data/make_tools.py writes)
 #   STAGE=dpo bash demo.sh              preference training (DPO; STAGE=orpo: ORPO) on the pairs in
@@ -29,8 +30,8 @@ case "$TASK" in
          DATA=(--stage "$STAGE" --pref_beta 0.1 --train_path data/pairs_train.jsonl --dev_path data/pairs_dev.jsonl
                --max_len 256 --max_src_len 200)
          TEST=data/test.jsonl ;;
-  tools) if [ "$MODE" != glm3 ] && [ "$MODE" != glm4 ]; then
-           echo "demo.sh: TASK=tools needs MODE=glm3 or MODE=glm4 (ChatGLM-6B and ChatGLM2-6B have no tool calls)" >&2
+  tools) if [ "$MODE" != glm3 ] && [ "$MODE" != glm4 ] && [ "$MODE" != glm4-0414 ]; then
+           echo "demo.sh: TASK=tools needs MODE=glm3, glm4 or glm4-0414 (ChatGLM-6B, ChatGLM2-6B have no tool calls)" >&2
            exit 2
          fi
          WORK="${WORK:-demo-$MODE-tools}"
@@ -58,10 +59,13 @@ elif [ -e "$WORK" ]; then
   rm -rf "$WORK"
 fi
 python -m model.tiny --mode "$MODE" --output_dir "$WORK/base"
+# LoRA on attention and MLP: ChatGLM's module names; glm4-0414's default targets (q/k/v/o_proj, gate_up/down_proj)
+LORA_MODULES=(--lora_module_name "query_key_value,dense_h_to_4h,dense_4h_to_h,dense")
+if [ "$MODE" = glm4-0414 ]; then LORA_MODULES=(); fi
 # a free port for the launcher's rendezvous (its default, 29500, may be taken by another run on this machine)
 PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-deepspeed --num_gpus 1 --master_port "$PORT" train.py --mode "$MODE" --model_name_or_path "$WORK/base" --train_type lora \
-  --lora_dim 8 --lora_alpha 32 --lora_module_name "query_key_value,dense_h_to_4h,dense_4h_to_h,dense" \
+deepspeed --num_gpus 1 --master_port "$PORT" train.py --mode "$MODE" --model_name_or_path "$WORK/base" \
+  --train_type lora --lora_dim 8 --lora_alpha 32 "${LORA_MODULES[@]}" \
   "${DATA[@]}" \
   --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --learning_rate 1e-2 --num_train_epochs 3 \
   --show_loss_step 6 --sample_prompts "$TEST" --max_new_tokens 32 --output_dir "$WORK/output"

@@ -266,7 +266,8 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
     loads the base unquantized in any case. The log line says which. The model comes back in eval mode on `device`.
     Problems raise CheckpointError with one line.
     """
-    from model import MODE, check_checkpoint_dir
+    from model import MODE, UPSTREAM_MODES, check_checkpoint_dir
+    from model.glm4_0414 import with_chat
 
     if mode not in MODE:
         raise CheckpointError(f"--mode {mode!r}: expected one of {', '.join(sorted(MODE))}")
@@ -311,6 +312,8 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
         # refuses for a bias that requires grad when called outside inference_mode/no_grad.
         model.requires_grad_(False)
     model.eval()
+    if mode in UPSTREAM_MODES:  # transformers' own class: chat() / stream_chat() in the checkpoint's chat format
+        with_chat(model)
     quantized = f", base {quantization_bit}-bit" if quantization_bit else (", base not quantized" if why else "")
     logger.info("loaded %s checkpoint %s (%s, base %s) on %s as %s%s%s", mode, model_path, kind, base, device,
                 str(dtype).replace("torch.", ""), quantized, f" ({why})" if why else "")

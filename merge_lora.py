@@ -36,7 +36,7 @@ import torch
 
 import quantization
 from model import MODE, check_checkpoint_dir, template
-from model.config import read_json
+from model.config import read_json, resolve_mode
 from model.modeling_base import check_safetensors_headers
 from model.export import ExportError, atomic_directory, stored_dtype, write_full_checkpoint
 from inference import (CheckpointError, attach_lora, check_trained_mode, checkpoint_errors, inference_device,
@@ -61,7 +61,9 @@ CHECK_PROMPTS = [
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input")
-    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2, glm3 or glm4")
+    group.add_argument("--mode", default=None, choices=sorted(MODE),
+                       help="GLM version: glm, glm2, glm3, glm4 or glm4-0414 (GLM-4-0414 / GLM-Z1; default: read "
+                            "from the checkpoint's config.json, logged)")
     group.add_argument("--ori_model_dir", required=True, help="base model directory the adapter was trained on")
     group.add_argument("--model_dir", required=True,
                        help="LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
@@ -70,7 +72,9 @@ def parse_args(argv=None):
     group.add_argument("--dtype", default="auto", choices=PRECISIONS,
                        help="dtype of the merged weights; auto: the base checkpoint's own")
     group.add_argument("--device", default="cpu", help="where to merge and check: cpu, cuda or cuda:N")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    resolve_mode(parser, args, "ori_model_dir")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------------------------

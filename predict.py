@@ -45,6 +45,7 @@ import torch
 
 import quantization
 from metrics import as_calls, compute_metrics, tool_call_metrics
+from model.config import resolve_mode
 from model import MODE, template
 from model.export import atomic_write_text
 from dataset import DataError, read_records, sample_to_messages
@@ -57,7 +58,9 @@ logger = logging.getLogger("chatglm")
 def add_model_flags(parser) -> None:
     """The flags that choose and load the checkpoint (predict.py and web_demo.py load it alike)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2, glm3 or glm4")
+    group.add_argument("--mode", default=None, choices=sorted(MODE),
+                       help="GLM version: glm, glm2, glm3, glm4 or glm4-0414 (GLM-4-0414 / GLM-Z1; default: read "
+                            "from the checkpoint's config.json, logged)")
     group.add_argument("--model_path", required=True,
                        help="checkpoint directory: full model, LoRA adapter or P-Tuning prefix")
     group.add_argument("--base_model_path", default=None,
@@ -112,6 +115,7 @@ def parse_args(argv=None):
                        help="beam search width (1: none); the terminal chat then prints each answer whole, since "
                             "beam search cannot stream")
     args = parser.parse_args(argv)
+    resolve_mode(parser, args, "model_path")
 
     if args.query is not None and args.test_path:
         parser.error("--query and --test_path exclude each other")

@@ -193,8 +193,11 @@ def check_storage(model, bits: int) -> dict:
     heads = [(name, module) for name, module in model.named_modules() if name.split(".")[-1] in HEAD_NAMES]
     if not heads:
         problems.append(f"no LM head ({' or '.join(HEAD_NAMES)}) found")
-    for name, module in heads:  # must stay our LMHead with its floating-point weight (its chunked loss reads it)
-        if not isinstance(module, LMHead) or not module.weight.is_floating_point():
+    for name, module in heads:  # must stay unquantized: our LMHead (its chunked loss reads the weight), or
+        # transformers' plain nn.Linear head (glm4-0414)
+        if not isinstance(module, (LMHead, torch.nn.Linear)) or isinstance(module, (bnb.nn.Linear4bit,
+                                                                                 bnb.nn.Linear8bitLt)) \
+                or not module.weight.is_floating_point():
             problems.append(f"{name} (the LM head) is {type(module).__name__} {module.weight.dtype}, not an "
                             f"unquantized LMHead")
     for name, module in model.named_modules():

@@ -34,8 +34,9 @@ import packing
 import preference
 import quantization
 import sequence_parallel
-from model import MODE, check_checkpoint_dir, template
-from model.config import read_json
+from model import MODE, UPSTREAM_MODES, check_checkpoint_dir, chat_template, template
+from model.glm4_0414 import num_layers
+from model.config import read_json, resolve_mode
 from model.compat import enable_activation_checkpointing
 from model.modeling_base import LMHead, check_safetensors_headers
 from dataset import DataCollator, DataError, EvalShard, InstructionDataset, LengthGroupedSampler
@@ -64,7 +65,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("model")
     group.add_argument("--model_name_or_path", required=True, help="official ChatGLM checkpoint directory")
-    group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2, glm3 or glm4")
+    group.add_argument("--mode", default=None, choices=sorted(MODE),
+                       help="GLM version: glm, glm2, glm3, glm4 or glm4-0414 (GLM-4-0414 / GLM-Z1; default: read "
+                            "from the checkpoint's config.json, logged)")
     group.add_argument("--train_type", default="lora", choices=TRAIN_TYPES, help="what trains")
     group.add_argument("--freeze_module_name", default=None,
                        help="freeze: comma-separated name parts; only parameters containing one of them train "
@@ -73,8 +76,12 @@ def parse_args(argv=None):
     group.add_argument("--lora_dim", type=int, default=8, help="lora: rank r")
     group.add_argument("--lora_alpha", type=int, default=30, help="lora: scaling alpha")
     group.add_argument("--lora_dropout", type=float, default=0.1, help="lora: dropout on the LoRA input")
-    group.add_argument("--lora_module_name", default="query_key_value",
-                       help="lora: comma-separated module names (query_key_value,dense,dense_h_to_4h,dense_4h_to_h)")
+    group.add_argument("--lora_module_name", default=None,
+                       help="lora: comma-separated module names (default: query_key_value; glm4-0414: "
+                            f"{UPSTREAM_LORA_TARGETS}; ChatGLM also has dense,dense_h_to_4h,dense_4h_to_h)")
+    group.add_argument("--thinking", default="learn", choices=chat_template.THINKING_CHOICES,
+                       help="glm4-0414 (GLM-Z1): the final answer's thinking (reasoning_content or <think>...</think>) "
+                            "is learned (learn) or only context (mask)")
     group.add_argument("--pre_seq_len", type=int, default=16, help="ptuning: number of prefix tokens")
     add_bool_flag(group, "--prefix_projection", "ptuning: encode the prefix through a two-layer MLP")
     add_bool_flag(group, "--gradient_checkpointing", "recompute activations in backward (less memory)")
@@ -142,6 +149,8 @@ def parse_args(argv=None):
     monitor.add_flags(parser)
     preference.add_flags(parser)
     args = parser.parse_args(argv)
+    resolve_mode(parser, args, "model_name_or_path")
+    check_mode_flags(parser, args)
     args.ds_file = find_ds_file(parser, args.ds_file)
     if args.max_src_len >= args.max_len:
         parser.error(f"--max_src_len ({args.max_src_len}) must be smaller than --max_len ({args.max_len})")
@@ -179,6 +188,28 @@ def parse_args(argv=None):
     if args.compile is None:  # the default: on where it works (compile_off_reason)
         args.compile = compile_off_reason(args) is None
     return args
+
+
+# LoRA's default targets on transformers' Glm4ForCausalLM (GLM-4-0414's module names): attention and MLP.
+UPSTREAM_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"
+
+
+def check_mode_flags(parser, args) -> None:
+    """What a mode's model supports, in one line each before anything loads; the mode's LoRA default targets.
+    glm4-0414 runs on transformers' own Glm4ForCausalLM: it has no P-Tuning prefix, and neither our packed
+    attention (cu_seqlens) nor our sequence-parallel attention hooks are wired into its attention."""
+    upstream = args.mode in UPSTREAM_MODES
+    if args.lora_module_name is None:
+        args.lora_module_name = UPSTREAM_LORA_TARGETS if upstream else "query_key_value"
+    if not upstream:
+        return
+    if args.train_type == "ptuning":
+        parser.error(f"--train_type ptuning is not supported for --mode {args.mode} (transformers' Glm4ForCausalLM "
+                     f"has no prefix encoder): use lora, freeze or all")
+    if args.packing:
+        parser.error(f"--packing is not supported for --mode {args.mode} yet: leave it out")
+    if args.sequence_parallel_size > 1:
+        parser.error(f"--sequence_parallel_size is not supported for --mode {args.mode} yet: leave it at 1")
 
 
 def compile_off_reason(args) -> str | None:
@@ -240,8 +271,8 @@ def check_inputs(args, world_size: int) -> str | None:
 def last_layers(config, count: int = 4) -> str:
     """The default --freeze_module_name: the name parts of the model's last `count` layers, from its config.json
     (layers.27.,layers.26.,layers.25.,layers.24. on ChatGLM-6B to ChatGLM3-6B; layers.39. ... on GLM-4-9B)."""
-    num_layers = config.num_layers
-    return ",".join(f"layers.{i}." for i in range(num_layers - 1, max(num_layers - count, 0) - 1, -1))
+    layers = num_layers(config)
+    return ",".join(f"layers.{i}." for i in range(layers - 1, max(layers - count, 0) - 1, -1))
 
 
 def run_record(args, world_size: int) -> dict:
@@ -467,6 +498,7 @@ def build_engine(model, ds_config, args, total_steps: int):
     # from_pretrained returns the model in eval mode: without this, dropout (LoRA, P-Tuning) would be off and
     # gradient checkpointing (which only checkpoints in training mode) would do nothing.
     engine.train()
+    engine.upstream_loss = args.mode in UPSTREAM_MODES  # batch_loss: transformers' own loss interface
     if args.quantization_bit:  # still quantized after DeepSpeed's casts and moves
         logger.info(quantization.describe(quantization.check_storage(engine.module, args.quantization_bit)))
     return engine
@@ -577,7 +609,7 @@ def build_data(args, tokenizer):
         if args.stage != "sft":  # pairs of answers (preference.py)
             return preference.PreferenceDataset(path, tokenizer, args.mode, args.max_len, args.max_src_len)
         return InstructionDataset(path, tokenizer, args.mode, args.max_len, args.max_src_len, args.is_skip,
-                                  learn_all_turns=not args.last_turn_only)
+                                  learn_all_turns=not args.last_turn_only, thinking=args.thinking)
     train_set = load(args.train_path)
     if args.packing:  # evaluation stays unpacked: its loss is the same either way
         train_set = packing.PackedDataset(train_set, args.max_len)
@@ -649,6 +681,9 @@ def batch_loss(engine, batch):
     slice its position_ids and shift_labels."""
     inputs = {name: batch[name].to(engine.device, non_blocking=True)
               for name in ("input_ids", "position_ids", "cu_seqlens") if name in batch}
+    if getattr(engine, "upstream_loss", False):
+        # transformers' own causal-LM loss (ForCausalLMLoss): given num_items_in_batch it sums, then divides by it
+        return engine(**inputs, labels=batch["labels"], num_items_in_batch=1).loss
     return engine(**inputs, labels=batch.get("labels"), shift_labels=batch.get("shift_labels"), reduction="sum").loss
 
 

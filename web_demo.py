@@ -31,6 +31,7 @@ import torch
 from transformers import StoppingCriteria
 
 from inference import CheckpointError
+from model.config import resolve_mode
 from model import template
 from predict import add_model_flags, generation_kwargs, load_model, is_utf8, shown_arguments, tool_list_problem
 from utils import add_bool_flag, setup_logging
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (when sampling)")
     group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (when sampling)")
     args = parser.parse_args(argv)
+    resolve_mode(parser, args, "model_path")
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
         parser.error(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
     if not 0 < args.top_p <= 1:
@@ -123,6 +125,9 @@ def call_text(call: dict) -> str:
     return f"{CALL_MARK}{call['name']} {shown_arguments(call)}"
 
 
+THINKING_TITLE = "思考过程 (thinking)"  # gradio shows a message with a metadata title as a collapsed box
+
+
 def shown(conversation: list[dict], mode: str) -> list[dict]:
     """The conversation as gradio's chat messages: the user's and the observations on the right, the model's
     answers and tool calls on the left (each call of an answer with several is a message of its own, as it is in
@@ -136,6 +141,9 @@ def shown(conversation: list[dict], mode: str) -> list[dict]:
         elif is_call(message):
             messages.append({"role": "assistant", "content": call_text(as_call(mode, message))})
         else:
+            if message.get("reasoning_content"):  # GLM-Z1's thinking: a collapsed box of its own, above the answer
+                messages.append({"role": "assistant", "content": message["reasoning_content"],
+                                 "metadata": {"title": THINKING_TITLE, "status": "done"}})
             messages.append({"role": "assistant", "content": message["content"]})
     return messages
 

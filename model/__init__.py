@@ -1,10 +1,16 @@
 """Our own ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B implementations and the MODE registry.
 
+`glm4-0414` (GLM-4-9B/32B-0414, GLM-Z1-*-0414) is registered with transformers' own Glm4Config / Glm4ForCausalLM
+and AutoTokenizer over the checkpoint's tokenizer.json: no model code of ours (model/glm4_0414.py,
+model/chat_template.py).
+
 `MODE[mode]` (mode in glm, glm2, glm3, glm4) names what each version is made of: config, model and tokenizer classes and
 the tokenizer file of the official checkpoint. The chat template of each version lives in model/template.py, keyed
 by the same mode name; training, chat() and predict.py all use it.
 """
 from dataclasses import dataclass
+
+from transformers import AutoTokenizer, Glm4Config, Glm4ForCausalLM
 
 from .config import ChatGLM2Config, ChatGLM4Config, ChatGLMConfig, check_checkpoint_dir, detect_version
 from .modeling_chatglm import ChatGLMForConditionalGeneration
@@ -28,7 +34,12 @@ MODE = {
     "glm2": ModeSpec("glm2", ChatGLM2Config, ChatGLM2ForConditionalGeneration, ChatGLM2Tokenizer, "tokenizer.model"),
     "glm3": ModeSpec("glm3", ChatGLM2Config, ChatGLM3ForConditionalGeneration, ChatGLM3Tokenizer, "tokenizer.model"),
     "glm4": ModeSpec("glm4", ChatGLM4Config, ChatGLM4ForConditionalGeneration, ChatGLM4Tokenizer, "tokenizer.model"),
+    "glm4-0414": ModeSpec("glm4-0414", Glm4Config, Glm4ForCausalLM, AutoTokenizer, "tokenizer.json"),
 }
+# modes whose model is transformers' own class, not ours: its own loss interface, no P-Tuning prefix; chat() is
+# added at inference (model/glm4_0414.with_chat)
+UPSTREAM_MODES = ("glm4-0414",)
 
-__all__ = ["MODE", "ModeSpec", "ChatGLMConfig", "ChatGLM2Config", "ChatGLM4Config", "check_checkpoint_dir",
+__all__ = ["MODE", "ModeSpec", "UPSTREAM_MODES",
+           "ChatGLMConfig", "ChatGLM2Config", "ChatGLM4Config", "check_checkpoint_dir",
            "detect_version"]

@@ -171,7 +171,7 @@ def _is_glm4(config_dict: dict) -> bool:
 
 
 def detect_version(config_dict: dict) -> str | None:
-    """'glm', 'glm2', 'glm3' or 'glm4' as far as a config.json tells; None when it is no ChatGLM config.
+    """'glm', 'glm2', 'glm3', 'glm4' or 'glm4-0414' as far as a config.json tells; None when it is no GLM config.
 
     Our own saves carry `chatglm_version`. An official glm2/glm3 config differs only in `_name_or_path`
     ("THUDM/chatglm2-6b" vs "THUDM/chatglm3-6b"); without either hint a ChatGLM2-style config reads as 'glm2/3'.
@@ -179,6 +179,9 @@ def detect_version(config_dict: dict) -> str | None:
     """
     if config_dict.get(VERSION_KEY) in ("glm", "glm2", "glm3", "glm4"):
         return config_dict[VERSION_KEY]
+    from .glm4_0414 import MODE_NAME, is_glm4_0414_config
+    if is_glm4_0414_config(config_dict):  # transformers' own GLM-4 (GLM-4-0414, GLM-Z1)
+        return MODE_NAME
     keys = set(config_dict)
     if keys & _GLM_ONLY and not keys & _GLM2_ONLY:
         return "glm"
@@ -220,6 +223,10 @@ def check_checkpoint_dir(path: str, mode: str) -> dict:
     version = detect_version(config_dict)
     if version is None:
         raise ValueError(f"{config_file}: not a ChatGLM config (model_type={config_dict.get('model_type')!r})")
+    if "glm4-0414" in (version, mode):
+        if version != mode:
+            raise ValueError(f"{config_file}: this is a {version} checkpoint, but --mode is {mode}")
+        return config_dict
     family = "glm" if mode == "glm" else "glm2/3"
     found_family = "glm" if version == "glm" else "glm2/3"
     # 'glm2/3' (an official config without a name) fits glm2 and glm3, never glm4 (told apart by _is_glm4).
@@ -227,3 +234,42 @@ def check_checkpoint_dir(path: str, mode: str) -> dict:
             (version == "glm2/3" and mode == "glm4"):
         raise ValueError(f"{config_file}: this is a {version} checkpoint, but --mode is {mode}")
     return config_dict
+
+
+def detect_mode(path: str, flag: str) -> str:
+    """The mode of a checkpoint directory when --mode is left out: a directory train.py wrote says it in its
+    training_args.json; otherwise config.json (model_type, architectures, the ChatGLM fields: `detect_version`).
+    Raises ValueError with one line (naming `flag` and what was found) when the project cannot tell or train it."""
+    record = os.path.join(path, "training_args.json")
+    if os.path.isfile(record):
+        mode = read_json(record).get("mode")
+        if isinstance(mode, str):
+            return mode
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"{flag} {path}: no config.json (nor training_args.json) to tell the model by; pass --mode")
+    config_dict = read_json(config_file)
+    version = detect_version(config_dict)
+    if version is None:
+        raise ValueError(f"{config_file}: model_type={config_dict.get('model_type')!r}, architectures="
+                         f"{config_dict.get('architectures')}: not a model this project trains "
+                         f"(ChatGLM-6B .. GLM-4-9B, GLM-4-0414, GLM-Z1)")
+    if version == "glm2/3":
+        raise ValueError(f"{config_file}: a ChatGLM2-6B / ChatGLM3-6B config (one network, two chat formats): pass "
+                         f"--mode glm2 or --mode glm3")
+    return version
+
+
+def resolve_mode(parser, args, path_flag: str) -> None:
+    """args.mode from the directory of --`path_flag` when --mode was left out, with one log line saying so;
+    parser.error (one line) when it cannot be told."""
+    if args.mode is not None:
+        return
+    path = getattr(args, path_flag)
+    try:
+        args.mode = detect_mode(path, f"--{path_flag}")
+    except (ValueError, OSError) as error:
+        parser.error(f"--mode left out: {error}")
+    if os.environ.get("RANK", "0") == "0":  # parsed before logging is set up, on every rank: say it once
+        print(f"{parser.prog}: --mode left out: {path} is a {args.mode} checkpoint, using --mode {args.mode}",
+              flush=True)

@@ -367,7 +367,75 @@ class _TokenStreamer(BaseStreamer):
         self.queue.put(None)
 
 
-class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
+class ChatMixin:
+    """chat() / stream_chat() in the official format of the model's mode (model/template.py): for our models and,
+    at inference, for transformers' own Glm4ForCausalLM (mode glm4-0414, `with_chat` in model/glm4_0414.py). Needs
+    `mode`, `chat_defaults`, `generate` and `device`."""
+
+    def _chat_generate_kwargs(self, tokenizer, kwargs):
+        gen = dict(self.chat_defaults)
+        if kwargs.get("max_new_tokens") is not None:  # the caller's limit replaces the default total length
+            gen.pop("max_length", None)
+        gen.update(kwargs)
+        gen.setdefault("eos_token_id", template.stop_token_ids(tokenizer, self.mode))
+        gen.setdefault("pad_token_id", tokenizer.pad_token_id)
+        if not gen.get("do_sample", True):
+            gen.pop("top_p", None), gen.pop("temperature", None)
+        return gen
+
+    def _chat_inputs(self, tokenizer, query, history, role):
+        ids = template.encode_prompt(tokenizer, self.mode, query, history, role)
+        return torch.tensor([ids], device=self.device)
+
+    def _finish(self, tokenizer, query, history, role, new_ids):
+        if self.mode in template.MESSAGE_MODES:
+            history = list(history or []) + [{"role": role, "content": query}]
+            return template.decode_response(tokenizer, self.mode, new_ids, history)
+        response = template.decode_response(tokenizer, self.mode, new_ids)
+        return response, list(history or []) + [(query, response)]
+
+    @torch.inference_mode()
+    def chat(self, tokenizer, query: str, history=None, role: str = "user", **kwargs):
+        """One answer in the official format of this version: returns (response, history). glm3/glm4: the response
+        is the text, a tool call {"name", "content"}, or the list of calls when the model makes several in one turn
+        (see template.process_response); history gets one assistant message per call."""
+        input_ids = self._chat_inputs(tokenizer, query, history, role)
+        outputs = self.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                **self._chat_generate_kwargs(tokenizer, kwargs))
+        return self._finish(tokenizer, query, history, role, outputs[0, input_ids.shape[1]:].tolist())
+
+    @torch.inference_mode()
+    def stream_chat(self, tokenizer, query: str, history=None, role: str = "user", **kwargs):
+        """Like chat(), yielding (response so far, history) after every generated token."""
+        input_ids = self._chat_inputs(tokenizer, query, history, role)
+        streamer = _TokenStreamer()
+        gen_kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                          **self._chat_generate_kwargs(tokenizer, kwargs))
+        errors = []
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    self.generate(**gen_kwargs)
+            except Exception as error:  # handed to the caller's thread below
+                errors.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        new_ids = []
+        while (tokens := streamer.queue.get()) is not None:
+            new_ids += tokens
+            response = tokenizer.decode(new_ids)
+            if response and response[-1] != "\ufffd":  # wait for a whole character
+                yield self._finish(tokenizer, query, history, role, list(new_ids))
+        thread.join()
+        if errors:
+            raise errors[0]
+        yield self._finish(tokenizer, query, history, role, list(new_ids))
+
+
+class ChatGLMPreTrainedBase(ChatMixin, PreTrainedModel, GenerationMixin):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -493,66 +561,4 @@ class ChatGLMPreTrainedBase(PreTrainedModel, GenerationMixin):
         # generate() would build 1-D positions once and count them up; ChatGLM-6B's are 2-D and its first row stays
         # at the [gMASK] position, so positions are derived from the ids at every step instead (see above).
         return None
-
-    def _chat_generate_kwargs(self, tokenizer, kwargs):
-        gen = dict(self.chat_defaults)
-        if kwargs.get("max_new_tokens") is not None:  # the caller's limit replaces the default total length
-            gen.pop("max_length", None)
-        gen.update(kwargs)
-        gen.setdefault("eos_token_id", template.stop_token_ids(tokenizer, self.mode))
-        gen.setdefault("pad_token_id", tokenizer.pad_token_id)
-        if not gen.get("do_sample", True):
-            gen.pop("top_p", None), gen.pop("temperature", None)
-        return gen
-
-    def _chat_inputs(self, tokenizer, query, history, role):
-        ids = template.encode_prompt(tokenizer, self.mode, query, history, role)
-        return torch.tensor([ids], device=self.device)
-
-    def _finish(self, tokenizer, query, history, role, new_ids):
-        if self.mode in template.MESSAGE_MODES:
-            history = list(history or []) + [{"role": role, "content": query}]
-            return template.decode_response(tokenizer, self.mode, new_ids, history)
-        response = template.decode_response(tokenizer, self.mode, new_ids)
-        return response, list(history or []) + [(query, response)]
-
-    @torch.inference_mode()
-    def chat(self, tokenizer, query: str, history=None, role: str = "user", **kwargs):
-        """One answer in the official format of this version: returns (response, history). glm3/glm4: the response
-        is the text, a tool call {"name", "content"}, or the list of calls when the model makes several in one turn
-        (see template.process_response); history gets one assistant message per call."""
-        input_ids = self._chat_inputs(tokenizer, query, history, role)
-        outputs = self.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                **self._chat_generate_kwargs(tokenizer, kwargs))
-        return self._finish(tokenizer, query, history, role, outputs[0, input_ids.shape[1]:].tolist())
-
-    @torch.inference_mode()
-    def stream_chat(self, tokenizer, query: str, history=None, role: str = "user", **kwargs):
-        """Like chat(), yielding (response so far, history) after every generated token."""
-        input_ids = self._chat_inputs(tokenizer, query, history, role)
-        streamer = _TokenStreamer()
-        gen_kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                          **self._chat_generate_kwargs(tokenizer, kwargs))
-        errors = []
-
-        def run():
-            try:
-                with torch.inference_mode():
-                    self.generate(**gen_kwargs)
-            except Exception as error:  # handed to the caller's thread below
-                errors.append(error)
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        new_ids = []
-        while (tokens := streamer.queue.get()) is not None:
-            new_ids += tokens
-            response = tokenizer.decode(new_ids)
-            if response and response[-1] != "\ufffd":  # wait for a whole character
-                yield self._finish(tokenizer, query, history, role, list(new_ids))
-        thread.join()
-        if errors:
-            raise errors[0]
-        yield self._finish(tokenizer, query, history, role, list(new_ids))
 

@@ -46,8 +46,11 @@ import json
 import re
 from dataclasses import dataclass
 
+from . import chat_template
+
 ROLES = ("system", "user", "assistant", "observation")
-MESSAGE_MODES = ("glm3", "glm4")  # modes whose chat history is a list of message dicts (roles, tools, metadata)
+# modes whose chat history is a list of message dicts (roles, tools, metadata)
+MESSAGE_MODES = ("glm3", "glm4", chat_template.MODE_NAME)
 IGNORE_INDEX = -100
 
 # The official tool system prompt of GLM-4: the fixed text that the chat template of THUDM/glm-4-9b-chat
@@ -316,18 +319,24 @@ def encode_prompt(tokenizer, mode: str, query: str, history=None, role: str = "u
 
 def encode_context(tokenizer, mode: str, messages: list[dict]) -> list[int]:
     """Ids of the prompt for a conversation that does not end with an answer, ending with the cue to answer."""
+    if mode == chat_template.MODE_NAME:  # the checkpoint's own chat template
+        return chat_template.encode_context(tokenizer, messages)
     ids, _ = _encode(tokenizer, mode, _pieces(tokenizer, mode, messages, learn_all_turns=False))
     return ids
 
 
-def encode_messages(tokenizer, mode: str, messages: list[dict], learn_all_turns: bool = True):
+def encode_messages(tokenizer, mode: str, messages: list[dict], learn_all_turns: bool = True,
+                    thinking: str = "learn"):
     """Ids and labels of a training conversation ending with an assistant message.
 
     Returns (input_ids, labels, answer_start): labels are -100 wherever nothing is learned; answer_start is the
-    index where the final answer begins (everything before it is the prompt `chat()` would build).
+    index where the final answer begins (everything before it is the prompt `chat()` would build). `thinking`
+    (learn or mask) matters for glm4-0414 only: whether the final answer's thinking is learned.
     """
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("a training conversation must end with an assistant message")
+    if mode == chat_template.MODE_NAME:
+        return chat_template.encode_messages(tokenizer, messages, learn_all_turns, thinking)
     if mode == "glm":
         learn_all_turns = False
     pieces = _pieces(tokenizer, mode, messages, learn_all_turns)
@@ -446,6 +455,9 @@ def process_response(mode: str, response: str, history=None):
                 response = re.sub(r"%s([\u4e00-\u9fff])" % ascii_punct, r"%s\1" % full_width, response)
         return response
     history = list(history or [])
+    thinking = ""
+    if mode == chat_template.MODE_NAME:  # GLM-Z1: the thinking before </think> is shown apart, never scored
+        thinking, response = chat_template.split_thinking(response)
     content, calls = "", []
     for part in response.split("<|assistant|>"):
         metadata, content = part.split("\n", maxsplit=1) if "\n" in part else ("", part)
@@ -460,4 +472,6 @@ def process_response(mode: str, response: str, history=None):
             if parameters is not None:
                 content["parameters"] = parameters
             calls.append(content)
+    if thinking and history:
+        history[-len(response.split("<|assistant|>"))]["reasoning_content"] = thinking
     return (calls if len(calls) > 1 else content), history

@@ -2,6 +2,9 @@
 
     python -m model.tiny --mode glm3 --output_dir tiny-glm3
 
+(`--mode glm4-0414` writes transformers' Glm4ForCausalLM with a tokenizers-made tokenizer.json and GLM-Z1's chat
+template instead: model/glm4_0414.py.)
+
 The directory looks like THUDM's current files: config.json with the official fields (THUDM's `_name_or_path`,
 `model_type` chatglm, `architectures` ["ChatGLMModel"], the official `auto_map`, `torch_dtype`) plus our
 `chatglm_version` marker, model.safetensors under the official weight names (ChatGLM-6B: lm_head.weight and
@@ -24,7 +27,7 @@ import os
 
 import torch
 
-from . import MODE, template
+from . import MODE, glm4_0414, template
 from .config import VERSION_KEY
 from .export import atomic_directory
 from .sp_build import build_tokenizer_file
@@ -204,7 +207,10 @@ def main():
     args = parser.parse_args()
     output_dir = args.output_dir or f"tiny-{args.mode}"
     try:
-        path = write_tiny_checkpoint(args.mode, output_dir, args.seed)
+        if args.mode == glm4_0414.MODE_NAME:  # transformers' Glm4ForCausalLM, GLM-Z1's chat template (model/templates)
+            path = glm4_0414.write_tiny_checkpoint(output_dir, args.seed)
+        else:
+            path = write_tiny_checkpoint(args.mode, output_dir, args.seed)
     except FileExistsError:
         parser.error(f"--output_dir {output_dir} exists and is not an empty directory; choose a new one")
     print(f"wrote a tiny {args.mode} checkpoint to {path}")
