@@ -702,6 +702,10 @@ class TokenLoss:
     def describe(sums, units: float) -> dict:
         return {}
 
+    @staticmethod
+    def state() -> dict:  # nothing of its own for a checkpoint to keep
+        return {}
+
 
 def train_step(engine, window, world_size: int, objective):
     """One optimizer step over the accumulation window (a list of micro-batches on the host).
