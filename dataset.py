@@ -2,7 +2,6 @@
 with labels and truncation, the dev-set shard, the collator and the length-grouped sampler."""
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from torch.utils.data import Dataset
 
 import tool_data
 from model import template
+from model.textfile import read_text
 
 logger = logging.getLogger("chatglm")
 
@@ -30,18 +30,14 @@ _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON counts as whitespace b
 
 def read_records(path: str) -> list[tuple[int, dict]]:
     """(line number, object) for a JSON Lines file (one sample per line, numbered by its line) or a JSON array
-    (numbered by the line on which each element starts). The text must be UTF-8 (a leading byte-order mark is
-    accepted). Every problem is a DataError naming `file:line` (or the file, when it cannot be read at all)."""
+    (numbered by the line on which each element starts), read by `model.textfile.read_text` (UTF-8, a leading
+    byte-order mark dropped). Every problem is a DataError naming `file:line` (or the file, when it cannot be read
+    at all)."""
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, not a data file (JSON Lines or a JSON array)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
-    text = _decode_utf8(path, raw)
+    text = read_text(path, DataError)
     if text.lstrip().startswith("["):
         return _array_records(path, text)
     if text.lstrip().startswith("{") and text.strip().count("\n"):  # one object over several lines?
@@ -62,20 +58,6 @@ def read_records(path: str) -> list[tuple[int, dict]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: {e.msg} (column {e.colno}){_spans_lines(lines, number)}") from None
     return records
-
-
-def _decode_utf8(path: str, raw: bytes) -> str:
-    """The file's text (utf-8-sig: a leading BOM is dropped); bytes that are not UTF-8 name their line and column."""
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_start = raw.rfind(b"\n", 0, e.start) + 1
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = len(raw[line_start:e.start].decode("utf-8")) + 1  # everything before the first bad byte decodes
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}; save the "
-                        f"file as UTF-8)") from None
 
 
 def _array_records(path: str, text: str) -> list[tuple[int, dict]]:
