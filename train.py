@@ -46,11 +46,13 @@ TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATH_FLAGS = ("model_name_or_path", "train_path", "dev_path", "ds_file")  # absolute in training_args.json
 # What a resumed run must share with the run that wrote its checkpoint: the flags that decide which parameters train
-# and which samples come in which order. Epochs, --max_steps, the lr, logging and saving may change.
+# and which samples come in which order, and the precision (resolved: auto differs by GPU), whose DeepSpeed state
+# does not load in another (a bf16 engine looks for bf16_zero_pp_rank_* files, an fp32 one saves zero_pp_rank_*).
+# Epochs, --max_steps, the lr, logging and saving may change.
 RESUME_FIXED = {
     "any": ("model_name_or_path", "mode", "train_type", "quantization_bit", "train_path", "max_len", "max_src_len",
             "is_skip", "last_turn_only", "group_by_length", "packing", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "seed", "world_size", "sequence_parallel_size"),
+            "gradient_accumulation_steps", "seed", "world_size", "sequence_parallel_size", "precision"),
     "lora": ("lora_dim", "lora_alpha", "lora_module_name"),
     "ptuning": ("pre_seq_len", "prefix_projection"),
     "freeze": ("freeze_module_name",),
@@ -240,9 +242,10 @@ def last_layers(config, count: int = 4) -> str:
 
 
 def run_record(args, world_size: int) -> dict:
-    """training_args.json: the flags, with the paths made absolute, and the number of ranks."""
+    """training_args.json: the flags, with the paths made absolute, --precision as it resolved (auto: what this
+    machine chose), and the number of ranks."""
     paths = {flag: os.path.abspath(getattr(args, flag)) for flag in PATH_FLAGS if getattr(args, flag)}
-    return {**vars(args), **paths, "world_size": world_size}
+    return {**vars(args), **paths, "precision": pick_precision(args.precision), "world_size": world_size}
 
 
 def check_resume(args, tag: str, world_size: int) -> None:
@@ -269,9 +272,12 @@ def check_resume(args, tag: str, world_size: int) -> None:
     for flag in RESUME_FIXED["any"] + RESUME_FIXED.get(args.train_type, ()):
         if flag in PATH_FLAGS and flag in before:  # older records: relative paths
             before[flag] = os.path.abspath(before[flag])
+        if flag == "precision" and before.get(flag) == "auto":  # older records: what auto chose is not known
+            continue
         if flag in before and before[flag] != now[flag]:
             what = "ranks" if flag == "world_size" else f"--{flag}"
-            raise SystemExit(f"--resume: {what} is {now[flag]!r}, but {tag} was trained with {before[flag]!r} "
+            auto = " (--precision auto on this machine)" if flag == "precision" and args.precision == "auto" else ""
+            raise SystemExit(f"--resume: {what} is {now[flag]!r}{auto}, but {tag} was trained with {before[flag]!r} "
                              f"({record_file}); resume with the same value, or train into a new --output_dir")
 
 
