@@ -315,8 +315,8 @@ def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
 
 
 def read_log(log_file: str) -> tuple[dict, dict]:
-    """({step: (loss, lr)}, {step: eval loss}) from train_log.jsonl; a resumed run logs its steps again and the last
-    record of a step wins."""
+    """({step: (loss, lr)}, {step: eval loss}) from train_log.jsonl; should a step appear twice (a log written before
+    a resumed run dropped the records after its checkpoint: train.drop_records_after), its last record wins."""
     train, evals = {}, {}
     if not os.path.isfile(log_file):
         return train, evals

@@ -757,6 +757,39 @@ def log_eval(engine, loader, writer, step, where, log_file):
         append_jsonl(log_file, {"step": step, "eval_loss": dev_loss})
 
 
+RUN_RECORDS = ("train_log.jsonl", "samples.jsonl")  # the run's JSON Lines records (monitor.py writes samples.jsonl)
+
+
+def record_step(line: str) -> int | None:
+    """The "step" of one line of RUN_RECORDS; None for a line that is not a whole record (cut by a crash)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step") if isinstance(record, dict) else None
+
+
+def drop_records_after(output_dir: str, step: int) -> None:
+    """--resume from the checkpoint of `step`: the lines of RUN_RECORDS that the interrupted run wrote after it (its
+    later steps and evaluations, whose checkpoints are gone) are dropped, so that the resumed run continues the
+    records from `step` instead of logging those steps a second time. What was logged at `step` itself stays: its
+    evaluation and sample answers came before its checkpoint. Each file is replaced whole (atomic_write_text): a
+    crash leaves the old file or the new one, never half of either."""
+    from model.export import atomic_write_text
+    from model.textfile import read_text
+
+    for name in RUN_RECORDS:
+        path = os.path.join(output_dir, name)
+        if not os.path.isfile(path):
+            continue
+        lines = [line for line in read_text(path).splitlines() if line.strip()]
+        kept = [line for line in lines if (logged := record_step(line)) is not None and logged <= step]
+        if len(kept) < len(lines):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+            logger.info("%s: %d records after step %d dropped (the run resumes at step %d)", path,
+                        len(lines) - len(kept), step, step)
+
+
 def append_jsonl(path, record):
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -854,7 +887,10 @@ def train(args):
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(args.output_dir, "runs"))
+        if resume_tag:
+            drop_records_after(args.output_dir, step)
+        # resumed: TensorBoard hides the events the interrupted run wrote after `step` (purge_step)
+        writer = SummaryWriter(os.path.join(args.output_dir, "runs"), purge_step=step + 1 if resume_tag else None)
     from tqdm import tqdm
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     postfix = {"compile": "the first steps"} if args.compile else {}

@@ -177,3 +177,34 @@ def test_windows_without_labelled_tokens_train_nothing_and_log_no_loss(tiny_dirs
     adapter = load_file(out / "epoch-1-step-3" / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in adapter.values())
     assert all(not w.any() for name, w in adapter.items() if "lora_B" in name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run's records after a resume from an earlier checkpoint (issue 37, point 9)
+# ---------------------------------------------------------------------------------------------------------------
+def test_resume_from_an_earlier_checkpoint_continues_the_records_from_its_step(tiny_dirs, tmp_path,
+                                                                             train_in_process):
+    """A run of 3 steps evaluating and answering a sample prompt every step, checkpoints at steps 2 and 3; the step
+    3 checkpoint is deleted and the run resumed from step 2. train_log.jsonl and samples.jsonl held step 3 and its
+    evaluation twice (appended again); now the resumed run continues them from step 2: every step, evaluation and
+    answer once, what was logged up to step 2 unchanged."""
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"你好"\n', encoding="utf-8")
+    argv = run_args(tiny_dirs, out, save_model_step=2, eval_step=1, sample_prompts=prompts, max_new_tokens=2)
+    train_in_process(*argv)
+    first = {name: (out / name).read_text(encoding="utf-8").splitlines() for name in ("train_log.jsonl",
+                                                                                        "samples.jsonl")}
+    shutil.rmtree(out / "epoch-1-step-3")
+    train_in_process(*argv, "--resume")
+    records = log_records(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "eval_loss" in r] == [1, 2, 3]
+    samples = (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["step"] for line in samples] == [1, 2, 3]
+    kept = {"train_log.jsonl": [line for line in first["train_log.jsonl"] if json.loads(line)["step"] <= 2],
+            "samples.jsonl": first["samples.jsonl"][:2]}
+    assert (out / "train_log.jsonl").read_text(encoding="utf-8").splitlines()[:len(kept["train_log.jsonl"])] == \
+        kept["train_log.jsonl"]
+    assert samples[:2] == kept["samples.jsonl"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging file left behind
