@@ -7,6 +7,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -134,6 +135,16 @@ def sample_to_messages(mode: str, sample, where: str, check_tools: bool = False)
 # ------------------------------------------------------------------------------------------------------------------
 # training dataset
 # ------------------------------------------------------------------------------------------------------------------
+class SampleFate(NamedTuple):
+    """What became of one record of a data file, in file order: its `file:line`, its index in the dataset's examples
+    (None when dropped), whether truncation cut it, and why it was dropped: "is_skip" (truncated, --is_skip) or
+    "unfit" (too long even after truncation); None when kept."""
+    where: str
+    index: int | None
+    truncated: bool
+    dropped: str | None
+
+
 @dataclass
 class DataStats:
     samples: int = 0
@@ -235,6 +246,7 @@ class InstructionDataset(Dataset):
                              f"and stay below max_len={max_len}")
         self.stats = DataStats()
         self.examples = []
+        self.fates: list[SampleFate] = []  # one per record read (monitor.py's --preview tells them)
         for number, sample in read_records(path):
             where = f"{path}:{number}"
             messages = sample_to_messages(mode, sample, where, check_tools=True)
@@ -244,12 +256,15 @@ class InstructionDataset(Dataset):
                 self.stats.unfit += 1
                 if len(self.stats.unfit_where) < self.SHOWN_UNFIT:
                     self.stats.unfit_where.append(where)
+                self.fates.append(SampleFate(where, None, True, "unfit"))
                 continue
             if truncated:
                 self.stats.truncated += 1
                 if is_skip:
                     self.stats.skipped += 1
+                    self.fates.append(SampleFate(where, None, True, "is_skip"))
                     continue
+            self.fates.append(SampleFate(where, len(self.examples), truncated, None))
             self.examples.append(example)
         limits = f"max_len={max_len} / max_src_len={max_src_len}"
         if self.stats.unfit:

@@ -852,7 +852,7 @@ def train(args):
         tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
     train_set, dev_set = build_data(args, tokenizer)
     samples = train_set.unpacked if args.packing else train_set
-    watch = monitor.Monitor(args, tokenizer, samples, build_data, rank, world_size)  # data shape, warnings, --preview
+    watch = monitor.Monitor(args, tokenizer, samples, rank, world_size)  # data shape, warnings, --preview
     mpu = sequence_parallel.initialize(args.sequence_parallel_size)  # DeepSpeed's groups; None without
     train_loader = sequence_parallel.shard(make_loader(train_set, args, rank, world_size, True,
                                                        tokenizer.pad_token_id), mpu)
