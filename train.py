@@ -37,7 +37,7 @@ from model import MODE, check_checkpoint_dir, template
 from model.config import read_json
 from model.compat import enable_activation_checkpointing
 from model.modeling_base import LMHead, check_safetensors_headers
-from dataset import DataCollator, DataError, EvalShard, InstructionDataset, LengthGroupedSampler
+from dataset import DataCollator, DataError, EpochBatches, EvalShard, InstructionDataset
 from inference import CheckpointError, checkpoint_errors
 from utils import DTYPES, PRECISIONS, add_bool_flag, auto_precision, count_parameters, setup_logging, str2bool
 
@@ -584,9 +584,10 @@ def build_data(args, tokenizer):
 
 
 def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
-    """Training (shuffle=True): this rank's share in a new order every epoch, incomplete batches dropped. Evaluation:
-    this rank's EvalShard, every sample once over all ranks."""
-    from torch.utils.data import DataLoader, DistributedSampler
+    """Training (shuffle=True): this rank's micro-batches in a new order every epoch, every sample once an epoch
+    (dataset.EpochBatches: the last batch may be smaller, or empty on some ranks). Evaluation: this rank's
+    EvalShard, every sample once over all ranks."""
+    from torch.utils.data import DataLoader
 
     packed = isinstance(dataset, packing.PackedDataset)
     collate = packing.PackedCollator(pad_token_id) if packed else DataCollator(pad_token_id)
@@ -595,16 +596,13 @@ def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
     if not shuffle:
         return DataLoader(EvalShard(dataset, rank, world_size), batch_size=args.per_device_train_batch_size,
                           shuffle=False, collate_fn=collate, pin_memory=pin_memory)
-    if args.group_by_length:
-        sampler = LengthGroupedSampler([len(e["input_ids"]) for e in dataset.examples],
-                                       args.per_device_train_batch_size, world_size, rank, seed=args.seed)
-    else:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
-                                     drop_last=True)
+    lengths = [len(item["input_ids"]) for item in (dataset.rows if packed else dataset.examples)]
+    batches = EpochBatches(lengths, args.per_device_train_batch_size, world_size, rank, seed=args.seed,
+                           group_by_length=args.group_by_length)
     # Its own generator: iter() draws a base seed from it, not from the global one, whose state a checkpoint
     # restores (dropout draws from that), so resuming at any point replays the same random numbers.
-    return DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate,
-                      drop_last=True, generator=torch.Generator().manual_seed(args.seed), pin_memory=pin_memory)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(args.seed), pin_memory=pin_memory)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -636,7 +634,9 @@ def train_step(engine, window, world_size: int):
     """One optimizer step over the accumulation window (a list of micro-batches on the host).
 
     The gradient is the mean over every labelled token of the window on all ranks, so long and short answers
-    weigh per token. Returns (summed loss of this rank, labelled tokens of all ranks), both on the device: nothing
+    weigh per token. The window is --gradient_accumulation_steps micro-batches, or fewer at an epoch's end (every
+    sample trains, dataset.EpochBatches): its last micro-batch is marked as DeepSpeed's accumulation boundary, so
+    the optimizer steps there however long the window is. Returns (summed loss of this rank, labelled tokens of all ranks), both on the device: nothing
     is read back to the host here. A window without a labelled token on any rank (answers truncated away, say)
     contributes a zero gradient rather than 0 / 0: the optimizer step still runs, so the schedule and the step
     count stay on plan (AdamW's momentum and weight decay move the weights that step, as on any other). With
@@ -646,10 +646,14 @@ def train_step(engine, window, world_size: int):
     tokens = torch.full((), float(sum(labelled_tokens(b) for b in window)), device=engine.device)
     torch.distributed.all_reduce(tokens)
     loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)
-    for batch in window:
+    for index, batch in enumerate(window):
+        # set before the forward (DeepSpeed's set_gradient_accumulation_boundary): ZeRO reduces the gradients and
+        # the optimizer steps after the window's last micro-batch, not after every --gradient_accumulation_steps
+        engine.set_gradient_accumulation_boundary(index == len(window) - 1)
         loss_sum = batch_loss(engine, batch)
-        # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
-        engine.backward(loss_sum * (len(window) * world_size) / tokens.clamp(min=1))
+        # DeepSpeed divides by its accumulation steps (the flag's, whatever the window's length) and averages over
+        # ranks; undo both.
+        engine.backward(loss_sum * (engine.gradient_accumulation_steps() * world_size) / tokens.clamp(min=1))
         engine.step()
         loss_total += loss_sum.detach().double()
     return loss_total, tokens
@@ -859,11 +863,8 @@ def train(args):
     dev_loader = sequence_parallel.shard(make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id)
                                          if dev_set else None, mpu)
     accumulation = args.gradient_accumulation_steps
-    steps_per_epoch = len(train_loader) // accumulation
-    if steps_per_epoch == 0:
-        groups = world_size // args.sequence_parallel_size
-        raise SystemExit(f"{args.train_path}: {len(train_set)} {'packed rows' if args.packing else 'samples'} make "
-                         f"no optimizer step of {args.per_device_train_batch_size} x {accumulation} x {groups}")
+    # every sample trains once an epoch: a last, shorter accumulation window takes the micro-batches left over
+    steps_per_epoch = math.ceil(len(train_loader) / accumulation)
     # --max_steps sets the run's length instead of the epochs, as HF Trainer's does: epochs repeat or stop early
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
 
@@ -901,22 +902,22 @@ def train(args):
     log_file = os.path.join(args.output_dir, "train_log.jsonl")  # one JSON line per logging step, rank 0
 
     while step < total_steps:
-        train_loader.sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
+        train_loader.batch_sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
         batches = itertools.islice(iter(train_loader), batch_index, None)  # resuming: minus what was seen
-        while step < total_steps and batch_index + accumulation <= len(train_loader):
-            window = [next(batches) for _ in range(accumulation)]
+        while step < total_steps and batch_index < len(train_loader):
+            window = [next(batches) for _ in range(min(accumulation, len(train_loader) - batch_index))]
             lr = engine.get_lr()[0]  # what this step's optimizer update uses (the schedule moves after it)
             loss_sum, tokens = train_step(engine, window, world_size)
             window_loss[0] += loss_sum
             window_loss[1] += tokens / world_size
             window_loss[2] += sum(real_tokens(b, tokenizer.pad_token_id) for b in window)  # this rank's
-            batch_index += accumulation
+            batch_index += len(window)
             step += 1
             if args.compile:  # torch.compile's seconds so far: the first steps (and a new shape) compile
                 postfix["compile"] = f"{compile_seconds():.0f}s"
                 progress.set_postfix(postfix, refresh=False)
             progress.update(1)
-            epoch_done = batch_index + accumulation > len(train_loader)  # no whole window left in this epoch
+            epoch_done = batch_index == len(train_loader)
             if step % args.show_loss_step == 0 or step == total_steps:
                 torch.distributed.all_reduce(window_loss)
                 loss_sum, labelled, window_tokens = window_loss.tolist()  # the host reads the sums only here

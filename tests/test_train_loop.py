@@ -208,3 +208,39 @@ def test_resume_from_an_earlier_checkpoint_continues_the_records_from_its_step(t
         kept["train_log.jsonl"]
     assert samples[:2] == kept["samples.jsonl"]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging file left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every sample trains once an epoch (issue 37, point 1)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch,accumulation,extra,steps", [
+    (3, 1, (), 2),  # micro-batches of 3 and 2
+    (1, 2, (), 3),  # accumulation windows of 2, 2 and 1 micro-batches
+    (3, 1, ("--packing", "--max_len", 90, "--max_src_len", 80), 2),  # 5 rows of one sample: 3 + 2 rows
+], ids=["last-batch", "last-window", "packed-rows"])
+def test_every_sample_trains_once_an_epoch(batch, accumulation, extra, steps, tiny_dirs, tmp_path,
+                                           train_in_process):
+    """5 samples in micro-batches of 3: the loader dropped the last 2 samples (drop_last) and the epoch ran one step
+    of 3 samples; in batches of 1 with 2 to accumulate, the epoch's 5th micro-batch found no whole window. Now the
+    last batch and the last window are smaller and every sample trains: the logged tokens are all the samples'
+    (rows', with --packing), and the lr schedule's T counts the extra step (README's formula)."""
+    import train
+
+    data = tmp_path / "five.jsonl"
+    data.write_text("".join((ROOT / "data/train.jsonl").read_text(encoding="utf-8").splitlines(True)[:5]),
+                    encoding="utf-8")
+    out = tmp_path / "out"
+    argv = run_args(tiny_dirs, out, train_path=data, per_device_train_batch_size=batch,
+                    gradient_accumulation_steps=accumulation, warmup_ratio=0.5, learning_rate=1e-2)
+    train_in_process(*argv, *extra)
+    records = [r for r in log_records(out) if "lr" in r]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    args = train.parse_args([str(a) for a in (*argv, *extra)])
+    tokenizer = train.MODE["glm2"].tokenizer.from_pretrained(tiny_dirs["glm2"])
+    train_set, _ = train.build_data(args, tokenizer)
+    if extra:
+        assert [len(row["lengths"]) for row in train_set.rows] == [1] * 5
+    samples = train_set.unpacked if extra else train_set
+    assert len(samples) == 5 and sum(r["tokens"] for r in records) == sum(len(e["input_ids"]) for e in samples)
+    assert {r["step"]: r["lr"] for r in records} == pytest.approx(schedule(1e-2, steps, 0.5), rel=1e-9)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("epoch")) == [f"epoch-1-step-{steps}"]
