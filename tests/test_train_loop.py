@@ -244,3 +244,26 @@ def test_every_sample_trains_once_an_epoch(batch, accumulation, extra, steps, ti
     assert len(samples) == 5 and sum(r["tokens"] for r in records) == sum(len(e["input_ids"]) for e in samples)
     assert {r["step"]: r["lr"] for r in records} == pytest.approx(schedule(1e-2, steps, 0.5), rel=1e-9)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("epoch")) == [f"epoch-1-step-{steps}"]
+
+
+def test_a_shorter_last_window_weighs_its_tokens_like_a_whole_one(tiny_dirs, tmp_path, train_in_process):
+    """The epoch's last window of 1 micro-batch (5 samples, batch 1, 2 to accumulate) must give the token mean's
+    gradient of what it holds, as a window of 1 does when 1 is what the flag asks. DeepSpeed divides every backward
+    by its --gradient_accumulation_steps whatever the window's length, so a window of 1 out of 2 would get half the
+    gradient if train.py did not undo that. At an lr of 1e-9 the weights stay put (LoRA B ~ 0, no dropout), so
+    the last sample's gradient norm (train/grad_norm, DeepSpeed's, before clipping) is the same in both runs: both
+    see the samples in one order (seed and batch size 1 alike)."""
+    from test_sequence_parallel import grad_norms
+
+    data = tmp_path / "five.jsonl"
+    data.write_text("".join((ROOT / "data/train.jsonl").read_text(encoding="utf-8").splitlines(True)[:5]),
+                    encoding="utf-8")
+    runs = {}
+    for accumulation, last in ((2, 3), (1, 5)):
+        out = tmp_path / f"accumulate{accumulation}"
+        train_in_process(*run_args(tiny_dirs, out, train_path=data, per_device_train_batch_size=1,
+                                   gradient_accumulation_steps=accumulation, learning_rate=1e-9))
+        losses = {r["step"]: r["loss"] for r in log_records(out) if "lr" in r}
+        runs[accumulation] = (losses[last], grad_norms(out)[last])
+    assert runs[2][0] == pytest.approx(runs[1][0], rel=1e-5)  # the same sample
+    assert runs[2][1] == pytest.approx(runs[1][1], rel=1e-4)
