@@ -636,10 +636,10 @@ def train_step(engine, window, world_size: int):
     The gradient is the mean over every labelled token of the window on all ranks, so long and short answers
     weigh per token. The window is --gradient_accumulation_steps micro-batches, or fewer at an epoch's end (every
     sample trains, dataset.EpochBatches): its last micro-batch is marked as DeepSpeed's accumulation boundary, so
-    the optimizer steps there however long the window is. Returns (summed loss of this rank, labelled tokens of all ranks), both on the device: nothing
-    is read back to the host here. A window without a labelled token on any rank (answers truncated away, say)
-    contributes a zero gradient rather than 0 / 0: the optimizer step still runs, so the schedule and the step
-    count stay on plan (AdamW's momentum and weight decay move the weights that step, as on any other). With
+    the optimizer steps there however long the window is. Returns (summed loss of this rank, labelled tokens of
+    all ranks), both on the device: nothing is read back to the host here. A window without a labelled token on
+    any rank (answers truncated away, say) contributes a zero gradient rather than 0 / 0: the optimizer step still
+    runs, so the schedule and the step count stay on plan (AdamW's momentum and weight decay move the weights that step, as on any other). With
     sequence parallelism too: each labelled token lives on one rank, and DeepSpeed averages the gradients over all
     ranks (sequence_parallel.py says why it gets no mpu)."""
     # torch.full writes the count with a kernel; torch.tensor would copy it from pageable memory (a stream sync).
