@@ -1,19 +1,20 @@
 """Training data: reading instruction files (JSONL or a JSON array), turning samples into the mode's chat template
-with labels and truncation, the dev-set shard, the collator and the length-grouped sampler."""
+with labels and truncation, the dev-set shard, the collator and the training epoch's batches."""
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
 import tool_data
 from model import template
+from model.textfile import read_text
 
 logger = logging.getLogger("chatglm")
 
@@ -30,18 +31,14 @@ _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON counts as whitespace b
 
 def read_records(path: str) -> list[tuple[int, dict]]:
     """(line number, object) for a JSON Lines file (one sample per line, numbered by its line) or a JSON array
-    (numbered by the line on which each element starts). The text must be UTF-8 (a leading byte-order mark is
-    accepted). Every problem is a DataError naming `file:line` (or the file, when it cannot be read at all)."""
+    (numbered by the line on which each element starts), read by `model.textfile.read_text` (UTF-8, a leading
+    byte-order mark dropped). Every problem is a DataError naming `file:line` (or the file, when it cannot be read
+    at all)."""
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, not a data file (JSON Lines or a JSON array)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
-    text = _decode_utf8(path, raw)
+    text = read_text(path, DataError)
     if text.lstrip().startswith("["):
         return _array_records(path, text)
     if text.lstrip().startswith("{") and text.strip().count("\n"):  # one object over several lines?
@@ -62,20 +59,6 @@ def read_records(path: str) -> list[tuple[int, dict]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: {e.msg} (column {e.colno}){_spans_lines(lines, number)}") from None
     return records
-
-
-def _decode_utf8(path: str, raw: bytes) -> str:
-    """The file's text (utf-8-sig: a leading BOM is dropped); bytes that are not UTF-8 name their line and column."""
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_start = raw.rfind(b"\n", 0, e.start) + 1
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = len(raw[line_start:e.start].decode("utf-8")) + 1  # everything before the first bad byte decodes
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}; save the "
-                        f"file as UTF-8)") from None
 
 
 def _array_records(path: str, text: str) -> list[tuple[int, dict]]:
@@ -152,6 +135,16 @@ def sample_to_messages(mode: str, sample, where: str, check_tools: bool = False)
 # ------------------------------------------------------------------------------------------------------------------
 # training dataset
 # ------------------------------------------------------------------------------------------------------------------
+class SampleFate(NamedTuple):
+    """What became of one record of a data file, in file order: its `file:line`, its index in the dataset's examples
+    (None when dropped), whether truncation cut it, and why it was dropped: "is_skip" (truncated, --is_skip) or
+    "unfit" (too long even after truncation); None when kept."""
+    where: str
+    index: int | None
+    truncated: bool
+    dropped: str | None
+
+
 @dataclass
 class DataStats:
     samples: int = 0
@@ -253,6 +246,7 @@ class InstructionDataset(Dataset):
                              f"and stay below max_len={max_len}")
         self.stats = DataStats()
         self.examples = []
+        self.fates: list[SampleFate] = []  # one per record read (monitor.py's --preview tells them)
         for number, sample in read_records(path):
             where = f"{path}:{number}"
             messages = sample_to_messages(mode, sample, where, check_tools=True)
@@ -263,12 +257,15 @@ class InstructionDataset(Dataset):
                 self.stats.unfit += 1
                 if len(self.stats.unfit_where) < self.SHOWN_UNFIT:
                     self.stats.unfit_where.append(where)
+                self.fates.append(SampleFate(where, None, True, "unfit"))
                 continue
             if truncated:
                 self.stats.truncated += 1
                 if is_skip:
                     self.stats.skipped += 1
+                    self.fates.append(SampleFate(where, None, True, "is_skip"))
                     continue
+            self.fates.append(SampleFate(where, len(self.examples), truncated, None))
             self.examples.append(example)
         limits = f"max_len={max_len} / max_src_len={max_src_len}"
         if self.stats.unfit:
@@ -339,6 +336,8 @@ class DataCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, batch):
+        if not batch:  # a rank's empty share of the epoch's last batch (EpochBatches): one pad token, no label
+            batch = [{"input_ids": [self.pad_token_id], "labels": [template.IGNORE_INDEX]}]
         longest = max(len(example["input_ids"]) for example in batch)
         input_ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), longest), template.IGNORE_INDEX, dtype=torch.long)
@@ -348,36 +347,56 @@ class DataCollator:
         return {"input_ids": input_ids, "labels": labels}
 
 
-class LengthGroupedSampler(torch.utils.data.Sampler):
-    """Random order, but each rank's micro-batches hold samples of similar length, so padding wastes little compute.
+class EpochBatches(torch.utils.data.Sampler):
+    """This rank's micro-batches of one training epoch, as lists of sample indices (a DataLoader's batch_sampler):
+    over all ranks, every sample of the data set trains exactly once per epoch.
 
-    Every epoch: shuffle (seeded by seed + epoch, the same on every rank), cut into mega-batches of 50 global
-    batches, sort each by length (longest first), deal the global batches out to the ranks and shuffle the order
-    of the global batches. Every sample is seen once per epoch (the last incomplete global batch is dropped)."""
+    Every epoch a new order (seeded by seed + epoch, the same on every rank) is cut into global batches of
+    batch_size x world_size samples, each dealt out to the ranks. The last global batch may hold fewer: the ranks
+    share it (smaller micro-batches), and a rank left without a sample gets an empty micro-batch, which the
+    collators turn into one row of padding without labels, so that every rank runs the same number of forwards and
+    backwards (DeepSpeed reduces gradients collectively). train.py weighs every window by its labelled tokens, so a
+    smaller last batch weighs what it holds.
 
-    def __init__(self, lengths, batch_size: int, world_size: int, rank: int, seed: int = 0, mega: int = 50):
+    Random order (default): torch.randperm, each global batch dealt round-robin (rank r takes its samples r, r + W,
+    ...): for whole batches the order DistributedSampler gives. `group_by_length`: the order is cut into
+    mega-batches of `mega` global batches, each sorted by length (longest first) and cut into global batches dealt
+    in contiguous slices, so each micro-batch holds samples of similar length (little padding); the whole global
+    batches are then shuffled, the incomplete one (if any) comes last."""
+
+    def __init__(self, lengths: list[int], batch_size: int, world_size: int, rank: int, seed: int = 0,
+                 group_by_length: bool = False, mega: int = 50):
         self.lengths, self.batch_size, self.world_size, self.rank = lengths, batch_size, world_size, rank
-        self.seed, self.mega, self.epoch = seed, mega, 0
+        self.seed, self.group_by_length, self.mega, self.epoch = seed, group_by_length, mega, 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def _global_batches(self):
+    def _global_batches(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         global_size = self.batch_size * self.world_size
+        if not self.group_by_length:
+            return [order[start:start + global_size] for start in range(0, len(order), global_size)]
         span = global_size * self.mega
         batches = []
         for start in range(0, len(order), span):
             chunk = sorted(order[start:start + span], key=lambda i: -self.lengths[i])
             batches += [chunk[i:i + global_size] for i in range(0, len(chunk), global_size)]
-        batches = [b for b in batches if len(b) == global_size]
-        permutation = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in permutation]
+        whole = [b for b in batches if len(b) == global_size]
+        permutation = torch.randperm(len(whole), generator=generator).tolist()
+        return [whole[i] for i in permutation] + [b for b in batches if len(b) < global_size]
+
+    def _share(self, batch: list[int]) -> list[int]:
+        """This rank's part of a global batch (all of them batch_size long but the last one's)."""
+        if not self.group_by_length:
+            return batch[self.rank::self.world_size]
+        size = -(-len(batch) // self.world_size)
+        return batch[self.rank * size:(self.rank + 1) * size]
 
     def __iter__(self):
         for batch in self._global_batches():
-            yield from batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            yield self._share(batch)
 
     def __len__(self):
-        return len(self.lengths) // (self.batch_size * self.world_size) * self.batch_size
+        return -(-len(self.lengths) // (self.batch_size * self.world_size))

@@ -6,13 +6,10 @@ train.py calls in at four places: `add_flags` / `check_flags` (its argparse), `p
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
-import tempfile
 
 import torch
 
@@ -68,38 +65,15 @@ def labelled(labels) -> int:
 
 
 def describe_data(path: str, dataset) -> str:
-    """One line: samples, labelled tokens, truncated, skipped, longest."""
+    """One line: samples, labelled tokens, truncated, skipped (and why), longest."""
     stats = dataset.stats
     lengths = [len(example["input_ids"]) for example in dataset.examples]
     tokens = sum(labelled(example["labels"]) for example in dataset.examples)
+    reasons = [f"{count} {why}" for count, why in ((stats.skipped, "truncated (--is_skip)"),
+                                                    (stats.unfit, "too long even after truncation")) if count]
     return (f"{path}: {stats.samples} samples, {tokens} labelled tokens, {stats.truncated} truncated, "
-            f"{stats.skipped} skipped, longest {max(lengths, default=0)} tokens")
-
-
-@contextlib.contextmanager
-def _quiet(level=logging.WARNING):
-    """The chatglm logger above INFO for a while (a data set of one sample logs its own count line)."""
-    previous = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
-
-
-def _one_sample(record, args, tokenizer, build_data):
-    """What train.py's build_data makes of one record with these flags: (example or None if skipped, truncated)."""
-    with tempfile.TemporaryDirectory() as directory, _quiet():
-        path = os.path.join(directory, "sample.jsonl")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        try:
-            # the sample as it is before --packing puts it into a row
-            one, _ = build_data(argparse.Namespace(**{**vars(args), "train_path": path, "dev_path": None,
-                                                      "packing": False}), tokenizer)
-        except DataError:  # skipped (--is_skip): no usable sample
-            return None, True
-    return one.examples[0], bool(one.stats.truncated)
+            f"{stats.skipped + stats.unfit} skipped" + (f" ({', '.join(reasons)})" if reasons else "")
+            + f", longest {max(lengths, default=0)} tokens")
 
 
 MARKS = {True: ("\033[1;32m", "\033[0m"), False: ("[[", "]]")}  # learned span: green on a terminal, else brackets
@@ -136,29 +110,34 @@ def decode_visibly(tokenizer, tokens, stops):
         yield tokenizer.decode(pending)
 
 
-def preview_lines(args, tokenizer, build_data, colour: bool = False) -> list[str]:
-    """The first --preview samples of --train_path as the model sees them."""
+DROPPED = {"is_skip": "skipped (--is_skip)",
+           "unfit": "skipped: cannot fit even after truncation (system text, tools and tool calls are never cut)"}
+
+
+def preview_lines(args, tokenizer, dataset, colour: bool = False) -> list[str]:
+    """The first --preview samples of --train_path as the model sees them: each record's fate in `dataset` (the
+    training set as build_data made it with the run's flags, before --packing), named by its file and line."""
     if getattr(args, "stage", "sft") != "sft":  # pairs: both answers on their shared prompt
         import preference
         return preference.preview_lines(args, tokenizer, colour)
     stops = set(template.stop_token_ids(tokenizer, args.mode))
     lines = [f"preview of the first {args.preview} samples of {args.train_path}: learned tokens "
              + ("in green" if colour else "in [[ ]]")]
-    for number, (line, record) in enumerate(read_records(args.train_path)[:args.preview], start=1):
-        where = f"{args.train_path}:{line}"
-        messages = sample_to_messages(args.mode, record, where)
+    records = read_records(args.train_path)[:args.preview]
+    for number, ((_, record), fate) in enumerate(zip(records, dataset.fates), start=1):
+        messages = sample_to_messages(args.mode, record, fate.where)
         full_ids, _, _ = template.encode_messages(tokenizer, args.mode, messages, not args.last_turn_only)
-        example, truncated = _one_sample(record, args, tokenizer, build_data)
-        if example is None:
-            lines.append(f"--- sample {number} ({where}): skipped (--is_skip): {len(full_ids)} tokens do not fit "
-                         f"--max_len {args.max_len} / --max_src_len {args.max_src_len}")
+        if fate.dropped:
+            lines.append(f"--- sample {number} ({fate.where}): {DROPPED[fate.dropped]}: {len(full_ids)} tokens do not "
+                         f"fit --max_len {args.max_len} / --max_src_len {args.max_src_len}")
             continue
+        example, truncated = dataset.examples[fate.index], fate.truncated
         ids, labels = example["input_ids"], example["labels"]
         learned = [token for token, label in zip(ids, labels) if label != template.IGNORE_INDEX]
         stop = next((token for token in reversed(learned) if token in stops), None)
         cut = (f"cut from {len(full_ids)} to {len(ids)} tokens (--max_len {args.max_len}, --max_src_len "
                f"{args.max_src_len})" if truncated else "none")
-        lines.append(f"--- sample {number} ({where}): {len(ids)} tokens, {len(ids) - len(learned)} prompt, "
+        lines.append(f"--- sample {number} ({fate.where}): {len(ids)} tokens, {len(ids) - len(learned)} prompt, "
                      f"{len(learned)} learned; stop token learned: "
                      + (f"yes ({tokenizer.convert_ids_to_tokens(stop)})" if stop is not None else "NO")
                      + f"; truncation: {cut}")
@@ -166,10 +145,10 @@ def preview_lines(args, tokenizer, build_data, colour: bool = False) -> list[str
     return lines
 
 
-def show_preview(args, tokenizer, build_data, stream=None) -> None:
+def show_preview(args, tokenizer, dataset, stream=None) -> None:
     stream = stream or sys.stdout
     colour = stream.isatty() and "NO_COLOR" not in os.environ
-    stream.write("\n".join(preview_lines(args, tokenizer, build_data, colour)) + "\n")
+    stream.write("\n".join(preview_lines(args, tokenizer, dataset, colour)) + "\n")
     stream.flush()
 
 
@@ -318,8 +297,8 @@ def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
 
 
 def read_log(log_file: str) -> tuple[dict, dict]:
-    """({step: (loss, lr)}, {step: eval loss}) from train_log.jsonl; a resumed run logs its steps again and the last
-    record of a step wins."""
+    """({step: (loss, lr)}, {step: eval loss}) from train_log.jsonl; should a step appear twice (a log written before
+    a resumed run dropped the records after its checkpoint: train.drop_records_after), its last record wins."""
     train, evals = {}, {}
     if not os.path.isfile(log_file):
         return train, evals
@@ -382,15 +361,15 @@ def preview_only(args, build_data, checkpoint_errors) -> None:
     with checkpoint_errors():
         tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
     train_set, _ = build_data(args, tokenizer)
-    Monitor(args, tokenizer, getattr(train_set, "unpacked", train_set), build_data, rank=0, world_size=1)
+    Monitor(args, tokenizer, getattr(train_set, "unpacked", train_set), rank=0, world_size=1)
 
 
 class Monitor:
     """Before training (on construction): the data set's shape, the warnings, the preview (each sample as train.py's
-    `build_data` makes it); the sample prompts are read now so that a bad file stops the run before the model
-    loads. Then answers and the plot at each evaluation and at the end."""
+    `build_data` made it: `train_set`, before --packing); the sample prompts are read now so that a bad file stops
+    the run before the model loads. Then answers and the plot at each evaluation and at the end."""
 
-    def __init__(self, args, tokenizer, train_set, build_data, rank: int, world_size: int):
+    def __init__(self, args, tokenizer, train_set, rank: int, world_size: int):
         self.args, self.tokenizer, self.rank = args, tokenizer, rank
         self.prompts = read_sample_prompts(args.sample_prompts, args.mode) if args.sample_prompts else []
         # Under ZeRO-3 each forward gathers the weights from all ranks: every rank generates, in step.
@@ -401,7 +380,7 @@ class Monitor:
             for warning in run_warnings(args, train_set, tokenizer):
                 logger.warning(warning)
             if args.preview:
-                show_preview(args, tokenizer, build_data)
+                show_preview(args, tokenizer, train_set)
 
     def at_evaluation(self, engine, step: int, writer) -> None:
         """Answers to --sample_prompts and loss.png (rank 0 writes both)."""

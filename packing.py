@@ -110,6 +110,9 @@ class PackedCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict]) -> dict:
+        if not rows:  # a rank's empty share of the epoch's last batch (dataset.EpochBatches): padding, no label
+            rows = [{"input_ids": [self.pad_token_id], "labels": [template.IGNORE_INDEX], "position_ids": [0],
+                     "lengths": [1]}]
         longest = max(len(row["input_ids"]) for row in rows)
         input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), longest), template.IGNORE_INDEX, dtype=torch.long)

@@ -48,6 +48,7 @@ from metrics import as_calls, compute_metrics, tool_call_metrics
 from model.config import resolve_mode
 from model import MODE, template
 from model.export import atomic_write_text
+from model.textfile import read_text
 from dataset import DataError, read_records, sample_to_messages
 from inference import CheckpointError, load_for_inference
 from utils import PRECISIONS, add_bool_flag, setup_logging
@@ -152,11 +153,10 @@ def is_utf8(text: str) -> bool:
 def load_tools(path: str) -> list[dict]:
     """The tool list of --tools, checked: a JSON list of {"type": "function", "function": {"name": ...}}."""
     try:
-        with open(path, encoding="utf-8") as f:
-            tools = json.load(f)
-    except OSError as e:
-        raise DataError(f"--tools {path}: cannot read it ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        tools = json.loads(read_text(path, DataError))  # the reading rule of every file (a byte-order mark dropped)
+    except DataError as e:  # cannot be read, or not UTF-8
+        raise DataError(f"--tools {e}") from None
+    except json.JSONDecodeError as e:
         raise DataError(f"--tools {path}: not a JSON file ({e})") from None
     problem = tool_list_problem(tools)
     if problem:
@@ -414,10 +414,9 @@ def read_observation(call: dict, stdin, stdout, which: str = "") -> str | None:
         if text.startswith("@"):
             path = text[1:].strip()
             try:
-                with open(path, encoding="utf-8") as f:
-                    return f.read().strip()
-            except (OSError, UnicodeDecodeError) as e:
-                stdout.write(f"无法读取 {path} (cannot read {path}: {getattr(e, 'strerror', None) or e})\n")
+                return read_text(path).strip()  # the reading rule of every file: a byte-order mark is not the result
+            except ValueError as e:  # cannot be read, or not UTF-8: the message names the file
+                stdout.write(f"无法读取 {path} ({e})\n")
                 continue
         if text and is_utf8(text):
             return text

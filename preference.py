@@ -192,6 +192,10 @@ class PairCollator:
         self.pad = DataCollator(pad_token_id)
 
     def __call__(self, pairs):
+        if not pairs:  # a rank's empty share of the epoch's last batch (dataset.EpochBatches): one padding pair
+            pad, ignore = self.pad.pad_token_id, template.IGNORE_INDEX
+            pairs = [{"input_ids": [pad], "labels": [ignore], "rejected_input_ids": [pad],
+                      "rejected_labels": [ignore], "index": 0}]
         rows = [{"input_ids": p["input_ids"], "labels": p["labels"]} for p in pairs] + \
                [{"input_ids": p["rejected_input_ids"], "labels": p["rejected_labels"]} for p in pairs]
         batch = self.pad(rows)

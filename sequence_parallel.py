@@ -197,14 +197,15 @@ class ShardedLoader:
         self.size = mpu.get_sequence_parallel_world_size()
         self.device = get_accelerator().current_device_name()
         pad_token_id = loader.collate_fn.pad_token_id
-        loader.collate_fn = PadToMultiple(loader.collate_fn, self.size, pad_token_id, loader.batch_size)
+        rows = loader.batch_size or loader.batch_sampler.batch_size  # training: dataset.EpochBatches
+        loader.collate_fn = PadToMultiple(loader.collate_fn, self.size, pad_token_id, rows)
         group = mpu.get_sequence_parallel_group()
         self.batches = SameLengthInGroup(loader, group, pad_token_id) \
             if torch.distributed.get_backend(group) == "gloo" else loader
 
     @property
-    def sampler(self):
-        return self.loader.sampler
+    def batch_sampler(self):
+        return self.loader.batch_sampler
 
     def __len__(self):
         return len(self.loader) * self.size

@@ -39,7 +39,7 @@ from model.glm4_0414 import num_layers
 from model.config import read_json, resolve_mode
 from model.compat import enable_activation_checkpointing
 from model.modeling_base import LMHead, check_safetensors_headers
-from dataset import DataCollator, DataError, EvalShard, InstructionDataset, LengthGroupedSampler
+from dataset import DataCollator, DataError, EpochBatches, EvalShard, InstructionDataset
 from inference import CheckpointError, checkpoint_errors
 from utils import DTYPES, PRECISIONS, add_bool_flag, auto_precision, count_parameters, setup_logging, str2bool
 
@@ -49,12 +49,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # absolute in training_args.json
 PATH_FLAGS = ("model_name_or_path", "train_path", "dev_path", "ds_file", "ref_model_path")
 # What a resumed run must share with the run that wrote its checkpoint: the flags that decide which parameters train
-# and which samples come in which order. Epochs, --max_steps, the lr, logging and saving may change.
+# and which samples come in which order, and the precision (resolved: auto differs by GPU), whose DeepSpeed state
+# does not load in another (a bf16 engine looks for bf16_zero_pp_rank_* files, an fp32 one saves zero_pp_rank_*).
+# Epochs, --max_steps, the lr, logging and saving may change.
 RESUME_FIXED = {
     "any": ("model_name_or_path", "mode", "train_type", "quantization_bit", "train_path", "max_len", "max_src_len",
             "is_skip", "last_turn_only", "group_by_length", "packing", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "seed", "world_size", "sequence_parallel_size", "stage", "pref_beta",
-            "pref_label_smoothing", "ref_model_path"),
+            "gradient_accumulation_steps", "seed", "world_size", "sequence_parallel_size", "precision", "stage",
+            "pref_beta", "pref_label_smoothing", "ref_model_path"),
     "lora": ("lora_dim", "lora_alpha", "lora_module_name"),
     "ptuning": ("pre_seq_len", "prefix_projection"),
     "freeze": ("freeze_module_name",),
@@ -276,9 +278,10 @@ def last_layers(config, count: int = 4) -> str:
 
 
 def run_record(args, world_size: int) -> dict:
-    """training_args.json: the flags, with the paths made absolute, and the number of ranks."""
+    """training_args.json: the flags, with the paths made absolute, --precision as it resolved (auto: what this
+    machine chose), and the number of ranks."""
     paths = {flag: os.path.abspath(getattr(args, flag)) for flag in PATH_FLAGS if getattr(args, flag)}
-    return {**vars(args), **paths, "world_size": world_size}
+    return {**vars(args), **paths, "precision": pick_precision(args.precision), "world_size": world_size}
 
 
 def check_resume(args, tag: str, world_size: int) -> None:
@@ -305,9 +308,12 @@ def check_resume(args, tag: str, world_size: int) -> None:
     for flag in RESUME_FIXED["any"] + RESUME_FIXED.get(args.train_type, ()):
         if flag in PATH_FLAGS and before.get(flag):  # older records: relative paths
             before[flag] = os.path.abspath(before[flag])
+        if flag == "precision" and before.get(flag) == "auto":  # older records: what auto chose is not known
+            continue
         if flag in before and before[flag] != now[flag]:
             what = "ranks" if flag == "world_size" else f"--{flag}"
-            raise SystemExit(f"--resume: {what} is {now[flag]!r}, but {tag} was trained with {before[flag]!r} "
+            auto = " (--precision auto on this machine)" if flag == "precision" and args.precision == "auto" else ""
+            raise SystemExit(f"--resume: {what} is {now[flag]!r}{auto}, but {tag} was trained with {before[flag]!r} "
                              f"({record_file}); resume with the same value, or train into a new --output_dir")
 
 
@@ -617,9 +623,10 @@ def build_data(args, tokenizer):
 
 
 def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
-    """Training (shuffle=True): this rank's share in a new order every epoch, incomplete batches dropped. Evaluation:
-    this rank's EvalShard, every sample once over all ranks."""
-    from torch.utils.data import DataLoader, DistributedSampler
+    """Training (shuffle=True): this rank's micro-batches in a new order every epoch, every sample once an epoch
+    (dataset.EpochBatches: the last batch may be smaller, or empty on some ranks). Evaluation: this rank's
+    EvalShard, every sample once over all ranks."""
+    from torch.utils.data import DataLoader
 
     packed = isinstance(dataset, packing.PackedDataset)
     collate = packing.PackedCollator(pad_token_id) if packed else DataCollator(pad_token_id)
@@ -630,16 +637,13 @@ def make_loader(dataset, args, rank, world_size, shuffle, pad_token_id):
     if not shuffle:
         return DataLoader(EvalShard(dataset, rank, world_size), batch_size=args.per_device_train_batch_size,
                           shuffle=False, collate_fn=collate, pin_memory=pin_memory)
-    if args.group_by_length:
-        sampler = LengthGroupedSampler([len(e["input_ids"]) for e in dataset.examples],
-                                       args.per_device_train_batch_size, world_size, rank, seed=args.seed)
-    else:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
-                                     drop_last=True)
+    lengths = [len(item["input_ids"]) for item in (dataset.rows if packed else dataset.examples)]
+    batches = EpochBatches(lengths, args.per_device_train_batch_size, world_size, rank, seed=args.seed,
+                           group_by_length=args.group_by_length)
     # Its own generator: iter() draws a base seed from it, not from the global one, whose state a checkpoint
     # restores (dropout draws from that), so resuming at any point replays the same random numbers.
-    return DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate,
-                      drop_last=True, generator=torch.Generator().manual_seed(args.seed), pin_memory=pin_memory)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(args.seed), pin_memory=pin_memory)
 
 
 def reference_model(args):
@@ -711,20 +715,26 @@ def train_step(engine, window, world_size: int, objective):
     """One optimizer step over the accumulation window (a list of micro-batches on the host).
 
     The gradient is the mean over every labelled token of the window on all ranks, so long and short answers
-    weigh per token. Returns (summed loss of this rank, labelled tokens of all ranks), both on the device: nothing
-    is read back to the host here. A window without a labelled token on any rank (answers truncated away, say)
-    contributes a zero gradient rather than 0 / 0: the optimizer step still runs, so the schedule and the step
-    count stay on plan (AdamW's momentum and weight decay move the weights that step, as on any other). With
+    weigh per token. The window is --gradient_accumulation_steps micro-batches, or fewer at an epoch's end (every
+    sample trains, dataset.EpochBatches): its last micro-batch is marked as DeepSpeed's accumulation boundary, so
+    the optimizer steps there however long the window is. Returns (summed loss of this rank, labelled tokens of
+    all ranks), both on the device: nothing is read back to the host here. A window without a labelled token on
+    any rank (answers truncated away, say) contributes a zero gradient rather than 0 / 0: the optimizer step still
+    runs, so the schedule and the step count stay on plan (AdamW's momentum and weight decay move the weights that step, as on any other). With
     sequence parallelism too: each labelled token lives on one rank, and DeepSpeed averages the gradients over all
     ranks (sequence_parallel.py says why it gets no mpu)."""
     # torch.full writes the count with a kernel; torch.tensor would copy it from pageable memory (a stream sync).
     tokens = torch.full((), float(sum(objective.units(b) for b in window)), device=engine.device)
     torch.distributed.all_reduce(tokens)
     loss_total = torch.zeros(1 + len(objective.names), dtype=torch.float64, device=engine.device)
-    for batch in window:
+    for index, batch in enumerate(window):
+        # set before the forward (DeepSpeed's set_gradient_accumulation_boundary): ZeRO reduces the gradients and
+        # the optimizer steps after the window's last micro-batch, not after every --gradient_accumulation_steps
+        engine.set_gradient_accumulation_boundary(index == len(window) - 1)
         loss_sum, stats = objective.loss(engine, batch)
-        # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
-        engine.backward(loss_sum * (len(window) * world_size) / tokens.clamp(min=1))
+        # DeepSpeed divides by its accumulation steps (the flag's, whatever the window's length) and averages over
+        # ranks; undo both.
+        engine.backward(loss_sum * (engine.gradient_accumulation_steps() * world_size) / tokens.clamp(min=1))
         engine.step()
         loss_total += torch.cat([loss_sum.detach().double().reshape(1), stats])
     return loss_total, tokens
@@ -837,6 +847,39 @@ def log_eval(engine, loader, writer, step, where, log_file, objective):
         append_jsonl(log_file, {"step": step, "eval_loss": dev_loss, **{f"eval_{k}": v for k, v in metrics.items()}})
 
 
+RUN_RECORDS = ("train_log.jsonl", "samples.jsonl")  # the run's JSON Lines records (monitor.py writes samples.jsonl)
+
+
+def record_step(line: str) -> int | None:
+    """The "step" of one line of RUN_RECORDS; None for a line that is not a whole record (cut by a crash)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step") if isinstance(record, dict) else None
+
+
+def drop_records_after(output_dir: str, step: int) -> None:
+    """--resume from the checkpoint of `step`: the lines of RUN_RECORDS that the interrupted run wrote after it (its
+    later steps and evaluations, whose checkpoints are gone) are dropped, so that the resumed run continues the
+    records from `step` instead of logging those steps a second time. What was logged at `step` itself stays: its
+    evaluation and sample answers came before its checkpoint. Each file is replaced whole (atomic_write_text): a
+    crash leaves the old file or the new one, never half of either."""
+    from model.export import atomic_write_text
+    from model.textfile import read_text
+
+    for name in RUN_RECORDS:
+        path = os.path.join(output_dir, name)
+        if not os.path.isfile(path):
+            continue
+        lines = [line for line in read_text(path).splitlines() if line.strip()]
+        kept = [line for line in lines if (logged := record_step(line)) is not None and logged <= step]
+        if len(kept) < len(lines):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+            logger.info("%s: %d records after step %d dropped (the run resumes at step %d)", path,
+                        len(lines) - len(kept), step, step)
+
+
 def append_jsonl(path, record):
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -899,18 +942,15 @@ def train(args):
         tokenizer = MODE[args.mode].tokenizer.from_pretrained(args.model_name_or_path)
     train_set, dev_set = build_data(args, tokenizer)
     samples = train_set.unpacked if args.packing else train_set
-    watch = monitor.Monitor(args, tokenizer, samples, build_data, rank, world_size)  # data shape, warnings, --preview
+    watch = monitor.Monitor(args, tokenizer, samples, rank, world_size)  # data shape, warnings, --preview
     mpu = sequence_parallel.initialize(args.sequence_parallel_size)  # DeepSpeed's groups; None without
     train_loader = sequence_parallel.shard(make_loader(train_set, args, rank, world_size, True,
                                                        tokenizer.pad_token_id), mpu)
     dev_loader = sequence_parallel.shard(make_loader(dev_set, args, rank, world_size, False, tokenizer.pad_token_id)
                                          if dev_set else None, mpu)
     accumulation = args.gradient_accumulation_steps
-    steps_per_epoch = len(train_loader) // accumulation
-    if steps_per_epoch == 0:
-        groups = world_size // args.sequence_parallel_size
-        raise SystemExit(f"{args.train_path}: {len(train_set)} {'packed rows' if args.packing else 'samples'} make "
-                         f"no optimizer step of {args.per_device_train_batch_size} x {accumulation} x {groups}")
+    # every sample trains once an epoch: a last, shorter accumulation window takes the micro-batches left over
+    steps_per_epoch = math.ceil(len(train_loader) / accumulation)
     # --max_steps sets the run's length instead of the epochs, as HF Trainer's does: epochs repeat or stop early
     total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
 
@@ -942,7 +982,10 @@ def train(args):
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(args.output_dir, "runs"))
+        if resume_tag:
+            drop_records_after(args.output_dir, step)
+        # resumed: TensorBoard hides the events the interrupted run wrote after `step` (purge_step)
+        writer = SummaryWriter(os.path.join(args.output_dir, "runs"), purge_step=step + 1 if resume_tag else None)
     from tqdm import tqdm
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     postfix = {"compile": "the first steps"} if args.compile else {}
@@ -954,23 +997,23 @@ def train(args):
     log_file = os.path.join(args.output_dir, "train_log.jsonl")  # one JSON line per logging step, rank 0
 
     while step < total_steps:
-        train_loader.sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
+        train_loader.batch_sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
         batches = itertools.islice(iter(train_loader), batch_index, None)  # resuming: minus what was seen
-        while step < total_steps and batch_index + accumulation <= len(train_loader):
-            window = [next(batches) for _ in range(accumulation)]
+        while step < total_steps and batch_index < len(train_loader):
+            window = [next(batches) for _ in range(min(accumulation, len(train_loader) - batch_index))]
             lr = engine.get_lr()[0]  # what this step's optimizer update uses (the schedule moves after it)
             loss_sums, tokens = train_step(engine, window, world_size, objective)
             window_loss[0] += loss_sums[0]
             window_loss[1] += tokens / world_size
             window_loss[3:] += loss_sums[1:]
             window_loss[2] += sum(real_tokens(b, tokenizer.pad_token_id) for b in window)  # this rank's
-            batch_index += accumulation
+            batch_index += len(window)
             step += 1
             if args.compile:  # torch.compile's seconds so far: the first steps (and a new shape) compile
                 postfix["compile"] = f"{compile_seconds():.0f}s"
                 progress.set_postfix(postfix, refresh=False)
             progress.update(1)
-            epoch_done = batch_index + accumulation > len(train_loader)  # no whole window left in this epoch
+            epoch_done = batch_index == len(train_loader)
             if step % args.show_loss_step == 0 or step == total_steps:
                 torch.distributed.all_reduce(window_loss)
                 loss_sum, labelled, window_tokens, *sums = window_loss.tolist()  # the host reads the sums only here

@@ -12,6 +12,8 @@ import os
 
 from transformers import PreTrainedConfig
 
+from .textfile import read_text
+
 # Our own marker, written into every config.json this project saves, so that a glm2 directory loaded as glm3 (same
 # network, different tokenizer and template) is caught too. Official directories do not have it.
 VERSION_KEY = "chatglm_version"
@@ -199,14 +201,12 @@ def detect_version(config_dict: dict) -> str | None:
 
 def read_json(path: str, error: type[Exception] = ValueError) -> dict:
     """The JSON object in `path`. Invalid JSON, or JSON that is not an object, raises `error` with one line naming
-    the file (and line): the caller picks the error class its entry point reports."""
+    the file (and line): the caller picks the error class its entry point reports. Read as every file is
+    (`textfile.read_text`: UTF-8, a leading byte-order mark dropped)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
+        value = json.loads(read_text(path, error))
     except json.JSONDecodeError as e:
         raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise error(f"{path}: not UTF-8 text") from None
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object")
     return value

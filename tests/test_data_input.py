@@ -1,6 +1,7 @@
 """Bad data files stop train.py / predict.py with one line naming the file and the line (or the file, or the flag):
 encodings, JSON arrays, JSON that is neither an array nor JSON Lines, directories, and glm3/glm4 role order."""
 import codecs
+import io
 import json
 import re
 from pathlib import Path
@@ -74,6 +75,38 @@ def test_a_utf8_byte_order_mark_is_accepted(name, tiny_dirs, tmp_path):
     assert [record for _, record in read_records(str(path))] == samples
     assert len(load(tiny_dirs, path)) == 2
 
+
+
+def test_every_file_is_read_with_one_rule_a_byte_order_mark_is_dropped(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """Notepad saves UTF-8 with a byte-order mark. Data files with one were read, but predict.py refused a --tools
+    file with one ("Unexpected UTF-8 BOM") and kept U+FEFF at the start of an @FILE tool result, and train.py refused
+    a --ds_file with one: every file now goes through model.textfile.read_text (Python's "utf-8-sig" rule)."""
+    import sys
+
+    import predict
+    import train
+
+    bom = codecs.BOM_UTF8
+    tools_file, result_file, ds_file = tmp_path / "tools.json", tmp_path / "result.json", tmp_path / "ds.json"
+    tools_file.write_bytes(bom + json.dumps(TOOLS, ensure_ascii=False).encode())
+    result_file.write_bytes(bom + b'{"temperature": 20}\n')
+    ds_file.write_bytes(bom + (ROOT / "ds_zero2_no_offload.json").read_bytes())
+    seen = []
+
+    def chat_turn(model, tokenizer, query, history, role, gen_kwargs, stdout, names=None):
+        """The model's side, scripted: a call of the tool on the user's turn, then text from its result."""
+        seen.append((role, query, history[0].get("tools")))
+        response = {"name": "get_weather", "content": "{}", "parameters": {}} if role == "user" else "晴"
+        return response, history + [{"role": role, "content": query}]
+
+    monkeypatch.setattr(predict, "chat_turn", chat_turn)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"天气如何\n@{result_file}\nexit\n"))
+    assert predict.main(["--mode", "glm4", "--model_path", tiny_dirs["glm4"], "--tools", str(tools_file)]) == 0, \
+        capsys.readouterr().err
+    assert seen == [("user", "天气如何", TOOLS), ("observation", '{"temperature": 20}', TOOLS)]
+    args = train.parse_args(["--model_name_or_path", "-", "--mode", "glm4", "--train_path", "-", "--output_dir", "-",
+                             "--ds_file", str(ds_file)])
+    assert args.ds_file == str(ds_file)
 
 # ------------------------------------------------------------------------------------------------------------------
 # JSON arrays, JSON Lines and JSON that is neither

@@ -1,12 +1,13 @@
 """The fast training path, checked where a CPU can: the loss equals the plain path's, no [tokens, vocab] logits are
-kept for backward, and length-grouped batching sees every sample once."""
+kept for backward, and an epoch's batches (random or length-grouped) see every sample once."""
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GlmConfig, GlmForCausalLM
 
 from model import MODE
 from model.modeling_base import LMHead
-from dataset import LengthGroupedSampler
+from dataset import EpochBatches
 
 
 def tiny_pair(dtype):
@@ -75,27 +76,45 @@ def test_no_full_vocabulary_logits_are_kept_for_backward():
     assert torch.allclose(hidden.grad, reference_hidden.grad, atol=1e-5)
 
 
-def test_length_grouped_sampler_sees_every_sample_once_per_epoch():
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_epoch_batches_see_every_sample_once_per_epoch(group_by_length):
+    """203 samples on 2 ranks in micro-batches of 4: 26 micro-batches a rank, the last global batch (3 samples)
+    shared 2 + 1; every sample once. --group_by_length wastes far less padding than random batches."""
     torch.manual_seed(0)
     lengths = torch.randint(5, 500, (203,)).tolist()
     batch, world = 4, 2
     for epoch in (0, 1):
         per_rank = []
         for rank in range(world):
-            sampler = LengthGroupedSampler(lengths, batch, world, rank, seed=3, mega=5)
+            sampler = EpochBatches(lengths, batch, world, rank, seed=3, group_by_length=group_by_length, mega=5)
             sampler.set_epoch(epoch)
             per_rank.append(list(sampler))
-            assert len(per_rank[-1]) == len(sampler)
-        seen = per_rank[0] + per_rank[1]
-        assert len(seen) == len(set(seen)) == 203 // (batch * world) * batch * world
-        # padding: grouped batches waste far less than random ones would
-        padded = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
-                     for r in per_rank for b in (r[j:j + batch] for j in range(0, len(r), batch)))
-        order = torch.randperm(203, generator=torch.Generator().manual_seed(epoch)).tolist()[:len(seen)]
-        random_padded = sum(max(lengths[i] for i in order[j:j + batch]) * batch - sum(lengths[i] for i in order[j:j + batch])
-                            for j in range(0, len(order), batch))
-        assert padded < 0.5 * random_padded
-    assert per_rank[0] != list(LengthGroupedSampler(lengths, batch, world, 0, seed=3, mega=5))  # epoch changes order
+            assert len(per_rank[-1]) == len(sampler) == 26
+            assert [len(b) for b in per_rank[-1]] == [4] * 25 + [2 - rank]
+        seen = [i for r in per_rank for b in r for i in b]
+        assert sorted(seen) == list(range(203))
+        if group_by_length:  # padding: grouped batches waste far less than random ones would
+            padded = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for r in per_rank for b in r)
+            order = torch.randperm(203, generator=torch.Generator().manual_seed(epoch)).tolist()
+            random_padded = sum(max(lengths[i] for i in order[j:j + batch]) * len(order[j:j + batch])
+                                - sum(lengths[i] for i in order[j:j + batch]) for j in range(0, len(order), batch))
+            assert padded < 0.5 * random_padded
+    first = EpochBatches(lengths, batch, world, 0, seed=3, group_by_length=group_by_length, mega=5)
+    assert per_rank[0] != list(first)  # epoch changes order
+
+
+def test_random_epoch_batches_keep_distributed_samplers_order():
+    """Whole batches come in the order torch's DistributedSampler (drop_last) gave them before, so a checkpoint taken
+    inside an epoch by the earlier code resumes on the same samples."""
+    from torch.utils.data import DistributedSampler
+
+    for rank in (0, 1):
+        old = DistributedSampler(range(203), num_replicas=2, rank=rank, shuffle=True, seed=3, drop_last=True)
+        old.set_epoch(1)
+        new = EpochBatches([1] * 203, 4, 2, rank, seed=3)
+        new.set_epoch(1)
+        flat = list(old)
+        assert list(new)[:25] == [flat[i:i + 4] for i in range(0, 100, 4)]
 
 
 def test_checkpoint_every_n_layers_recomputes_only_those_layers(tiny_dirs):

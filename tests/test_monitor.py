@@ -105,6 +105,32 @@ def test_preview_says_what_truncation_did(tiny_dirs, tmp_path, capsys, no_engine
     assert f"({TRAIN}:1): skipped (--is_skip): {len(full)} tokens" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("extra", [(), ("--packing",)], ids=["padded", "packed"])
+def test_preview_of_a_tool_sample_that_cannot_fit_names_the_data_file_and_why(tiny_dirs, tmp_path, capsys, caplog,
+                                                                             no_engine, extra):
+    """A tool sample whose system text and tools alone are longer than --max_src_len is dropped by every run. The
+    preview said "skipped (--is_skip)" (no --is_skip given), a warning named the temporary file the preview wrote it
+    to, and the shape line said "0 skipped" right after the data set's "1 skipped as too long". Now the preview says
+    why, every warning names --train_path and its line, and the shape line counts the sample as skipped."""
+    tokenizer = MODE["glm4"].tokenizer.from_pretrained(tiny_dirs["glm4"])
+    tool_sample = json.loads((ROOT / "data" / "tools_train.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    messages = [m for m in tool_sample["conversations"] if m["role"] == "system"] + [{"role": "user", "content": "x"}]
+    system_only = len(template.encode_context(tokenizer, "glm4", messages))
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in (tool_sample, FIRST)), encoding="utf-8")
+    with caplog.at_level(logging.INFO, logger="chatglm"):
+        train.main([str(a) for a in ("--mode", "glm4", "--model_name_or_path", tiny_dirs["glm4"], "--train_path", data,
+                                     "--output_dir", tmp_path / "out", "--max_len", system_only + 100, "--max_src_len",
+                                     system_only - 20, "--preview_only", "--preview", 4, *extra)])
+    printed = capsys.readouterr().out
+    assert f"--- sample 1 ({data}:1): skipped: cannot fit even after truncation" in printed
+    assert "--is_skip" not in printed and f"--- sample 2 ({data}:2): " in printed
+    warnings = warnings_of(caplog)
+    assert warnings and all(w.startswith(f"{data}: ") and f"{data}:1" in w for w in warnings), warnings
+    assert any(re.fullmatch(rf"{re.escape(str(data))}: 2 samples, \d+ labelled tokens, 0 truncated, 1 skipped "
+                            rf"\(1 too long even after truncation\), longest \d+ tokens", m) for m in caplog.messages)
+
+
 def test_preview_colours_the_learned_span_on_a_terminal(tiny_dirs):
     tokenizer = MODE["glm2"].tokenizer.from_pretrained(tiny_dirs["glm2"])
     ids, labels, start = template.encode_messages(tokenizer, "glm2", [{"role": "user", "content": "你好"},
@@ -326,7 +352,7 @@ def test_repeating_and_endless_answers_warn(tiny_dirs, tmp_path, caplog, monkeyp
         max_new_tokens=8, precision="fp32", train_type="lora", learning_rate=1e-4,
         model_name_or_path=tiny_dirs["glm3"], max_len=256, max_src_len=200, is_skip=False)
     data = InstructionDataset(str(TRAIN), tokenizer, "glm3", 256, 200)
-    watch = monitor.Monitor(args, tokenizer, data, train.build_data, rank=0, world_size=1)
+    watch = monitor.Monitor(args, tokenizer, data, rank=0, world_size=1)
     loop = tokenizer.encode("好的呀", add_special_tokens=False)
     answers = [loop * 6 + [tokenizer.eos_token_id], tokenizer.encode("发动机过热", add_special_tokens=False)[:8]]
     answers[1] += [answers[1][-1]] * (8 - len(answers[1]))

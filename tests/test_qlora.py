@@ -61,7 +61,7 @@ def window_loss(mode, base_dir, model, tokenizer, batch_size, world_size):
     total = tokens = 0.0
     for rank in range(world_size):
         loader = train.make_loader(dataset, args, rank, world_size, True, tokenizer.pad_token_id)
-        loader.sampler.set_epoch(0)
+        loader.batch_sampler.set_epoch(0)
         batches = iter(loader)
         for batch in (next(batches), next(batches)):
             with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_train import common_args, run_train
+from test_train import common_args, deepspeed_engines, run_train, train_in_process  # noqa: F401 (fixtures)
 
 TRAIN = ROOT / "data/train.jsonl"
 
@@ -138,3 +138,28 @@ def test_resume_with_the_same_flags_continues(two_steps, tiny_dirs, tmp_path):
     shutil.copytree(trained, out)
     run_train(tiny_dirs["glm3"], out, *args, "--resume", launcher=False)
     assert (out / "epoch-2-step-4" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("precision,auto_picks", [("bf16", None), ("auto", "bf16")], ids=["explicit", "auto"])
+def test_resume_refuses_another_precision_naming_the_flag(precision, auto_picks, two_steps, tiny_dirs, tmp_path,
+                                                          monkeypatch, train_in_process, deepspeed_engines):
+    """The checkpoint trained in fp32 (auto on the CPU). Resumed as bf16, DeepSpeed's bf16 engine looked for
+    bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt and failed with FileNotFoundError after loading the model; so
+    did --precision auto on a machine where auto picks bf16 (another GPU type; here utils.auto_precision is
+    made to pick it). Refused in one line before DeepSpeed starts, the resolved precision compared."""
+    import train
+
+    args, trained = two_steps
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    if auto_picks:
+        monkeypatch.setattr(train, "auto_precision", lambda device_type: auto_picks)
+    with pytest.raises(SystemExit) as stop:
+        train_in_process(*args, "--model_name_or_path", tiny_dirs["glm3"], "--output_dir", out, "--resume",
+                         "--precision", precision)
+    message = str(stop.value)
+    assert "\n" not in message and message.startswith(
+        "--resume: --precision is 'bf16'" + " (--precision auto on this machine)" * bool(auto_picks)
+        + ", but epoch-1-step-3 was trained with 'fp32'"), message
+    assert not deepspeed_engines
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in trained.iterdir())

@@ -177,3 +177,93 @@ def test_windows_without_labelled_tokens_train_nothing_and_log_no_loss(tiny_dirs
     adapter = load_file(out / "epoch-1-step-3" / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in adapter.values())
     assert all(not w.any() for name, w in adapter.items() if "lora_B" in name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run's records after a resume from an earlier checkpoint (issue 37, point 9)
+# ---------------------------------------------------------------------------------------------------------------
+def test_resume_from_an_earlier_checkpoint_continues_the_records_from_its_step(tiny_dirs, tmp_path,
+                                                                             train_in_process):
+    """A run of 3 steps evaluating and answering a sample prompt every step, checkpoints at steps 2 and 3; the step
+    3 checkpoint is deleted and the run resumed from step 2. train_log.jsonl and samples.jsonl held step 3 and its
+    evaluation twice (appended again); now the resumed run continues them from step 2: every step, evaluation and
+    answer once, what was logged up to step 2 unchanged."""
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"你好"\n', encoding="utf-8")
+    argv = run_args(tiny_dirs, out, save_model_step=2, eval_step=1, sample_prompts=prompts, max_new_tokens=2)
+    train_in_process(*argv)
+    first = {name: (out / name).read_text(encoding="utf-8").splitlines() for name in ("train_log.jsonl",
+                                                                                        "samples.jsonl")}
+    shutil.rmtree(out / "epoch-1-step-3")
+    train_in_process(*argv, "--resume")
+    records = log_records(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "eval_loss" in r] == [1, 2, 3]
+    samples = (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["step"] for line in samples] == [1, 2, 3]
+    kept = {"train_log.jsonl": [line for line in first["train_log.jsonl"] if json.loads(line)["step"] <= 2],
+            "samples.jsonl": first["samples.jsonl"][:2]}
+    assert (out / "train_log.jsonl").read_text(encoding="utf-8").splitlines()[:len(kept["train_log.jsonl"])] == \
+        kept["train_log.jsonl"]
+    assert samples[:2] == kept["samples.jsonl"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging file left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every sample trains once an epoch (issue 37, point 1)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch,accumulation,extra,steps", [
+    (3, 1, (), 2),  # micro-batches of 3 and 2
+    (1, 2, (), 3),  # accumulation windows of 2, 2 and 1 micro-batches
+    (3, 1, ("--packing", "--max_len", 90, "--max_src_len", 80), 2),  # 5 rows of one sample: 3 + 2 rows
+], ids=["last-batch", "last-window", "packed-rows"])
+def test_every_sample_trains_once_an_epoch(batch, accumulation, extra, steps, tiny_dirs, tmp_path,
+                                           train_in_process):
+    """5 samples in micro-batches of 3: the loader dropped the last 2 samples (drop_last) and the epoch ran one step
+    of 3 samples; in batches of 1 with 2 to accumulate, the epoch's 5th micro-batch found no whole window. Now the
+    last batch and the last window are smaller and every sample trains: the logged tokens are all the samples'
+    (rows', with --packing), and the lr schedule's T counts the extra step (README's formula)."""
+    import train
+
+    data = tmp_path / "five.jsonl"
+    data.write_text("".join((ROOT / "data/train.jsonl").read_text(encoding="utf-8").splitlines(True)[:5]),
+                    encoding="utf-8")
+    out = tmp_path / "out"
+    argv = run_args(tiny_dirs, out, train_path=data, per_device_train_batch_size=batch,
+                    gradient_accumulation_steps=accumulation, warmup_ratio=0.5, learning_rate=1e-2)
+    train_in_process(*argv, *extra)
+    records = [r for r in log_records(out) if "lr" in r]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    args = train.parse_args([str(a) for a in (*argv, *extra)])
+    tokenizer = train.MODE["glm2"].tokenizer.from_pretrained(tiny_dirs["glm2"])
+    train_set, _ = train.build_data(args, tokenizer)
+    if extra:
+        assert [len(row["lengths"]) for row in train_set.rows] == [1] * 5
+    samples = train_set.unpacked if extra else train_set
+    assert len(samples) == 5 and sum(r["tokens"] for r in records) == sum(len(e["input_ids"]) for e in samples)
+    assert {r["step"]: r["lr"] for r in records} == pytest.approx(schedule(1e-2, steps, 0.5), rel=1e-9)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("epoch")) == [f"epoch-1-step-{steps}"]
+
+
+def test_a_shorter_last_window_weighs_its_tokens_like_a_whole_one(tiny_dirs, tmp_path, train_in_process):
+    """The epoch's last window of 1 micro-batch (5 samples, batch 1, 2 to accumulate) must give the token mean's
+    gradient of what it holds, as a window of 1 does when 1 is what the flag asks. DeepSpeed divides every backward
+    by its --gradient_accumulation_steps whatever the window's length, so a window of 1 out of 2 would get half the
+    gradient if train.py did not undo that. At an lr of 1e-9 the weights stay put (LoRA B ~ 0, no dropout), so
+    the last sample's gradient norm (train/grad_norm, DeepSpeed's, before clipping) is the same in both runs: both
+    see the samples in one order (seed and batch size 1 alike)."""
+    from test_sequence_parallel import grad_norms
+
+    data = tmp_path / "five.jsonl"
+    data.write_text("".join((ROOT / "data/train.jsonl").read_text(encoding="utf-8").splitlines(True)[:5]),
+                    encoding="utf-8")
+    runs = {}
+    for accumulation, last in ((2, 3), (1, 5)):
+        out = tmp_path / f"accumulate{accumulation}"
+        train_in_process(*run_args(tiny_dirs, out, train_path=data, per_device_train_batch_size=1,
+                                   gradient_accumulation_steps=accumulation, learning_rate=1e-9))
+        losses = {r["step"]: r["loss"] for r in log_records(out) if "lr" in r}
+        runs[accumulation] = (losses[last], grad_norms(out)[last])
+    assert runs[2][0] == pytest.approx(runs[1][0], rel=1e-5)  # the same sample
+    assert runs[2][1] == pytest.approx(runs[1][1], rel=1e-4)
