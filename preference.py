@@ -345,6 +345,7 @@ class PreferenceObjective:
         """(summed loss of the batch's pairs, sums of METRICS); `split` names the data set whose precomputed
         reference the pairs' indices refer to."""
         reference = self.reference_logps(engine, batch, split)
+        real = batch["real"].to(engine.device)
         logps, counts = forward_logps(engine, batch)
         chosen, rejected = logps.chunk(2)
         chosen_count, rejected_count = counts.chunk(2)
@@ -352,12 +353,13 @@ class PreferenceObjective:
             losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, *reference, self.beta,
                                                                 self.smoothing)
         else:
-            chosen_mean = chosen / chosen_count.clamp(min=1)
-            rejected_mean = rejected / rejected_count.clamp(min=1)
+            # a padding pair has no token (mean 0, where log(1 - e^0) is -inf): give it a finite stand-in, since a
+            # NaN would survive the masking below, and so would its gradient
+            chosen_mean = torch.where(real, chosen / chosen_count.clamp(min=1), -1.0)
+            rejected_mean = torch.where(real, rejected / rejected_count.clamp(min=1), -1.0)
             losses, chosen_rewards, rejected_rewards = orpo_loss(chosen_mean, rejected_mean, -chosen_mean,
                                                                  self.beta)
             chosen, rejected = chosen_mean, rejected_mean  # ORPO reports the mean log-probabilities
-        real = batch["real"].to(engine.device)
         stats = torch.stack([chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
                              chosen.detach(), rejected.detach()])
         return (losses * real).sum(), (stats * real).sum(dim=1).double()

@@ -431,3 +431,21 @@ def test_ref_model_path_is_the_reference_of_the_first_step(glm3, tmp_path, train
         theirs, _ = trl_dpo(MODE["glm3"].model.from_pretrained(base).eval(), batch, *ref_logps.chunk(2), beta=0.1)
     assert abs(theirs.item() - 0.6931) > 1e-3
     assert first["loss"] == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_an_empty_share_of_the_last_batch_is_one_padding_pair(glm3):
+    """dataset.EpochBatches gives a rank without a sample of the epoch's last batch an empty micro-batch: the pair
+    collator makes it one pair of padding, not counted (units 0) and adding nothing to the loss."""
+    import preference
+    from model import MODE
+
+    base, tokenizer = glm3
+    batch = preference.PairCollator(tokenizer.pad_token_id)([])
+    assert batch["input_ids"].shape == (2, 1) and preference.PreferenceObjective.units(batch) == 0
+    model = MODE["glm3"].model.from_pretrained(base)
+    objective = preference.PreferenceObjective(SimpleNamespace(stage="orpo", pref_beta=0.1, pref_label_smoothing=0.0,
+                                                               train_type="lora", ref_model_path=None))
+    loss_sum, stats = objective.loss(Engine(module=model, device=torch.device("cpu")), batch)
+    assert loss_sum.item() == 0 and not stats.any()
+    loss_sum.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
