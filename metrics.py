@@ -33,9 +33,9 @@ running it; blank arguments count as {}: a call without arguments; glm3 code-int
 arguments, and count as invalid); two arguments are EQUAL when they are the same value, key order and whitespace
 aside (compared as canonical JSON: keys sorted, so 1 and 1.0, or true and 1, differ); invalid ones are
 equal only as identical stripped text. A call marked incomplete ("incomplete": True, cut by --max_new_tokens, see
-model.template.process_response) counts as a call that is wrong in every respect: invalid, of no name. Within a turn each reference call is paired with at most one predicted call:
-the pairing with the most same-name pairs, then the most equal arguments, then the most shared key/value pairs (the
-order of parallel calls does not count). Then:
+model.template.process_response) counts as a call that is wrong in every respect: invalid, of no name. Within a
+turn each reference call is paired with at most one predicted call: the pairing with the most same-name pairs, then
+the most equal arguments, then the most shared key/value pairs (the order of parallel calls does not count). Then:
 - call_decision_accuracy: share of all turns where the prediction calls a tool exactly when the reference does.
 - call_name_accuracy: share of the reference calls paired with a predicted call of the same name (a turn answered
   with text where a call was due scores 0 for each of its calls).

@@ -30,7 +30,9 @@ validity / exact match / key-value F1, call-set and parallel-call precision/reca
 chat() returns a text answer as text, one tool call as {"name", "content"} (the arguments as the model wrote them:
 JSON for glm4, ChatGLM3's "```python\ntool_call(key=value)\n```" for glm3) plus "parameters" (the arguments as a
 dict) when they read as that form, and the calls of one turn (the model writes them in one generation, <|assistant|>
-between them) as a list of such dicts. The terminal chat shows a call's arguments as JSON ("parameters"), --query
+between them) as a list of such dicts. A call cut by --max_new_tokens comes after the complete ones, marked
+"incomplete": true (never "parameters"); the terminal chat shows it as incomplete and asks no result for it, the
+tool-call metrics count it as wrong. The terminal chat shows a call's arguments as JSON ("parameters"), --query
 prints the call as JSON.
 """
 from __future__ import annotations

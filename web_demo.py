@@ -41,7 +41,7 @@ from utils import add_bool_flag, setup_logging
 logger = logging.getLogger("chatglm")
 
 CALL_MARK = "🔧 tool call "  # before a tool call's name and arguments in the chat
-INCOMPLETE_MARK = " ✂️ incomplete (cut by max new tokens)"  # after a tool call that the token limit cut
+INCOMPLETE_MARK = " ✂️ incomplete"  # after a tool call not (yet) written whole: cut by the token limit, or Stop
 OBSERVATION_MARK = "🔎 observation "  # before a tool's result sent back as an observation message
 
 

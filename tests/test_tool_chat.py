@@ -267,7 +267,7 @@ def test_bad_tools_file_is_one_line_naming_it(tiny_dirs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"predict.py: error: --tools {path}: ") and "\n" not in err, err
     for argv in ([*base[:1], "glm2", *base[2:], "--tools", tools_file(tmp_path)],  # glm2 has no tool calls
-                 [*base[:4], "--test_path", "t.jsonl", "--output_path", "o.jsonl", "--system", "x"]):  # data has its own
+                 [*base[:4], "--test_path", "t.jsonl", "--output_path", "o.jsonl", "--system", "x"]):  # the data's
         with pytest.raises(SystemExit) as error:
             predict.parse_args(argv)
         assert error.value.code == 2
