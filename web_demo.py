@@ -14,8 +14,8 @@ could read them, "parameters"; else the text the model wrote), as predict.py's t
 in one answer show as several calls. The tool's result goes back through the observation box, as an "observation"
 message: one result per call, in the order of the calls (the status line says which call's result is due, 1/2, 2/2,
 as predict.py's terminal chat asks), and once every call has its result the model answers from them. An observation
-where no call waits for one is refused, as the training data refuses it. A call cut by the max new tokens limit
-shows as incomplete and takes no result (Regenerate with a higher limit). The system prompt and tools in the boxes
+where no call waits for one is refused, as the training data refuses it. A call cut by the max new tokens limit (or
+by Stop) shows as incomplete and takes no result (Regenerate with a higher limit). The system prompt and tools in the boxes
 are put before the conversation each time the model answers.
 
 Greedy answers are exactly chat()'s and predict.py --query's for the same conversation and settings: the page
@@ -151,8 +151,8 @@ def result_due(conversation: list[dict]) -> tuple[int, int, dict] | None:
     InputError when the last answer's calls cannot take results (a call the token limit cut)."""
     calls, answered = last_calls(conversation)
     if any(message.get("incomplete") for message in calls):
-        raise InputError("the last tool call is incomplete (cut by max new tokens), so it takes no result; raise "
-                         "max new tokens and Regenerate")
+        raise InputError("the last tool call is incomplete (cut by max new tokens, or by Stop), so it takes no "
+                         "result; raise max new tokens and Regenerate")
     if answered >= len(calls):
         return None
     return answered + 1, len(calls), calls[answered]

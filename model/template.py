@@ -470,8 +470,9 @@ def process_response(mode: str, response: str, history=None, ended: bool = True)
     text, so that a call that does not parse is still returned, without "parameters".)
 
     `ended` False: generation stopped at the token limit (or was stopped), not on a stop token. A call the limit cut
-    (its name line unfinished, or its arguments blank or not readable) is then returned with "incomplete": True and
-    never "parameters", and its history message carries "incomplete": True too; the calls before it are complete.
+    (its name line unfinished, where the conversation declares tools; or its arguments blank or not readable) is then
+    returned with "incomplete": True and never "parameters", and its history message carries "incomplete": True
+    too; the calls before it are complete.
     (The official code would return the cut name as text, or a cut glm4 call as a call without arguments.)"""
     if mode in ("glm", "glm2"):
         response = response.strip().replace("[[训练时间]]", "2023年")
@@ -481,13 +482,16 @@ def process_response(mode: str, response: str, history=None, ended: bool = True)
                 response = re.sub(r"%s([\u4e00-\u9fff])" % ascii_punct, r"%s\1" % full_width, response)
         return response
     history = list(history or [])
+    declares_tools = any(isinstance(m, dict) and m.get("role") == "system" and m.get("tools") for m in history)
     content, calls = "", []
     parts = response.split("<|assistant|>")
     for index, part in enumerate(parts):
         cut = not ended and index == len(parts) - 1
         if "\n" in part:
             metadata, content = part.split("\n", maxsplit=1)
-        elif cut and part.strip():  # a text answer starts with its (blank) name line: this is a name being written
+        elif cut and declares_tools and part.strip():
+            # With tools, a text answer starts with its (blank) name line: this is the name of a call being written.
+            # (Without tools the text of a model that skipped that line stays text, as the official code keeps it.)
             metadata, content = part, ""
         else:
             metadata, content = "", part

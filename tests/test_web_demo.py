@@ -326,11 +326,6 @@ def test_page_collects_one_result_per_parallel_call(browser, parallel_server):
     _, user, engine, gearbox, first, second, answer = CONVERSATIONS[1]
     page = Page(browser, parallel_server)
     page.type_into("#tools textarea", json.dumps(TOOLS, ensure_ascii=False))
-    page.type_into("#observation textarea", first["content"])
-    page.click("send_observation")
-    page.wait_for(lambda: "no tool call is waiting for a result" in page.status(), "the observation to be refused")
-    assert page.messages() == []
-
     page.type_into("#query textarea", user["content"])
     page.click("send")
     calls = [["bot", f"{web_demo.CALL_MARK}read_fault_codes {call['content']}"] for call in (engine, gearbox)]
@@ -344,10 +339,13 @@ def test_page_collects_one_result_per_parallel_call(browser, parallel_server):
     page.answer(4, answer["content"], send="send_observation")
     assert page.messages()[3:5] == [["user", web_demo.OBSERVATION_MARK + o["content"]] for o in (first, second)]
 
-    page.type_into("#observation textarea", "{}")
-    page.click("send_observation")
-    page.wait_for(lambda: "no tool call is waiting for a result" in page.status(), "the observation to be refused")
-    assert len(page.messages()) == 6
+    for messages in (6, 0):  # after the answer; after Clear, before any call
+        page.type_into("#observation textarea", "{}")
+        page.click("send_observation")
+        page.wait_for(lambda: "no tool call is waiting for a result" in page.status(), "the observation to be refused")
+        assert len(page.messages()) == messages
+        page.click("clear")
+        page.wait_for(lambda: page.messages() == [] and page.status() == "", "an empty chat")
 
 
 def test_page_stop_keeps_the_answer_so_far(browser, base_server, tiny_dirs):
@@ -423,8 +421,8 @@ def test_stream_ends_with_chat_answer_and_stop_keeps_a_prefix(mode, tiny_dirs, o
 
 
 def answer_message(mode, chat_result) -> dict:
-    """The answer of a chat() result as the page's conversation holds it: glm4's last history message (a random
-    model's answer cut without a newline is a call's name cut short, marked incomplete), glm/glm2's text."""
+    """The answer of a chat() result as the page's conversation holds it: glm4's last history message (a text, or a
+    call, possibly marked incomplete), glm/glm2's text."""
     response, history = chat_result
     return history[-1] if mode == "glm4" else {"role": "assistant", "content": response}
 
