@@ -32,9 +32,10 @@ reading chat() uses: glm4 a JSON object; glm3 ChatGLM3's "```python\ntool_call(k
 running it; blank arguments count as {}: a call without arguments; glm3 code-interpreter calls are code, not
 arguments, and count as invalid); two arguments are EQUAL when they are the same value, key order and whitespace
 aside (compared as canonical JSON: keys sorted, so 1 and 1.0, or true and 1, differ); invalid ones are
-equal only as identical stripped text. Within a turn each reference call is paired with at most one predicted call:
-the pairing with the most same-name pairs, then the most equal arguments, then the most shared key/value pairs (the
-order of parallel calls does not count). Then:
+equal only as identical stripped text. A call marked incomplete ("incomplete": True, cut by --max_new_tokens, see
+model.template.process_response) counts as a call that is wrong in every respect: invalid, of no name. Within a
+turn each reference call is paired with at most one predicted call: the pairing with the most same-name pairs, then
+the most equal arguments, then the most shared key/value pairs (the order of parallel calls does not count). Then:
 - call_decision_accuracy: share of all turns where the prediction calls a tool exactly when the reference does.
 - call_name_accuracy: share of the reference calls paired with a predicted call of the same name (a turn answered
   with text where a call was due scores 0 for each of its calls).
@@ -61,7 +62,7 @@ import json
 import math
 from collections import Counter
 
-from model.template import call_arguments
+from model.template import call_arguments, is_incomplete
 
 
 def char_tokens(text: str) -> list[str]:
@@ -234,6 +235,8 @@ def _call_key(call: dict, mode: str) -> tuple[str, str]:
     or the stripped text when they do not read."""
     arguments = call_arguments(mode, call.get("content"))
     text = canonical_json(arguments) if arguments is not None else "\0" + str(call.get("content")).strip()
+    if is_incomplete(call):  # cut by the token limit: wrong, even where what was written so far matches
+        return "\0incomplete " + str(call.get("name")).strip(), text
     return str(call.get("name")).strip(), text
 
 
@@ -242,7 +245,7 @@ def _call_multiset(calls: list[dict], mode: str) -> Counter:
 
 
 def _key_values(call: dict, mode: str) -> set[tuple[str, str]]:
-    arguments = call_arguments(mode, call.get("content")) or {}
+    arguments = (None if is_incomplete(call) else call_arguments(mode, call.get("content"))) or {}
     return {(key, canonical_json(value)) for key, value in arguments.items()}
 
 
@@ -292,7 +295,8 @@ def tool_call_metrics(predictions: list, references: list, mode: str = "glm4") -
         decisions += (predicted is not None) == (gold is not None)
         predicted, gold = predicted or [], gold or []
         n_pred += len(predicted)
-        valid += sum(call_arguments(mode, call.get("content")) is not None for call in predicted)
+        valid += sum(call_arguments(mode, call.get("content")) is not None and not is_incomplete(call)
+                     for call in predicted)
         shared = sum((_call_multiset(predicted, mode) & _call_multiset(gold, mode)).values())
         set_tp, set_pred, set_ref = set_tp + shared, set_pred + len(predicted), set_ref + len(gold)
         if len(gold) > 1:

@@ -30,7 +30,9 @@ validity / exact match / key-value F1, call-set and parallel-call precision/reca
 chat() returns a text answer as text, one tool call as {"name", "content"} (the arguments as the model wrote them:
 JSON for glm4, ChatGLM3's "```python\ntool_call(key=value)\n```" for glm3) plus "parameters" (the arguments as a
 dict) when they read as that form, and the calls of one turn (the model writes them in one generation, <|assistant|>
-between them) as a list of such dicts. The terminal chat shows a call's arguments as JSON ("parameters"), --query
+between them) as a list of such dicts. A call cut by --max_new_tokens comes after the complete ones, marked
+"incomplete": true (never "parameters"); the terminal chat shows it as incomplete and asks no result for it, the
+tool-call metrics count it as wrong. The terminal chat shows a call's arguments as JSON ("parameters"), --query
 prints the call as JSON.
 """
 from __future__ import annotations
@@ -104,8 +106,9 @@ def parse_args(argv=None):
                             "the chat then shows each call and asks for the tool's result; --query prints a call as "
                             "JSON")
     group.add_argument("--system", default="",
-                       help="with --tools: the content of the system message that carries the tools (give what the "
-                            "training data's system messages say; default empty)")
+                       help="the system prompt of the chat / --query: the content of the system message that starts "
+                            "the conversation (and carries --tools, if given), put in the mode's template as training "
+                            "puts the data's system messages (give what they say; default: none)")
 
     group = parser.add_argument_group("generation")
     group.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens")
@@ -133,8 +136,8 @@ def parse_args(argv=None):
         parser.error(f"--tools needs --mode glm3 or glm4 (--mode {args.mode} has no tool calls)")
     if args.tools is not None and args.test_path:
         parser.error("--tools and --test_path exclude each other (test samples declare their tools themselves)")
-    if args.system and args.tools is None:
-        parser.error("--system goes with --tools")
+    if args.system and args.test_path:
+        parser.error("--system and --test_path exclude each other (test samples carry their own system messages)")
     if args.query is not None and not is_utf8(args.query):
         parser.error("--query is not UTF-8 text (set the terminal to UTF-8)")
     return args
@@ -265,7 +268,8 @@ def read_test_set(path: str, mode: str, last_turn_only: bool = False) -> list[di
 
 
 def generate_batch(model, tokenizer, mode: str, prompts: list[list[int]], gen_kwargs: dict) -> list[list[int]]:
-    """New token ids of each prompt, generated together with LEFT padding, cut at the first stop token."""
+    """New token ids of each prompt, generated together with LEFT padding, cut after the first stop token (which
+    stays: it tells an answer that ended from one that the token limit cut, see template.decode_response)."""
     batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
     if tokenizer.padding_side != "left":
         raise RuntimeError(f"{type(tokenizer).__name__} pads on the {tokenizer.padding_side}; generation needs left")
@@ -273,7 +277,8 @@ def generate_batch(model, tokenizer, mode: str, prompts: list[list[int]], gen_kw
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-    return [template.cut_at_stop(tokenizer, mode, row) for row in output[:, input_ids.shape[1]:].tolist()]
+    new_ids = output[:, input_ids.shape[1]:].tolist()
+    return [template.cut_at_stop(tokenizer, mode, row, keep_stop=True) for row in new_ids]
 
 
 def decode_response_of(tokenizer, mode: str, new_ids: list[int], history):
@@ -350,9 +355,12 @@ TOOLS_WELCOME = ("可用工具：{names}。模型调用工具时会显示工具�
                  "（直接输入，或输入 @文件路径 从文件读取）。")
 
 
-def system_with_tools(tools, system: str = "") -> list[dict]:
-    """The history a chat with tools starts from: one system message carrying them, as in the training data."""
-    return [{"role": "system", "content": system, "tools": tools}] if tools else []
+def chat_start(tools, system: str = "") -> list[dict]:
+    """The history a chat starts from: one system message with the --system prompt and the tools (as the training
+    data's system messages carry them), or none when there is neither."""
+    if tools:
+        return [{"role": "system", "content": system, "tools": tools}]
+    return [{"role": "system", "content": system}] if system else []
 
 
 def shown_text(response, names):
@@ -401,16 +409,35 @@ def shown_arguments(call: dict) -> str:
     return str(call["content"]).strip()
 
 
+INCOMPLETE_CALL = "（不完整：回答达到 --max_new_tokens 上限被截断，未调用）"
+INCOMPLETE_NOTE = ("工具调用不完整，不执行；请调大 --max_new_tokens 后重新提问 (a tool call was cut by --max_new_tokens; "
+                   "it is not run: ask again with a larger --max_new_tokens)\n")
+CLEARED = "对话历史已清空。\n"
+
+
+class Command(str):
+    """A chat command typed at any prompt (`clear`, `exit`), as opposed to text for the model."""
+
+
+def read_typed(stdin) -> str | None:
+    """One line typed at a prompt, stripped: a `Command` for `clear` / `exit`; None at end of input (Ctrl-D)."""
+    line = stdin.readline()
+    if not line:
+        return None
+    text = line.strip()
+    return Command(text) if text in ("clear", "exit") else text
+
+
 def read_observation(call: dict, stdin, stdout, which: str = "") -> str | None:
-    """The result of one tool call, typed on one line or read from the file named after @; None at end of input.
-    `which` tells the calls of one turn apart ("（调用 1/2）")."""
+    """The result of one tool call, typed on one line or read from the file named after @ (so a result that reads
+    `clear` or `exit` can be given from a file); a `Command` for `clear` / `exit`; None at end of input. `which`
+    tells the calls of one turn apart ("（调用 1/2）")."""
     while True:
         stdout.write(f"工具 {call['name']} 的结果{which}：")
         stdout.flush()
-        line = stdin.readline()
-        if not line:
-            return None
-        text = line.strip()
+        text = read_typed(stdin)
+        if text is None or isinstance(text, Command):
+            return text
         if text.startswith("@"):
             path = text[1:].strip()
             try:
@@ -423,24 +450,37 @@ def read_observation(call: dict, stdin, stdout, which: str = "") -> str | None:
         stdout.write("请输入工具的结果，或 @文件路径 (type the tool's result, or @FILE to read it from a file)\n")
 
 
+def show_calls(calls: list[dict], stdout) -> bool:
+    """Print the calls of a turn; False when one is incomplete (cut by --max_new_tokens: shown so, nothing run)."""
+    for call in calls:
+        if template.is_incomplete(call):
+            stdout.write(f"调用工具 {call['name']}{INCOMPLETE_CALL}，参数：{str(call['content']).strip()}\n")
+        else:
+            stdout.write(f"调用工具 {call['name']}，参数：{shown_arguments(call)}\n")
+    if any(map(template.is_incomplete, calls)):
+        stdout.write(INCOMPLETE_NOTE)
+        return False
+    return True
+
+
 def chat_loop(model, tokenizer, gen_kwargs: dict, stdin=None, stdout=None, tools=None, system: str = "") -> None:
-    """Read a query a line, stream the answer; `clear` resets the history, `exit` (or end of input) quits. With
-    tools, a tool call is shown as its name and arguments and the tool's result is asked for (one per call, in order,
-    for several calls in one turn); the model then continues from it, until it answers with text."""
+    """Read a query a line, stream the answer; `clear` resets the history, `exit` (or end of input) quits, at every
+    prompt. With tools, a tool call is shown as its name and arguments and the tool's result is asked for (one per
+    call, in order, for several calls in one turn); the model then continues from it, until it answers with text.
+    The conversation starts with the --system prompt (and the tools), as the training data's system message."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     names = tool_names(tools) if tools else None
-    history = system_with_tools(tools, system)
+    history = chat_start(tools, system)
     stdout.write(WELCOME + "\n")
     if tools:
         stdout.write(TOOLS_WELCOME.format(names="、".join(names)) + "\n")
     while True:
         stdout.write("\n用户：")
         stdout.flush()
-        line = stdin.readline()
-        if not line:  # end of input (Ctrl-D)
+        query = read_typed(stdin)
+        if query is None:  # end of input (Ctrl-D)
             stdout.write("\n")
             break
-        query = line.strip()
         if not query:
             continue
         if not is_utf8(query):  # the conversation so far stays
@@ -449,28 +489,40 @@ def chat_loop(model, tokenizer, gen_kwargs: dict, stdin=None, stdout=None, tools
         if query == "exit":
             break
         if query == "clear":
-            history = system_with_tools(tools, system)
-            stdout.write("对话历史已清空。\n")
+            history = chat_start(tools, system)
+            stdout.write(CLEARED)
             continue
-        role = "user"
-        while True:
-            response, history = chat_turn(model, tokenizer, query, history, role, gen_kwargs, stdout, names)
-            calls = as_calls(response)
-            if not tools or calls is None:
-                break
-            results = []
-            for call in calls:
-                stdout.write(f"调用工具 {call['name']}，参数：{shown_arguments(call)}\n")
-            for number, call in enumerate(calls, start=1):
-                which = f"（调用 {number}/{len(calls)}）" if len(calls) > 1 else ""
-                result = read_observation(call, stdin, stdout, which)
-                if result is None:  # end of input
-                    stdout.write("\n")
-                    return
-                results.append(result)
-            # the results come back as observations in the order of the calls; the last one is the new query
-            history = history + [{"role": "observation", "content": result} for result in results[:-1]]
-            query, role = results[-1], "observation"
+        outcome, history = answer_with_tools(model, tokenizer, query, history, gen_kwargs, stdin, stdout, names)
+        if outcome in ("exit", None):
+            return
+        if outcome == "clear":
+            history = chat_start(tools, system)
+            stdout.write(CLEARED)
+
+
+def answer_with_tools(model, tokenizer, query: str, history, gen_kwargs: dict, stdin, stdout, names):
+    """Answer a user query; with tools, ask for the result of each call and continue until a text answer (or an
+    incomplete call). Returns (outcome, history): outcome "" when answered, a `Command` typed at a result prompt,
+    None at end of input."""
+    role = "user"
+    while True:
+        response, history = chat_turn(model, tokenizer, query, history, role, gen_kwargs, stdout, names)
+        calls = as_calls(response)
+        if names is None or calls is None or not show_calls(calls, stdout):
+            return "", history
+        results = []
+        for number, call in enumerate(calls, start=1):
+            which = f"（调用 {number}/{len(calls)}）" if len(calls) > 1 else ""
+            result = read_observation(call, stdin, stdout, which)
+            if result is None:  # end of input
+                stdout.write("\n")
+                return None, history
+            if isinstance(result, Command):
+                return result, history
+            results.append(result)
+        # the results come back as observations in the order of the calls; the last one is the new query
+        history = history + [{"role": "observation", "content": result} for result in results[:-1]]
+        query, role = results[-1], "observation"
 
 
 def main(argv=None) -> int:
@@ -497,7 +549,7 @@ def main(argv=None) -> int:
     gen_kwargs = {k: v for k, v in generation_kwargs(args, tokenizer, args.mode).items()
                   if k not in ("eos_token_id", "pad_token_id")}  # chat() adds the stop tokens of the template
     if args.query is not None:
-        response, _ = model.chat(tokenizer, args.query, history=system_with_tools(tools, args.system), **gen_kwargs)
+        response, _ = model.chat(tokenizer, args.query, history=chat_start(tools, args.system), **gen_kwargs)
         print(answer_text(response))
         return 0
     chat_loop(model, tokenizer, gen_kwargs, tools=tools, system=args.system)

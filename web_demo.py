@@ -12,8 +12,11 @@ the training data uses ([{"type": "function", "function": {"name": ..., "descrip
 A tool call the model makes shows as the call chat() returns, its name and its arguments (as JSON when chat()
 could read them, "parameters"; else the text the model wrote), as predict.py's terminal chat shows it; several calls
 in one answer show as several calls. The tool's result goes back through the observation box, as an "observation"
-message, and the model answers from it. The system prompt and tools in the boxes are put before the conversation
-each time the model answers.
+message: one result per call, in the order of the calls (the status line says which call's result is due, 1/2, 2/2,
+as predict.py's terminal chat asks), and once every call has its result the model answers from them. An observation
+where no call waits for one is refused, as the training data refuses it. A call cut by the max new tokens limit (or
+by Stop) shows as incomplete and takes no result (Regenerate with a higher limit). The system prompt and tools in the boxes
+are put before the conversation each time the model answers.
 
 Greedy answers are exactly chat()'s and predict.py --query's for the same conversation and settings: the page
 calls the model's stream_chat() with predict.py's generation settings.
@@ -39,6 +42,7 @@ from utils import add_bool_flag, setup_logging
 logger = logging.getLogger("chatglm")
 
 CALL_MARK = "🔧 tool call "  # before a tool call's name and arguments in the chat
+INCOMPLETE_MARK = " ✂️ incomplete"  # after a tool call not (yet) written whole: cut by the token limit, or Stop
 OBSERVATION_MARK = "🔎 observation "  # before a tool's result sent back as an observation message
 
 
@@ -112,8 +116,12 @@ def is_call(message: dict) -> bool:
 
 def as_call(mode: str, message: dict) -> dict:
     """A tool-call message of the history as chat() returns the call: {"name", "content"}, and "parameters" when
-    the arguments read as the mode's call form (template.call_arguments, as in template.process_response)."""
+    the arguments read as the mode's call form (template.call_arguments, as in template.process_response), or
+    "incomplete" for a call the token limit cut."""
     call = {"name": message["metadata"].strip(), "content": message["content"]}
+    if message.get("incomplete"):
+        call["incomplete"] = True
+        return call
     parameters = template.call_arguments(mode, message["content"])
     if parameters is not None:
         call["parameters"] = parameters
@@ -121,11 +129,51 @@ def as_call(mode: str, message: dict) -> dict:
 
 
 def call_text(call: dict) -> str:
-    """A call as the page shows it: its name, then its arguments as predict.py's terminal chat shows them."""
+    """A call as the page shows it: its name, then its arguments as predict.py's terminal chat shows them (a call the
+    token limit cut: what was written of it, marked incomplete)."""
+    if template.is_incomplete(call):
+        return f"{CALL_MARK}{call['name']} {str(call['content']).strip()}".rstrip() + INCOMPLETE_MARK
     return f"{CALL_MARK}{call['name']} {shown_arguments(call)}"
 
 
 THINKING_TITLE = "思考过程 (thinking)"  # gradio shows a message with a metadata title as a collapsed box
+
+
+def last_calls(conversation: list[dict]) -> tuple[list[dict], int]:
+    """The tool calls of the conversation's last answer (the assistant messages before any trailing observations)
+    and how many of them have their result already (the trailing observations, in the order of the calls)."""
+    end = len(conversation)
+    while end and conversation[end - 1]["role"] == "observation":
+        end -= 1
+    start = end
+    while start and conversation[start - 1]["role"] == "assistant":
+        start -= 1
+    return [m for m in conversation[start:end] if is_call(m)], len(conversation) - end
+
+
+def result_due(conversation: list[dict]) -> tuple[int, int, dict] | None:
+    """(number, of, call) of the call whose result the observation box takes next (1/2, 2/2 ...), or None; raises
+    InputError when the last answer's calls cannot take results (a call the token limit cut)."""
+    calls, answered = last_calls(conversation)
+    if any(message.get("incomplete") for message in calls):
+        raise InputError("the last tool call is incomplete (cut by max new tokens, or by Stop), so it takes no "
+                         "result; raise max new tokens and Regenerate")
+    if answered >= len(calls):
+        return None
+    return answered + 1, len(calls), calls[answered]
+
+
+def status_of(conversation: list[dict]) -> str:
+    """The status line after an answer: which call's result is due, or why none can be given."""
+    try:
+        due = result_due(conversation)
+    except InputError as e:
+        return f"⚠️ {e}"
+    if due is None:
+        return ""
+    number, total, call = due
+    which = f" {number}/{total}" if total > 1 else ""
+    return f"waiting for the result of tool call{which} ({call['metadata'].strip()}): type it in the tool result box"
 
 
 def shown(conversation: list[dict], mode: str) -> list[dict]:
@@ -146,6 +194,11 @@ def shown(conversation: list[dict], mode: str) -> list[dict]:
                                  "metadata": {"title": THINKING_TITLE, "status": "done"}})
             messages.append({"role": "assistant", "content": message["content"]})
     return messages
+
+
+def check_text(text: str) -> None:
+    if not is_utf8(text):
+        raise InputError("the text is not UTF-8 (it holds characters that cannot be encoded); type it again")
 
 
 class StopOnEvent(StoppingCriteria):
@@ -181,8 +234,7 @@ class Chat:
     def stream(self, conversation: list[dict], query: str, role: str, system: list[dict], gen_kwargs: dict,
                stop: threading.Event):
         """Yield the conversation with the answer to `query` (a user question or a tool's observation) so far."""
-        if not is_utf8(query):
-            raise InputError("the text is not UTF-8 (it holds characters that cannot be encoded); type it again")
+        check_text(query)
         history = system + conversation
         try:
             template.check_conversation(self.mode, history + [{"role": role, "content": query}])
@@ -248,10 +300,13 @@ def build_page(chat: Chat, args, title: str):
                 if not text.strip():
                     raise InputError("nothing to send")
                 yield shown(history, args.mode), history, "", ""  # the box empties as the answer starts
+                history_now = history
                 for history_now in chat.stream(history, text, role, system, gen_kwargs, stop_event):
                     yield shown(history_now, args.mode), history_now, "", gr.skip()
                 if stop_event.is_set():
                     yield gr.skip(), gr.skip(), "stopped: the answer so far stays in the conversation", gr.skip()
+                elif tools_mode:  # which call's result is due next, if any
+                    yield gr.skip(), gr.skip(), status_of(history_now), gr.skip()
             except InputError as e:  # the message shows in the page; the conversation and the typed text stay
                 yield shown(history, args.mode), history, f"⚠️ {e}", gr.skip()
 
@@ -259,12 +314,33 @@ def build_page(chat: Chat, args, title: str):
             yield from answer(history, text, "user", system_text, tools_text, max_new, temp, p, is_greedy, request)
 
         def observe(history, text, system_text, tools_text, max_new, temp, p, is_greedy, request: gr.Request):
+            """One tool result: kept until every call of the answer has its result (in the order of the calls), the
+            last one then sent with the others before it; refused where no call waits for one."""
+            try:
+                due = result_due(history)
+                if due is None:
+                    raise InputError("no tool call is waiting for a result (an observation answers the model's tool "
+                                     "call); send your message as a question instead")
+                if not text.strip():
+                    raise InputError("nothing to send")
+                check_text(text)
+            except InputError as e:
+                yield shown(history, args.mode), history, f"⚠️ {e}", gr.skip()
+                return
+            number, total, _ = due
+            if number < total:  # more results are due before the model continues
+                history = history + [{"role": "observation", "content": text}]
+                yield shown(history, args.mode), history, status_of(history), ""
+                return
             yield from answer(history, text, "observation", system_text, tools_text, max_new, temp, p, is_greedy,
                               request)
 
         def again(history, system_text, tools_text, max_new, temp, p, is_greedy, request: gr.Request):
-            last = next((i for i in range(len(history) - 1, -1, -1)
-                         if history[i]["role"] in ("user", "observation")), None)
+            # the last question or tool result that was answered (results still being collected are dropped: the
+            # calls they answer are written again)
+            asked = [i for i, message in enumerate(history) if message["role"] in ("user", "observation")]
+            answered = [i for i in asked if i + 1 < len(history) and history[i + 1]["role"] == "assistant"]
+            last = (answered or asked or [None])[-1]
             if last is None:
                 yield shown(history, args.mode), history, "⚠️ nothing to regenerate yet", gr.skip()
                 return

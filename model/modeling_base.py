@@ -441,6 +441,12 @@ class ChatGLMPreTrainedBase(ChatMixin, PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
     # Official checkpoints store the rotary inv_freq buffer; we compute it, so it is no weight to load.
     _keys_to_ignore_on_load_unexpected = [r"inv_freq"]
+    # A P-Tuning model (pre_seq_len) is built on a base checkpoint, which has no prefix encoder: its weights come
+    # from the checkpoint's prefix_encoder.safetensors afterwards (inference._load_prefix, which fails unless every one
+    # is there) or start from their initialisation for training, as in THUDM's code. Without this, transformers'
+    # load report calls them MISSING ("newly initialized ... Consider training"), a false alarm; any other missing
+    # weight is still reported, and from_pretrained below refuses it.
+    _keys_to_ignore_on_load_missing = [r"(^|\.)prefix_encoder\."]
     mode = "glm"  # set by each model class; names the chat template
     chat_defaults = {}
     supports_packing = False  # takes packed rows (position_ids and cu_seqlens, see packing.py)
@@ -480,9 +486,7 @@ class ChatGLMPreTrainedBase(ChatMixin, PreTrainedModel, GenerationMixin):
                 raise
             raise ValueError(f"{path}: weights could not be converted while loading (a quantized checkpoint missing "
                              f"part of its quantization state?); the CONVERSION lines above name them") from None
-        missing = info.get("missing_keys", [])
-        if model.config.pre_seq_len:
-            missing = [k for k in missing if ".prefix_encoder." not in f".{k}"]
+        missing = info.get("missing_keys", [])  # without the prefix encoder's (see _keys_to_ignore_on_load_missing)
         problems = []
         if missing:
             problems.append(f"missing weights {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")

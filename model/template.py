@@ -361,10 +361,12 @@ def template_length(tokenizer, mode: str) -> int:
     return len(encode_context(tokenizer, mode, [{"role": "user", "content": ""}]))
 
 
-def cut_at_stop(tokenizer, mode: str, new_ids: list[int]) -> list[int]:
-    """Generated ids up to the first stop token (batched generation pads the rows that stopped early)."""
+def cut_at_stop(tokenizer, mode: str, new_ids: list[int], keep_stop: bool = False) -> list[int]:
+    """Generated ids up to the first stop token (batched generation pads the rows that stopped early); with
+    `keep_stop` the stop token stays, so that `decode_response` still sees that the answer ended there."""
     stops = set(stop_token_ids(tokenizer, mode))
-    return new_ids[:next((i for i, token in enumerate(new_ids) if token in stops), len(new_ids))]
+    end = next((i for i, token in enumerate(new_ids) if token in stops), None)
+    return list(new_ids) if end is None else list(new_ids[:end + 1 if keep_stop else end])
 
 
 def decode_response(tokenizer, mode: str, new_ids: list[int], history=None):
@@ -373,8 +375,36 @@ def decode_response(tokenizer, mode: str, new_ids: list[int], history=None):
 
     When generation stopped at max_new_tokens / max_length rather than on a stop token, every generated id is a
     real token of the answer and all are kept. (THUDM's ChatGLM3 chat() always drops the last generated token,
-    assuming it is a stop token, and so loses a real one in that case; we deliberately do not.)"""
-    return process_response(mode, tokenizer.decode(cut_at_stop(tokenizer, mode, new_ids)), history)
+    assuming it is a stop token, and so loses a real one in that case; we deliberately do not.) A tool call that
+    the limit cut is then marked incomplete (see `process_response`)."""
+    ids = cut_at_stop(tokenizer, mode, new_ids)
+    ended = len(ids) < len(new_ids)
+    text = _glm3_decode(tokenizer, ids) if mode == "glm3" else tokenizer.decode(ids)
+    return process_response(mode, text, history, ended=ended)
+
+
+def _glm3_decode(tokenizer, ids: list[int]) -> str:
+    """Generated glm3 ids as text, each message piece decoded on its own, as `_pieces` encodes them: the model writes
+    encode_text("{metadata}\n") then encode_text(content) per message, <|assistant|> between the calls of a turn, and
+    each encode_text starts with sentencepiece's dummy-prefix "▁". Decoded in one go, that "▁" of the content and of
+    a second call's name would become a space (" ```python", " read_fault_codes": THUDM's chat() keeps them so), and
+    the history chat() returns would no longer encode as the training data of the same conversation does."""
+    assistant, newline = special(tokenizer, "<|assistant|>"), tokenizer.convert_tokens_to_ids("<0x0A>")
+    parts, part = [], []
+    for token in ids:
+        if token == assistant:
+            parts.append(part)
+            part = []
+        else:
+            part.append(token)
+    texts = []
+    for part in parts + [part]:
+        if newline in part:  # the name line (the byte piece <0x0A> ends it), then the content
+            cut = part.index(newline)
+            texts.append(tokenizer.decode(part[:cut]) + "\n" + tokenizer.decode(part[cut + 1:]))
+        else:
+            texts.append(tokenizer.decode(part))
+    return "<|assistant|>".join(texts)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -432,7 +462,7 @@ def json_arguments(text: str):
     return value if isinstance(value, dict) else None
 
 
-def process_response(mode: str, response: str, history=None):
+def process_response(mode: str, response: str, history=None, ended: bool = True):
     """The official post-processing of a decoded answer. glm/glm2: the text; glm3/glm4: (content, history).
 
     glm3/glm4 as the official chat() of ChatGLM3 / GLM-4: the generation is split at every <|assistant|> (the model
@@ -446,7 +476,13 @@ def process_response(mode: str, response: str, history=None):
     call form (`call_arguments`: glm3 ChatGLM3's tool_call(...), glm4 a JSON object), also "parameters": the
     arguments as a dict, the key under which the official chat() of both returns them when the conversation
     declares tools. (The official code then drops "content", and raises on arguments it cannot read; we keep the
-    text, so that a call that does not parse is still returned, without "parameters".)"""
+    text, so that a call that does not parse is still returned, without "parameters".)
+
+    `ended` False: generation stopped at the token limit (or was stopped), not on a stop token. A call the limit cut
+    (its name line unfinished, where the conversation declares tools; or its arguments blank or not readable) is then
+    returned with "incomplete": True and never "parameters", and its history message carries "incomplete": True
+    too; the calls before it are complete.
+    (The official code would return the cut name as text, or a cut glm4 call as a call without arguments.)"""
     if mode in ("glm", "glm2"):
         response = response.strip().replace("[[训练时间]]", "2023年")
         if mode == "glm":
@@ -458,20 +494,38 @@ def process_response(mode: str, response: str, history=None):
     thinking = ""
     if mode == chat_template.MODE_NAME:  # GLM-Z1: the thinking before </think> is shown apart, never scored
         thinking, response = chat_template.split_thinking(response)
+    declares_tools = any(isinstance(m, dict) and m.get("role") == "system" and m.get("tools") for m in history)
     content, calls = "", []
-    for part in response.split("<|assistant|>"):
-        metadata, content = part.split("\n", maxsplit=1) if "\n" in part else ("", part)
+    parts = response.split("<|assistant|>")
+    for index, part in enumerate(parts):
+        cut = not ended and index == len(parts) - 1
+        if "\n" in part:
+            metadata, content = part.split("\n", maxsplit=1)
+        elif cut and declares_tools and part.strip():
+            # With tools, a text answer starts with its (blank) name line: this is the name of a call being written.
+            # (Without tools the text of a model that skipped that line stays text, as the official code keeps it.)
+            metadata, content = part, ""
+        else:
+            metadata, content = "", part
         if not metadata.strip():
             content = content.strip()
             history.append({"role": "assistant", "metadata": metadata, "content": content})
             content = content.replace("[[训练时间]]", "2023年")
-        else:
-            history.append({"role": "assistant", "metadata": metadata, "content": content})
-            parameters = call_arguments(mode, content)
-            content = {"name": metadata.strip(), "content": content}
-            if parameters is not None:
-                content["parameters"] = parameters
-            calls.append(content)
-    if thinking and history:
-        history[-len(response.split("<|assistant|>"))]["reasoning_content"] = thinking
+            continue
+        message = {"role": "assistant", "metadata": metadata, "content": content}
+        parameters = call_arguments(mode, content)
+        content = {"name": metadata.strip(), "content": content}
+        if cut and (parameters is None or not content["content"].strip()):
+            content["incomplete"] = message["incomplete"] = True
+        elif parameters is not None:
+            content["parameters"] = parameters
+        history.append(message)
+        calls.append(content)
+    if thinking and history:  # on the first message of this answer
+        history[-len(parts)]["reasoning_content"] = thinking
     return (calls if len(calls) > 1 else content), history
+
+
+def is_incomplete(call) -> bool:
+    """A tool call that the token limit cut (see `process_response`): shown as such, never run, scored as wrong."""
+    return isinstance(call, dict) and bool(call.get("incomplete"))

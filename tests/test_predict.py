@@ -199,6 +199,34 @@ def test_load_for_inference_errors(tiny_dirs, tmp_path):
         load_for_inference("glm3", str(prefix_dir))
 
 
+def test_ptuning_checkpoint_loads_without_a_false_missing_weights_report(checkpoints, tiny_dirs, tmp_path, capfd,
+                                                                          caplog):
+    """A P-Tuning checkpoint's prefix is built on a base that has none and is then loaded from
+    prefix_encoder.safetensors: transformers' load report (transformers/utils/loading_report.py, a logger warning)
+    must not call it MISSING / newly initialized. A weight truly missing from a checkpoint is still reported.
+    (The console: what is printed, and the log records, which pytest takes from the handlers that print them.)"""
+    prefix_dir = checkpoints("glm3", "ptuning")
+    capfd.readouterr()  # building the checkpoint loads the base with a prefix too
+    caplog.clear()
+    assert predict.main(["--mode", "glm3", "--model_path", prefix_dir, "--query", "你好", "--max_new_tokens", "2"]) == 0
+    console = "".join(capfd.readouterr()) + caplog.text
+    assert "MISSING" not in console and "newly initialized" not in console, console
+
+    from safetensors.torch import load_file
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(tiny_dirs["glm3"]):
+        if name != "model.safetensors":
+            (broken / name).write_bytes(Path(tiny_dirs["glm3"], name).read_bytes())
+    weights = load_file(os.path.join(tiny_dirs["glm3"], "model.safetensors"))
+    dropped = next(key for key in weights if key.endswith("final_layernorm.weight"))
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(broken / "model.safetensors"))
+    caplog.clear()
+    assert predict.main(["--mode", "glm3", "--model_path", str(broken), "--query", "你好"]) == 2
+    console = "".join(capfd.readouterr()) + caplog.text
+    assert "MISSING" in console and f"missing weights ['{dropped}']" in console, console
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # (b) batch prediction writes one line per sample and the metrics
 # ------------------------------------------------------------------------------------------------------------------

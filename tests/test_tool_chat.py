@@ -52,11 +52,15 @@ def args_of(call: dict):
     return call["parameters"]
 
 
+def training_messages(mode, conversation) -> list[dict]:
+    """A conversation as train.py gets it: through tool_data (glm3 arguments rewritten in ChatGLM3's tool_call form)."""
+    return tool_data.conversation_messages(mode, {"conversations": conversation})
+
+
 def overfit_on_tools(mode, base, output_dir, max_steps=300) -> str:
     """A full checkpoint of the tiny base trained with AdamW on CONVERSATIONS until the loss is tiny."""
-    # as train.py gets them: through tool_data (glm3 arguments rewritten in ChatGLM3's tool_call form)
-    overfit(mode, base, output_dir, [tool_data.conversation_messages(mode, {"conversations": c}) for c in CONVERSATIONS],
-            max_steps, stop_below=0.005, must_reach=0.01)
+    overfit(mode, base, output_dir, [training_messages(mode, c) for c in CONVERSATIONS], max_steps,
+            stop_below=0.005, must_reach=0.01)
     Path(output_dir, "training_args.json").write_text(json.dumps(
         {"mode": mode, "train_type": "all", "model_name_or_path": os.path.abspath(base)}))
     return str(output_dir)
@@ -129,9 +133,69 @@ def test_chat_returns_every_call_and_continues_after_the_observations(mode, tool
                                                          **GREEDY)
     assert (streamed, streamed_history) == (calls, history)
     history = history + [{"role": "observation", "content": '{"codes": []}'}]  # results in the order of the calls
+    # The history chat() returned encodes as training encodes the same conversation: the next prompt is the training
+    # context of the answer, token for token (glm3: no space before a call's content or the second call's name).
+    trained, _, _ = template.encode_messages(tokenizer, mode, training_messages(mode, CONVERSATIONS[1]))
+    prompt = template.encode_prompt(tokenizer, mode, '{"codes": ["P0700"]}', history, "observation")
+    assert trained[:len(prompt)] == prompt
     answer, _ = model.chat(tokenizer, '{"codes": ["P0700"]}', history=history, role="observation", **GREEDY)
     assert answer == "变速箱有故障码 P0700。"
     assert model.chat(tokenizer, "你好", history=[SYSTEM], **GREEDY)[0] == "你好，我是汽车故障诊断助手。"
+
+
+def parallel_call_ids(tokenizer, mode) -> tuple[list[int], int]:
+    """The ids the over-fitted model generates for the parallel calls of CONVERSATIONS[1] (what training teaches it:
+    both calls, <|assistant|> between them, then the stop token), and where the second call starts."""
+    messages = training_messages(mode, CONVERSATIONS[1])[:4]  # system, user, the two calls
+    ids, _, _ = template.encode_messages(tokenizer, mode, messages)
+    answer = ids[len(template.encode_context(tokenizer, mode, messages[:2])):]
+    return answer, answer.index(template.special(tokenizer, "<|assistant|>")) + 1
+
+
+@pytest.mark.parametrize("mode", ["glm3", "glm4"])
+def test_a_call_cut_by_max_new_tokens_is_marked_incomplete(mode, tool_checkpoints, tmp_path, monkeypatch, capsys):
+    """Generation cut by max_new_tokens inside the second of two parallel calls: chat() returns the complete first
+    call and the second marked "incomplete" (no "parameters"), whether cut in its name or right after the name's line
+    (which glm4 used to return as a well-formed call without arguments); cut only before the stop token, both calls
+    are complete. The terminal chat shows the cut call as incomplete and asks no result; the tool-call metrics of
+    predict.py --test_path count it as wrong."""
+    from inference import load_for_inference
+
+    model, tokenizer = load_for_inference(mode, tool_checkpoints(mode))
+    answer, second = parallel_call_ids(tokenizer, mode)
+    line_end = next(n for n in range(second + 1, len(answer)) if "\n" in tokenizer.decode(answer[second:n]))
+    whole, _ = model.chat(tokenizer, "发动机和变速箱都查一下", history=[SYSTEM], **GREEDY)
+    cut_names = []
+    for limit in (second + 2, line_end):
+        calls, history = model.chat(tokenizer, "发动机和变速箱都查一下", history=[SYSTEM], do_sample=False,
+                                    max_new_tokens=limit)
+        assert calls[0] == whole[0] and "parameters" in calls[0] and not template.is_incomplete(calls[0])
+        assert template.is_incomplete(calls[1]) and "parameters" not in calls[1], (limit, calls)
+        assert "read_fault_codes".startswith(calls[1]["name"]) and history[-1]["incomplete"] is True
+        cut_names.append(calls[1]["name"])
+    assert model.chat(tokenizer, "发动机和变速箱都查一下", history=[SYSTEM], do_sample=False,
+                      max_new_tokens=len(answer) - 1)[0] == whole  # only the stop token left out
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("发动机和变速箱都查一下\n你好\n"))
+    assert predict.main(["--mode", mode, "--model_path", tool_checkpoints(mode), "--tools", tools_file(tmp_path),
+                         "--max_new_tokens", str(second + 2)]) == 0
+    cut = capsys.readouterr().out.split("用户：")[1]
+    assert f"调用工具 {cut_names[0]}{predict.INCOMPLETE_CALL}" in cut and predict.INCOMPLETE_NOTE in cut
+    assert "的结果" not in cut  # no result asked for
+
+    test = tmp_path / "parallel.jsonl"
+    test.write_text(json.dumps({"conversations": CONVERSATIONS[1][:4]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    metrics = {}
+    for limit in (second + 2, 100):
+        out = tmp_path / f"cut-{limit}.jsonl"
+        assert predict.main(["--mode", mode, "--model_path", tool_checkpoints(mode), "--test_path", str(test),
+                             "--output_path", str(out), "--max_new_tokens", str(limit)]) == 0
+        metrics[limit] = json.loads(Path(str(out)[:-len(".jsonl")] + ".metrics.json").read_text(encoding="utf-8"))
+    assert metrics[100]["call_name_accuracy"] == metrics[100]["call_argument_validity"] == 1
+    assert metrics[second + 2]["predicted_calls"] == 2 and metrics[second + 2]["call_decision_accuracy"] == 1
+    for key in ("call_name_accuracy", "call_argument_validity", "call_argument_exact_match", "call_set_precision"):
+        assert metrics[second + 2][key] == 0.5, key  # the complete first call right, the cut one wrong
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -203,10 +267,40 @@ def test_bad_tools_file_is_one_line_naming_it(tiny_dirs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"predict.py: error: --tools {path}: ") and "\n" not in err, err
     for argv in ([*base[:1], "glm2", *base[2:], "--tools", tools_file(tmp_path)],  # glm2 has no tool calls
-                 [*base, "--system", "你是汽车故障诊断助手。"]):  # --system without --tools
+                 [*base[:4], "--test_path", "t.jsonl", "--output_path", "o.jsonl", "--system", "x"]):  # the data's
         with pytest.raises(SystemExit) as error:
             predict.parse_args(argv)
         assert error.value.code == 2
+
+
+def test_clear_and_exit_work_at_a_tool_result_prompt(tool_checkpoints, tmp_path, monkeypatch, capsys):
+    """`clear` typed where the result of a call is asked forgets the conversation (the calls are not answered, the
+    model is not run), `exit` there quits; neither goes to the model as a tool's result."""
+    checkpoint = tool_checkpoints("glm3")
+    capsys.readouterr()
+    typed = ["发动机和变速箱都查一下", '{"codes": []}', "clear", "发动机故障灯亮了", "exit", "never read"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in typed)))
+    assert predict.main(["--mode", "glm3", "--model_path", checkpoint, "--tools", tools_file(tmp_path),
+                         "--max_new_tokens", "100"]) == 0
+    turns = capsys.readouterr().out.split("用户：")
+    assert turns[1].endswith("工具 read_fault_codes 的结果（调用 2/2）：" + predict.CLEARED + "\n")  # no answer run
+    # a new conversation (the model makes this call from a fresh start only), whose result prompt `exit` ends
+    assert turns[2] == ('\nChatGLM：调用工具 read_fault_codes，参数：{"system": "发动机"}\n工具 read_fault_codes 的结果：')
+
+
+def test_system_prompt_without_tools(tool_checkpoints, capsys):
+    """--system alone starts the conversation with that system message, in the mode's template, as chat() takes it
+    (--query and the terminal chat alike)."""
+    from inference import load_for_inference
+
+    checkpoint, system = tool_checkpoints("glm3"), "你是汽车故障诊断助手，回答要简短。"
+    model, tokenizer = load_for_inference("glm3", checkpoint)
+    expected, _ = model.chat(tokenizer, "你好", history=[{"role": "system", "content": system}], do_sample=False,
+                             max_new_tokens=20)
+    capsys.readouterr()
+    assert predict.main(["--mode", "glm3", "--model_path", checkpoint, "--system", system, "--query", "你好",
+                         "--max_new_tokens", "20"]) == 0
+    assert capsys.readouterr().out == predict.answer_text(expected) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -115,9 +115,9 @@ def base_server(tiny_dirs):
     yield from serve(tiny_dirs["glm3"])
 
 
-def serve(model_path):
+def serve(model_path, max_new_tokens=MAX_NEW_TOKENS):
     command = [sys.executable, str(ROOT / "web_demo.py"), "--mode", "glm3", "--model_path", model_path,
-               "--port", str(free_port()), "--max_new_tokens", str(MAX_NEW_TOKENS)]
+               "--port", str(free_port()), "--max_new_tokens", str(max_new_tokens)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     lines = queue.Queue()
@@ -138,6 +138,16 @@ def serve(model_path):
     yield url
     process.terminate()
     process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def parallel_server(tiny_dirs, tmp_path_factory):
+    """`python web_demo.py` on the tiny ChatGLM3 checkpoint over-fitted on test_tool_chat's tool conversations, which
+    answers "发动机和变速箱都查一下" with two parallel calls and the results of both with a known answer."""
+    from test_tool_chat import overfit_on_tools
+
+    checkpoint = overfit_on_tools("glm3", tiny_dirs["glm3"], tmp_path_factory.mktemp("parallel") / "glm3")
+    yield from serve(checkpoint, max_new_tokens=200)  # (two calls in ChatGLM3's form take ~130 tokens here)
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +297,8 @@ def test_page_tool_call_then_observation(browser, server, reference):
     assert expected_call == {"name": call["metadata"], "content": expected_call["content"],
                              "parameters": json.loads(call["content"])}
     page.answer(0, as_shown(expected_call))
-    assert page.status() == ""
+    page.wait_for(lambda: page.status() == "waiting for the result of tool call (read_fault_codes): type it in the "
+                                           "tool result box", "the call's result to be asked for")
 
     expected_answer, _ = greedy(model, tokenizer, observation["content"], history, role="observation")
     assert displayable(expected_answer), expected_answer  # the answer the data teaches
@@ -304,6 +315,37 @@ def test_page_tool_call_then_observation(browser, server, reference):
     assert len(page.messages()) == 4
     if os.environ.get("WEB_DEMO_SCREENSHOT"):  # refresh docs/web_demo.png
         browser.save_screenshot(os.environ["WEB_DEMO_SCREENSHOT"])
+
+
+def test_page_collects_one_result_per_parallel_call(browser, parallel_server):
+    """Two calls in one answer: the observation box takes the result of call 1/2, keeps it (the model does not
+    answer yet), asks for 2/2, and the model answers from both, as predict.py's terminal chat does; an observation
+    where no call waits is refused, before the calls and after the answer."""
+    from test_tool_chat import CONVERSATIONS, TOOLS
+
+    _, user, engine, gearbox, first, second, answer = CONVERSATIONS[1]
+    page = Page(browser, parallel_server)
+    page.type_into("#tools textarea", json.dumps(TOOLS, ensure_ascii=False))
+    page.type_into("#query textarea", user["content"])
+    page.click("send")
+    calls = [["bot", f"{web_demo.CALL_MARK}read_fault_codes {call['content']}"] for call in (engine, gearbox)]
+    page.wait_for(lambda: page.messages()[1:] == calls and "tool call 1/2 (read_fault_codes)" in page.status()
+                  and not page.busy(), "the two calls and the first result to be asked for")
+    page.type_into("#observation textarea", first["content"])
+    page.click("send_observation")
+    page.wait_for(lambda: "tool call 2/2 (read_fault_codes)" in page.status(), "the second result to be asked for")
+    assert page.messages()[3:] == [["user", web_demo.OBSERVATION_MARK + first["content"]]]  # no answer yet
+    page.type_into("#observation textarea", second["content"])
+    page.answer(4, answer["content"], send="send_observation")
+    assert page.messages()[3:5] == [["user", web_demo.OBSERVATION_MARK + o["content"]] for o in (first, second)]
+
+    for messages in (6, 0):  # after the answer; after Clear, before any call
+        page.type_into("#observation textarea", "{}")
+        page.click("send_observation")
+        page.wait_for(lambda: "no tool call is waiting for a result" in page.status(), "the observation to be refused")
+        assert len(page.messages()) == messages
+        page.click("clear")
+        page.wait_for(lambda: page.messages() == [] and page.status() == "", "an empty chat")
 
 
 def test_page_stop_keeps_the_answer_so_far(browser, base_server, tiny_dirs):
@@ -362,11 +404,12 @@ def test_stream_ends_with_chat_answer_and_stop_keeps_a_prefix(mode, tiny_dirs, o
     settings = chat.settings(max_new_tokens=40, temperature=0.8, top_p=0.8, greedy=True)
     never = threading.Event()
     *steps, first = list(chat.stream([], "你好", "user", [], settings, never))
-    assert steps and first[-1]["content"] == model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=40)[0]
+    assert steps and first[-1] == answer_message(mode, model.chat(tokenizer, "你好", do_sample=False,
+                                                                  max_new_tokens=40))
     *_, second = list(chat.stream(first, "再说一遍", "user", [], settings, never))
     chat_history = first if mode == "glm4" else [(first[0]["content"], first[1]["content"])]  # chat()'s format
-    assert second[-1]["content"] == model.chat(tokenizer, "再说一遍", history=chat_history, do_sample=False,
-                                               max_new_tokens=40)[0]
+    assert second[-1] == answer_message(mode, model.chat(tokenizer, "再说一遍", history=chat_history, do_sample=False,
+                                                         max_new_tokens=40))
 
     stop = threading.Event()
     stopped = None
@@ -377,8 +420,17 @@ def test_stream_ends_with_chat_answer_and_stop_keeps_a_prefix(mode, tiny_dirs, o
     assert len(written) < len(whole) and whole.startswith(written.rstrip("\ufffd"))
 
 
+def answer_message(mode, chat_result) -> dict:
+    """The answer of a chat() result as the page's conversation holds it: glm4's last history message (a text, or a
+    call, possibly marked incomplete), glm/glm2's text."""
+    response, history = chat_result
+    return history[-1] if mode == "glm4" else {"role": "assistant", "content": response}
+
+
 def raw_text(message: dict) -> str:
-    """An answer as generated: a glm4 tool call's name line, then its content."""
+    """An answer as generated: a glm4 tool call's name line, then its content (a name cut short: no line end)."""
+    if message.get("incomplete") and not message["content"]:
+        return message["metadata"]
     return f"{message['metadata']}\n{message['content']}" if message.get("metadata") else message["content"]
 
 
@@ -392,6 +444,25 @@ def test_bad_page_input_is_named():
     assert web_demo.parse_tools("  ") is None
     assert web_demo.system_messages("glm3", "", None) == []
     assert web_demo.system_messages("glm2", "be brief", None) == []  # glm/glm2 have no system prompt
+
+
+def test_results_are_due_call_by_call_and_incomplete_calls_take_none():
+    """The page's bookkeeping of results: one per call of the last answer, in order; none before a call or after
+    the answer; a call cut by the token limit shows as incomplete and takes none."""
+    call = {"role": "assistant", "metadata": "read_fault_codes", "content": '{"system": "发动机"}'}
+    result = {"role": "observation", "content": "{}"}
+    question = {"role": "user", "content": "查一下"}
+    assert web_demo.result_due([]) is None and web_demo.result_due([question]) is None
+    assert web_demo.result_due([question, call, call]) == (1, 2, call)
+    assert web_demo.result_due([question, call, call, result]) == (2, 2, call)
+    assert web_demo.result_due([question, call, call, result, result]) is None
+    assert web_demo.status_of([question, call]) == ("waiting for the result of tool call (read_fault_codes): type "
+                                                    "it in the tool result box")
+    cut = {"role": "assistant", "metadata": "read_fa", "content": "", "incomplete": True}
+    with pytest.raises(web_demo.InputError, match="incomplete"):
+        web_demo.result_due([question, call, cut])
+    assert web_demo.shown([question, call, cut], "glm4")[2] == {
+        "role": "assistant", "content": web_demo.CALL_MARK + "read_fa" + web_demo.INCOMPLETE_MARK}
 
 
 def test_calls_show_as_chat_returns_them():
