@@ -121,10 +121,20 @@ def prepare_for_training(model):
     biases, LM head) to fp32 for a stable loss; under mixed precision DeepSpeed casts them back to the training
     dtype at deepspeed.initialize, as for every train type. Gradient checkpointing is left to train.py
     (enable_activation_checkpointing: non-reentrant, the current transformers name), so peft's call of the
-    deprecated gradient_checkpointing_enable never runs."""
+    deprecated gradient_checkpointing_enable never runs.
+
+    bitsandbytes' Linear4bit, on a CPU with AVX512-BF16, repacks its weight into an inference-only layout the first
+    time it runs in eval mode without gradients (Linear4bit.forward, `support_avx512bf16_for_cpu`) and keeps it: the
+    first training step after an evaluation or the sample answers then failed with "a view of a leaf Variable that
+    requires grad is being used in an in-place operation" (found by tests/test_option_pairs.py). A training run
+    keeps the trainable layout."""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for _, layer in quantized_layers(model):
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+    return model
 
 
 # ------------------------------------------------------------------------------------------------------------------
