@@ -124,17 +124,26 @@ def prepare_for_training(model):
     deprecated gradient_checkpointing_enable never runs.
 
     bitsandbytes' Linear4bit, on a CPU with AVX512-BF16, repacks its weight into an inference-only layout the first
-    time it runs in eval mode without gradients (Linear4bit.forward, `support_avx512bf16_for_cpu`) and keeps it: the
-    first training step after an evaluation or the sample answers then failed with "a view of a leaf Variable that
-    requires grad is being used in an in-place operation" (found by tests/test_option_pairs.py). A training run
-    keeps the trainable layout."""
+    time it runs in eval mode without gradients (Linear4bit.forward, `packing_format_for_cpu`), and only saving a
+    checkpoint (its _save_to_state_dict) packs it back: a training step after an evaluation or the sample answers
+    that no checkpoint followed failed with "a view of a leaf Variable that requires grad is being used in an
+    in-place operation" (found by tests/test_option_pairs.py). Each layer unpacks its weight as saving does when it
+    runs in training mode again; evaluation keeps bitsandbytes' fast layout (the numbers predict.py gets)."""
     from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for _, layer in quantized_layers(model):
-        if hasattr(layer, "support_avx512bf16_for_cpu"):
-            layer.support_avx512bf16_for_cpu = False
+        layer.register_forward_pre_hook(_trainable_layout)
     return model
+
+
+def _trainable_layout(layer, _inputs) -> None:
+    """Before a training forward: the 4-bit weight back from bitsandbytes' CPU inference layout, if it was packed."""
+    state = getattr(layer.weight, "quant_state", None)
+    if layer.training and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
 
 
 # ------------------------------------------------------------------------------------------------------------------
