@@ -14,6 +14,7 @@ import sys
 import torch
 
 import quantization
+import sequence_parallel
 from dataset import DataError, read_records, sample_to_messages
 from model import template
 from model.config import read_json
@@ -399,7 +400,8 @@ class Monitor:
     def answer(self, engine, step: int, writer) -> None:
         tokenizer, mode, limit = self.tokenizer, self.args.mode, self.args.max_new_tokens
         engine.eval()
-        with torch.no_grad():
+        # whole prompts through the plain attention: rank 0 generates alone (sequence_parallel.whole_sequences)
+        with torch.no_grad(), sequence_parallel.whole_sequences(engine.module):
             answers = generate_answers(engine.module, tokenizer, mode, self.prompts, limit, engine.device,
                                        self.synced)
         engine.train()

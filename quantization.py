@@ -136,10 +136,29 @@ def prepare_for_training(model):
     biases, LM head) to fp32 for a stable loss; under mixed precision DeepSpeed casts them back to the training
     dtype at deepspeed.initialize, as for every train type. Gradient checkpointing is left to train.py
     (enable_activation_checkpointing: non-reentrant, the current transformers name), so peft's call of the
-    deprecated gradient_checkpointing_enable never runs."""
+    deprecated gradient_checkpointing_enable never runs.
+
+    bitsandbytes' Linear4bit, on a CPU with AVX512-BF16, repacks its weight into an inference-only layout the first
+    time it runs in eval mode without gradients (Linear4bit.forward, `packing_format_for_cpu`), and only saving a
+    checkpoint (its _save_to_state_dict) packs it back: a training step after an evaluation or the sample answers
+    that no checkpoint followed failed with "a view of a leaf Variable that requires grad is being used in an
+    in-place operation" (found by tests/test_option_pairs.py). Each layer unpacks its weight as saving does when it
+    runs in training mode again; evaluation keeps bitsandbytes' fast layout (the numbers predict.py gets)."""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for _, layer in quantized_layers(model):
+        layer.register_forward_pre_hook(_trainable_layout)
+    return model
+
+
+def _trainable_layout(layer, _inputs) -> None:
+    """Before a training forward: the 4-bit weight back from bitsandbytes' CPU inference layout, if it was packed."""
+    state = getattr(layer.weight, "quant_state", None)
+    if layer.training and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
 
 
 # ------------------------------------------------------------------------------------------------------------------

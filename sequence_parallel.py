@@ -23,6 +23,7 @@ chunked loss) works on the local slice unchanged. The model's hook is SelfAttent
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -126,6 +127,28 @@ def install(model, args) -> None:
     world_size = torch.distributed.get_world_size()
     logger.info("sequence parallel: each sample over %d ranks (Ulysses attention in %d layers), data parallel over %d",
                 ulysses.world_size, len(layers), world_size // ulysses.world_size)
+
+
+@contextlib.contextmanager
+def whole_sequences(model):
+    """Inside: every layer of `model` attends with its plain core attention (the class's attention_function), not
+    with the Ulysses wrapper install() put on the instance; restored on leaving.
+
+    For generation (monitor.py's sample answers): it runs on whole, unsliced prompts (nothing shards them), and
+    the wrapper's all-to-all would wait for the other ranks of the group, which are elsewhere (evaluating, at
+    save_checkpoint's barrier): the run hung until the process group's timeout (issue 34). Bypassed, each rank
+    computes the whole attention itself, so rank 0 generates alone as without sequence parallelism, and under
+    ZeRO-3 the ranks generate in step only for ZeRO-3's own weight gathering (Monitor.synced), as without it. The
+    alternative, every rank of the group generating one slice of each sequence, would need the prompt padded to a
+    multiple of N and re-sliced at every new token, for a few short prompts. Without sequence parallelism (no
+    wrapper installed) this does nothing."""
+    wrapped = [module for module in model.modules() if "attention_function" in vars(module)]
+    saved = [vars(module).pop("attention_function") for module in wrapped]
+    try:
+        yield
+    finally:
+        for module, function in zip(wrapped, saved):
+            module.attention_function = function
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+import dist_guard
 import monitor
 import packing
 import preference
@@ -147,6 +148,7 @@ def parse_args(argv=None):
     group.add_argument("--show_loss_step", type=int, default=10, help="log loss, lr, tokens/s every N steps")
     group.add_argument("--eval_step", type=int, default=None, help="evaluate on --dev_path every N steps")
     add_bool_flag(group, "--resume", "continue from the last checkpoint in output_dir")
+    dist_guard.add_flag(group)
     group.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     monitor.add_flags(parser)
     preference.add_flags(parser)
@@ -182,6 +184,7 @@ def parse_args(argv=None):
     monitor.check_flags(parser, args)
     sequence_parallel.check_flags(parser, args)
     preference.check_flags(parser, args)
+    dist_guard.check_flag(parser, args)
     if args.compile and quantization.zero_stage(args.ds_file) == 3:
         # ZeRO-3 gathers each parameter in module hooks that torch.compile must not trace: the parts would fall
         # back to eager piece by piece, recompiling for every layer
@@ -336,8 +339,9 @@ def missing_resume_files(state_dir: str, world_size: int, zero_stage: int) -> st
     return None
 
 
-def init_distributed():
-    """One process without the launcher is a world of one; gloo where there is no GPU."""
+def init_distributed(timeout_minutes: float | None = None):
+    """One process without the launcher is a world of one; gloo where there is no GPU. Collectives wait
+    `timeout_minutes` (--dist_timeout, dist_guard's default without it) for the other ranks."""
     import deepspeed
 
     os.environ.setdefault("RANK", "0")
@@ -346,7 +350,8 @@ def init_distributed():
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     backend = None if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=dist_guard.timeout(timeout_minutes))
+    dist_guard.setup()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     else:
@@ -779,7 +784,8 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
     """Write output_dir/<tag>/ under a temporary name and rename it once complete (model.export's `begin_staging` /
     `publish`): an interrupted save never leaves a directory that looks whole. Holds the model in the form predict.py
     loads (LoRA adapter, P-Tuning prefix, or for freeze/all the base directory with the new weights:
-    `model.export.write_full_checkpoint`) plus DeepSpeed's resumable state."""
+    `model.export.write_full_checkpoint`) plus DeepSpeed's resumable state. Its barriers are dist_guard's: the ranks
+    meet here after rank 0's sample answers and wait here while rank 0 writes, and one that never comes is named."""
     from safetensors.torch import save_file
 
     from model.export import begin_staging, publish, staging_path, write_full_checkpoint
@@ -787,7 +793,7 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
     rank = torch.distributed.get_rank()
     final = os.path.join(args.output_dir, tag)
     staging = begin_staging(final) if rank == 0 else staging_path(final)
-    torch.distributed.barrier()
+    dist_guard.barrier()
     state = gathered_state_dict(engine, only_trainable=args.train_type in ("lora", "ptuning"))
     if rank == 0:
         model = engine.module
@@ -803,17 +809,17 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
             write_full_checkpoint(state, args.model_name_or_path, staging, tied=model.all_tied_weights_keys)
         with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
             json.dump(run_record(args, torch.distributed.get_world_size()), f, indent=2)
-    torch.distributed.barrier()
+    dist_guard.barrier()
     engine.save_checkpoint(os.path.join(staging, "deepspeed"), tag="state", client_state=resume_state,
                            exclude_frozen_parameters=args.train_type != "all")
     torch.save(rng_state(), os.path.join(staging, "deepspeed", f"rng_rank{rank}.pt"))
-    torch.distributed.barrier()
+    dist_guard.barrier()
     if rank == 0:
         publish(staging, final)
         logger.info("saved %s", final)
         if args.save_total_limit:
             prune_checkpoints(args.output_dir, args.save_total_limit, keep=tag)
-    torch.distributed.barrier()
+    dist_guard.barrier()
     return final
 
 
@@ -930,7 +936,7 @@ class StepClock:
 # the loop
 # ------------------------------------------------------------------------------------------------------------------
 def train(args):
-    rank, world_size = init_distributed()
+    rank, world_size = init_distributed(args.dist_timeout)
     setup_logging(rank)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 
@@ -1039,19 +1045,21 @@ def train(args):
                 window_loss.zero_()
             # at most one evaluation and one checkpoint per step, however the conditions coincide
             if dev_loader and ((args.eval_step and step % args.eval_step == 0) or epoch_done or step == total_steps):
-                with clock.paused():
+                with clock.paused(), dist_guard.stage(f"step {step} (evaluation and sample answers)"):
                     log_eval(engine, dev_loader, writer, step, f"step {step}" + " (epoch end)" * epoch_done,
                              log_file, objective)
                     watch.at_evaluation(engine, step, writer)  # sample answers, loss.png
             if (args.save_model_step and step % args.save_model_step == 0) or epoch_done or step == total_steps:
                 # a checkpoint at the end of an epoch resumes at the start of the next one
                 resume_at = (epoch + 1, 0) if epoch_done else (epoch, batch_index)
-                with clock.paused():
-                    last_good = save_checkpoint(engine, tokenizer, args, f"epoch-{epoch + 1}-step-{step}",
+                tag = f"epoch-{epoch + 1}-step-{step}"
+                with clock.paused(), dist_guard.stage(f"step {step} (saving {tag})"):
+                    last_good = save_checkpoint(engine, tokenizer, args, tag,
                                                 {"step": step, "epoch": resume_at[0], "batches_in_epoch": resume_at[1],
                                                  **objective.state()})
         epoch, batch_index = epoch + 1, 0
-    watch.at_end(engine, step, writer)
+    with dist_guard.stage(f"step {step} (the closing sample answers)"):
+        watch.at_end(engine, step, writer)
     progress.close()
     if writer:
         writer.close()

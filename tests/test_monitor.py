@@ -356,7 +356,9 @@ def test_repeating_and_endless_answers_warn(tiny_dirs, tmp_path, caplog, monkeyp
     loop = tokenizer.encode("好的呀", add_special_tokens=False)
     answers = [loop * 6 + [tokenizer.eos_token_id], tokenizer.encode("发动机过热", add_special_tokens=False)[:8]]
     answers[1] += [answers[1][-1]] * (8 - len(answers[1]))
-    engine = SimpleNamespace(eval=lambda: None, train=lambda: None, module=None, device="cpu")
+    import torch
+    # a model without layers: the sample answers bypass sequence parallelism's attention (nothing to bypass here)
+    engine = SimpleNamespace(eval=lambda: None, train=lambda: None, module=torch.nn.Module(), device="cpu")
     monkeypatch.setattr(monitor, "generate_answers", lambda *a, **k: answers)
     watch.at_evaluation(engine, 7, writer=None)
     lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]

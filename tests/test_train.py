@@ -24,7 +24,7 @@ TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
 LORA_MODULES = "query_key_value,dense_h_to_4h,dense_4h_to_h,dense"
 
 
-def run_train(base, output_dir, *extra, ranks=1, expect_ok=True, launcher=True):
+def run_train(base, output_dir, *extra, ranks=1, expect_ok=True, launcher=True, timeout=900):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     args = ["--model_name_or_path", str(base), "--output_dir", str(output_dir), *map(str, extra)]
     port = next(PORTS)
@@ -34,7 +34,7 @@ def run_train(base, output_dir, *extra, ranks=1, expect_ok=True, launcher=True):
     else:
         env["MASTER_PORT"] = str(port)
         command = [sys.executable, str(ROOT / "train.py"), *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_ok:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # DeepSpeed's CPU all-reduce buffers (66 MB of RAM per rank) are gone with the processes
