@@ -177,8 +177,8 @@ def test_a_format_mistake_that_masks_labels_warns(tiny_dirs, tmp_path, caplog, m
     real = template.encode_messages
     calls = count(1)
 
-    def encode(tokenizer, mode, messages, learn_all_turns=True):
-        ids, labels, start = real(tokenizer, mode, messages, learn_all_turns)
+    def encode(tokenizer, mode, messages, *args, **kwargs):
+        ids, labels, start = real(tokenizer, mode, messages, *args, **kwargs)
         labels = labels[:-1] + [-100]  # the end token is not learned
         if next(calls) == 3:
             labels = [-100] * len(labels)
