@@ -39,7 +39,7 @@ from model.modeling_base import check_safetensors_headers
 from model.export import ExportError, atomic_directory, stored_dtype, write_full_checkpoint
 from inference import (CheckpointError, attach_lora, check_trained_mode, checkpoint_errors, inference_device,
                        load_tokenizer, recorded_quantization_bit)
-from utils import DTYPES, PRECISIONS, setup_logging
+from utils import DTYPES, PRECISIONS, HelpFormatter, setup_logging
 
 logger = logging.getLogger("chatglm")
 
@@ -56,8 +56,13 @@ CHECK_PROMPTS = [
 ]
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+EPILOG = ("Every flag with its default and choices: docs/cli/merge_lora.md. The guide: "
+          "docs/inference.md#merging-a-lora-adapter; serving the result: docs/serving.md.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """merge_lora.py's flags (docs/cli/generate.py writes docs/cli/merge_lora.md from them)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=EPILOG)
     group = parser.add_argument_group("input")
     group.add_argument("--mode", required=True, choices=sorted(MODE), help="ChatGLM version: glm, glm2, glm3 or glm4")
     group.add_argument("--ori_model_dir", required=True, help="base model directory the adapter was trained on")
@@ -68,7 +73,11 @@ def parse_args(argv=None):
     group.add_argument("--dtype", default="auto", choices=PRECISIONS,
                        help="dtype of the merged weights; auto: the base checkpoint's own")
     group.add_argument("--device", default="cpu", help="where to merge and check: cpu, cuda or cuda:N")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from model import MODE, template
 from model.export import atomic_write_text
 from dataset import DataError, read_records, sample_to_messages
 from inference import CheckpointError, load_for_inference
-from utils import PRECISIONS, add_bool_flag, setup_logging
+from utils import PRECISIONS, HelpFormatter, add_bool_flag, setup_logging
 
 logger = logging.getLogger("chatglm")
 
@@ -71,8 +71,27 @@ def add_model_flags(parser) -> None:
                                  "(training_args.json), anything else unquantized", off=True)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# The generation settings' limits, one place for predict.py and web_demo.py (whose sliders span them): an answer of
+# at most 8192 new tokens, a sampling temperature in (0, 2], top_p in (0, 1].
+MAX_NEW_TOKENS = 8192
+MAX_TEMPERATURE = 2.0
+EPILOG = ("Every flag with its default and choices: docs/cli/predict.md. The guide: docs/inference.md (tool calls: "
+          "docs/tools.md).")
+
+
+def check_generation_flags(parser, args) -> None:
+    """--max_new_tokens, --top_p and --temperature within the limits above (the page's too), in one line each."""
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        parser.error(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if not 0 < args.temperature <= MAX_TEMPERATURE:
+        parser.error(f"--temperature must be in (0, {MAX_TEMPERATURE}], got {args.temperature}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """predict.py's flags (docs/cli/generate.py writes docs/cli/predict.md from them); parse_args checks the values."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=EPILOG)
     add_model_flags(parser)
 
     group = parser.add_argument_group("what to answer (default: chat in the terminal)")
@@ -97,26 +116,31 @@ def parse_args(argv=None):
                             "training data's system messages say; default empty)")
 
     group = parser.add_argument_group("generation")
-    group.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens")
+    group.add_argument("--max_new_tokens", type=int, default=512,
+                       help=f"longest answer in tokens, 1 to {MAX_NEW_TOKENS} (web_demo.py's limit too)")
     add_bool_flag(group, "--do_sample", "sample with --top_p / --temperature; False: greedy (or beam) search")
-    group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (with --do_sample True)")
-    group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --do_sample True)")
+    group.add_argument("--top_p", type=float, default=0.8,
+                       help="nucleus sampling mass in (0, 1] (with --do_sample True)")
+    group.add_argument("--temperature", type=float, default=0.8,
+                       help=f"sampling temperature in (0, {MAX_TEMPERATURE:g}] (with --do_sample True)")
     group.add_argument("--num_beams", type=int, default=1,
                        help="beam search width (1: none); the terminal chat then prints each answer whole, since "
                             "beam search cannot stream")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.query is not None and args.test_path:
         parser.error("--query and --test_path exclude each other")
     if bool(args.test_path) != bool(args.output_path):
         parser.error("--test_path and --output_path go together")
-    for flag in ("batch_size", "max_new_tokens", "num_beams"):
+    for flag in ("batch_size", "num_beams"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.do_sample and not (0 < args.top_p <= 1):
-        parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.do_sample and args.temperature <= 0:
-        parser.error(f"--temperature must be positive, got {args.temperature}")
+    check_generation_flags(parser, args)
     if args.tools is not None and args.mode not in template.MESSAGE_MODES:
         parser.error(f"--tools needs --mode glm3 or glm4 (--mode {args.mode} has no tool calls)")
     if args.tools is not None and args.test_path:
