@@ -1,7 +1,7 @@
 """Merge a LoRA adapter saved by train.py into its base model: a standalone checkpoint that loads without peft.
 
     python merge_lora.py --mode glm3 --ori_model_dir ChatGLM3-6B/ \\
-        --model_dir output-glm3/epoch-2-step-100 --output_dir ChatGLM3-6B-merged [--dtype auto] [--device cpu]
+        --model_dir output-glm3/latest --output_dir ChatGLM3-6B-merged --dtype auto --device cpu
 
 The output directory is the base directory with the merged weights (model.export.write_full_checkpoint): every
 non-weight file of --ori_model_dir (THUDM's .py files, tokenizer files, generation_config.json ...) byte for byte,

@@ -2,19 +2,20 @@
 
 The checkpoint is anything train.py saves (a full model, a LoRA adapter or a P-Tuning prefix; the base model comes
 from --base_model_path or from the checkpoint's training_args.json), a merge_lora.py output, or an official model.
+A training run's output_dir/latest links to its newest checkpoint; output_dir/epoch-E-step-S names any of them.
 
     # chat in the terminal (streams the answer; `clear` forgets the conversation, `exit` quits)
-    python predict.py --mode glm3 --model_path output-glm3/epoch-2-step-100
+    python predict.py --mode glm3 --model_path output-glm3/latest
 
     # one answer on stdout
-    python predict.py --mode glm3 --model_path output-glm3/epoch-2-step-100 --query "发动机水温高怎么办？"
+    python predict.py --mode glm3 --model_path output-glm3/latest --query "发动机水温高怎么办？"
 
     # batch prediction over a test file in the training format, with metrics
-    python predict.py --mode glm3 --model_path output-glm3/epoch-2-step-100 \\
+    python predict.py --mode glm3 --model_path output-glm3/latest \\
         --test_path data/test.jsonl --output_path output-glm3/test.predictions.jsonl --batch_size 8
 
     # chat with tools (glm3, glm4): a call shows as name + arguments, then you give the tool's result
-    python predict.py --mode glm4 --model_path output-glm4/epoch-2-step-100 --tools tools.json
+    python predict.py --mode glm4 --model_path output-glm4/latest --tools tools.json
 
 Batch prediction writes one JSON line per sample {"prompt", "reference", "prediction"} (in the order of the test
 file; reference and prediction both post-processed as the official chat() post-processes an answer, so that they

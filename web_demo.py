@@ -1,6 +1,6 @@
 """Chat with a ChatGLM checkpoint in the browser: a gradio page over the same loading and generation as predict.py.
 
-    python web_demo.py --mode glm3 --model_path output-glm3/epoch-2-step-100
+    python web_demo.py --mode glm3 --model_path output-glm3/latest
     # prints the address of the page (http://127.0.0.1:7860/); --host 0.0.0.0 serves it to other machines,
     # --share asks gradio for a public *.gradio.live link (off by default)
 

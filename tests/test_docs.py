@@ -104,11 +104,13 @@ def shell_texts(text: str) -> list[str]:
 
 
 def commands() -> list[tuple[str, str, list[str], int]]:
-    """(page, script, argv, ranks) for every command line of a guide that runs one of our scripts with flags; ranks:
-    deepspeed's --num_gpus, else 1."""
+    """(page, script, argv, ranks) for every command line of a guide or a script's docstring (its --help) that runs one
+    of our scripts with flags; ranks: deepspeed's --num_gpus, else 1."""
     found = []
-    for page in GUIDES:
-        for text in shell_texts(page.read_text(encoding="utf-8")):
+    sources = [(str(page.relative_to(ROOT)), page.read_text(encoding="utf-8")) for page in GUIDES]
+    sources += [(f"{name} --help", module.__doc__) for name, module in SCRIPTS.items()]  # the docstrings' examples
+    for page, source in sources:
+        for text in shell_texts(source):
             for line in text.splitlines():
                 for part in re.split(r"&&|;|\|", line):
                     try:
@@ -122,7 +124,7 @@ def commands() -> list[tuple[str, str, list[str], int]]:
                     launcher = words[:scripts[0]]
                     ranks = int(launcher[launcher.index("--num_gpus") + 1]) if "--num_gpus" in launcher else 1
                     if argv and "--help" not in argv:
-                        found.append((str(page.relative_to(ROOT)), words[scripts[0]], argv, ranks))
+                        found.append((page, words[scripts[0]], argv, ranks))
     return found
 
 
