@@ -742,10 +742,14 @@ def point_latest(output_dir: str, tag: str) -> None:
     complete checkpoint (the one --resume continues from; --save_total_limit never deletes it)."""
     link = os.path.join(output_dir, LATEST)
     staging = os.path.join(output_dir, f".tmp-{LATEST}-{os.getpid()}")
-    with suppress(FileNotFoundError):
-        os.remove(staging)
-    os.symlink(tag, staging)
-    os.replace(staging, link)
+    try:
+        with suppress(FileNotFoundError):
+            os.remove(staging)
+        os.symlink(tag, staging)
+        os.replace(staging, link)
+    except OSError as error:  # a file system without symbolic links: the checkpoint itself is complete
+        logger.warning("could not point %s at %s (%s); the newest checkpoint is the one with the highest step",
+                       link, tag, error)
 
 
 def checkpoint_step(name: str) -> int | None:
