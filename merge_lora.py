@@ -1,7 +1,7 @@
 """Merge a LoRA adapter saved by train.py into its base model: a standalone checkpoint that loads without peft.
 
     python merge_lora.py --mode glm3 --ori_model_dir ChatGLM3-6B/ \\
-        --model_dir output-glm3/epoch-2-step-100 --output_dir ChatGLM3-6B-merged [--dtype auto] [--device cpu]
+        --model_dir output-glm3/latest --output_dir ChatGLM3-6B-merged --dtype auto --device cpu
 
 The output directory is the base directory with the merged weights (model.export.write_full_checkpoint): every
 non-weight file of --ori_model_dir (THUDM's .py files, tokenizer files, generation_config.json ...) byte for byte,
@@ -41,7 +41,7 @@ from model.modeling_base import check_safetensors_headers
 from model.export import ExportError, atomic_directory, stored_dtype, write_full_checkpoint
 from inference import (CheckpointError, attach_lora, check_trained_mode, checkpoint_errors, inference_device,
                        load_tokenizer, recorded_quantization_bit)
-from utils import DTYPES, PRECISIONS, setup_logging
+from utils import DTYPES, PRECISIONS, HelpFormatter, setup_logging
 
 logger = logging.getLogger("chatglm")
 
@@ -58,8 +58,13 @@ CHECK_PROMPTS = [
 ]
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+EPILOG = ("Every flag with its default and choices: docs/cli/merge_lora.md. The guide: "
+          "docs/inference.md#merging-a-lora-adapter; serving the result: docs/serving.md.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """merge_lora.py's flags (docs/cli/generate.py writes docs/cli/merge_lora.md from them)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=EPILOG)
     group = parser.add_argument_group("input")
     group.add_argument("--mode", default=None, choices=sorted(MODE),
                        help="GLM version: glm, glm2, glm3, glm4 or glm4-0414 (GLM-4-0414 / GLM-Z1; default: read "
@@ -72,6 +77,11 @@ def parse_args(argv=None):
     group.add_argument("--dtype", default="auto", choices=PRECISIONS,
                        help="dtype of the merged weights; auto: the base checkpoint's own")
     group.add_argument("--device", default="cpu", help="where to merge and check: cpu, cuda or cuda:N")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     resolve_mode(parser, args, "ori_model_dir")
     return args

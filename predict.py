@@ -2,19 +2,20 @@
 
 The checkpoint is anything train.py saves (a full model, a LoRA adapter or a P-Tuning prefix; the base model comes
 from --base_model_path or from the checkpoint's training_args.json), a merge_lora.py output, or an official model.
+A training run's output_dir/latest links to its newest checkpoint; output_dir/epoch-E-step-S names any of them.
 
     # chat in the terminal (streams the answer; `clear` forgets the conversation, `exit` quits)
-    python predict.py --mode glm3 --model_path output-glm3/epoch-2-step-100
+    python predict.py --mode glm3 --model_path output-glm3/latest
 
     # one answer on stdout
-    python predict.py --mode glm3 --model_path output-glm3/epoch-2-step-100 --query "发动机水温高怎么办？"
+    python predict.py --mode glm3 --model_path output-glm3/latest --query "发动机水温高怎么办？"
 
     # batch prediction over a test file in the training format, with metrics
-    python predict.py --mode glm3 --model_path output-glm3/epoch-2-step-100 \\
+    python predict.py --mode glm3 --model_path output-glm3/latest \\
         --test_path data/test.jsonl --output_path output-glm3/test.predictions.jsonl --batch_size 8
 
     # chat with tools (glm3, glm4): a call shows as name + arguments, then you give the tool's result
-    python predict.py --mode glm4 --model_path output-glm4/epoch-2-step-100 --tools tools.json
+    python predict.py --mode glm4 --model_path output-glm4/latest --tools tools.json
 
 Batch prediction writes one JSON line per sample {"prompt", "reference", "prediction"} (in the order of the test
 file; reference and prediction both post-processed as the official chat() post-processes an answer, so that they
@@ -53,7 +54,7 @@ from model.export import atomic_write_text
 from model.textfile import read_text
 from dataset import DataError, read_records, sample_to_messages
 from inference import CheckpointError, load_for_inference
-from utils import PRECISIONS, add_bool_flag, setup_logging
+from utils import PRECISIONS, HelpFormatter, add_bool_flag, setup_logging
 
 logger = logging.getLogger("chatglm")
 
@@ -84,8 +85,27 @@ def load_model(args):
                               args.quantization_bit)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# The generation settings' limits, one place for predict.py and web_demo.py (whose sliders span them): an answer of
+# at most 8192 new tokens, a sampling temperature in (0, 2], top_p in (0, 1].
+MAX_NEW_TOKENS = 8192
+MAX_TEMPERATURE = 2.0
+EPILOG = ("Every flag with its default and choices: docs/cli/predict.md. The guide: docs/inference.md (tool calls: "
+          "docs/tools.md).")
+
+
+def check_generation_flags(parser, args) -> None:
+    """--max_new_tokens, --top_p and --temperature within the limits above (the page's too), in one line each."""
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        parser.error(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if not 0 < args.temperature <= MAX_TEMPERATURE:
+        parser.error(f"--temperature must be in (0, {MAX_TEMPERATURE}], got {args.temperature}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """predict.py's flags (docs/cli/generate.py writes docs/cli/predict.md from them); parse_args checks the values."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=EPILOG)
     add_model_flags(parser)
 
     group = parser.add_argument_group("what to answer (default: chat in the terminal)")
@@ -111,13 +131,21 @@ def parse_args(argv=None):
                             "puts the data's system messages (give what they say; default: none)")
 
     group = parser.add_argument_group("generation")
-    group.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens")
+    group.add_argument("--max_new_tokens", type=int, default=512,
+                       help=f"longest answer in tokens, 1 to {MAX_NEW_TOKENS} (web_demo.py's limit too)")
     add_bool_flag(group, "--do_sample", "sample with --top_p / --temperature; False: greedy (or beam) search")
-    group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (with --do_sample True)")
-    group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --do_sample True)")
+    group.add_argument("--top_p", type=float, default=0.8,
+                       help="nucleus sampling mass in (0, 1] (with --do_sample True)")
+    group.add_argument("--temperature", type=float, default=0.8,
+                       help=f"sampling temperature in (0, {MAX_TEMPERATURE:g}] (with --do_sample True)")
     group.add_argument("--num_beams", type=int, default=1,
                        help="beam search width (1: none); the terminal chat then prints each answer whole, since "
                             "beam search cannot stream")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     resolve_mode(parser, args, "model_path")
 
@@ -125,13 +153,10 @@ def parse_args(argv=None):
         parser.error("--query and --test_path exclude each other")
     if bool(args.test_path) != bool(args.output_path):
         parser.error("--test_path and --output_path go together")
-    for flag in ("batch_size", "max_new_tokens", "num_beams"):
+    for flag in ("batch_size", "num_beams"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.do_sample and not (0 < args.top_p <= 1):
-        parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.do_sample and args.temperature <= 0:
-        parser.error(f"--temperature must be positive, got {args.temperature}")
+    check_generation_flags(parser, args)
     if args.tools is not None and args.mode not in template.MESSAGE_MODES:
         parser.error(f"--tools needs --mode glm3 or glm4 (--mode {args.mode} has no tool calls)")
     if args.tools is not None and args.test_path:

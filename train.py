@@ -2,15 +2,14 @@
 
 One GPU, several, or several machines (DeepSpeed's launcher and a hostfile):
 
-    deepspeed --master_port 520 train.py --train_path data/train.jsonl --model_name_or_path ChatGLM3-6B/ \\
+    deepspeed train.py --train_path data/train.jsonl --model_name_or_path ChatGLM3-6B/ \\
         --mode glm3 --train_type lora --lora_dim 16 --lora_alpha 64 --lora_dropout 0.1 \\
-        --lora_module_name "query_key_value,dense_h_to_4h,dense_4h_to_h,dense" \\
         --per_device_train_batch_size 1 --gradient_accumulation_steps 4 --max_len 1560 --max_src_len 1024 \\
         --learning_rate 1e-4 --weight_decay 0.1 --num_train_epochs 2 --warmup_ratio 0.1 \\
         --ds_file ds_zero2_no_offload.json --gradient_checkpointing --show_loss_step 10 --output_dir ./output-glm3
 
 On a machine without a GPU: `DS_ACCELERATOR=cpu deepspeed --num_gpus 1 train.py ...` (or plain `python train.py`
-for one process). Checkpoints go to output_dir/epoch-E-step-S/.
+for one process). Checkpoints go to output_dir/epoch-E-step-S/; output_dir/latest links to the newest one.
 """
 from __future__ import annotations
 
@@ -42,11 +41,18 @@ from model.compat import enable_activation_checkpointing
 from model.modeling_base import LMHead, check_safetensors_headers
 from dataset import DataCollator, DataError, EpochBatches, EvalShard, InstructionDataset
 from inference import CheckpointError, checkpoint_errors
-from utils import DTYPES, PRECISIONS, add_bool_flag, auto_precision, count_parameters, setup_logging, str2bool
+from utils import (DTYPES, PRECISIONS, HelpFormatter, add_bool_flag, auto_precision, count_parameters, setup_logging,
+                   str2bool)
 
 logger = logging.getLogger("chatglm")
 TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Every Linear layer of a transformer block: attention in and out, MLP up and down (the same names in ChatGLM-6B's
+# modeling_chatglm.py and in modeling_chatglm2.py for ChatGLM2/3 and GLM-4), LoRA's usual targets.
+LORA_MODULES = "query_key_value,dense,dense_h_to_4h,dense_4h_to_h"
+EPILOG = ("Every flag with its default and choices: docs/cli/train.md. The guide: docs/training.md (data: "
+          "docs/data.md, tool calling: docs/tools.md).")
+LATEST = "latest"  # output_dir/latest -> the newest checkpoint (point_latest)
 # absolute in training_args.json
 PATH_FLAGS = ("model_name_or_path", "train_path", "dev_path", "ds_file", "ref_model_path")
 # What a resumed run must share with the run that wrote its checkpoint: the flags that decide which parameters train
@@ -64,8 +70,9 @@ RESUME_FIXED = {
 }
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's flags (docs/cli/generate.py writes docs/cli/train.md from them); parse_args checks the values."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=EPILOG)
     group = parser.add_argument_group("model")
     group.add_argument("--model_name_or_path", required=True, help="official ChatGLM checkpoint directory")
     group.add_argument("--mode", default=None, choices=sorted(MODE),
@@ -80,8 +87,9 @@ def parse_args(argv=None):
     group.add_argument("--lora_alpha", type=int, default=30, help="lora: scaling alpha")
     group.add_argument("--lora_dropout", type=float, default=0.1, help="lora: dropout on the LoRA input")
     group.add_argument("--lora_module_name", default=None,
-                       help="lora: comma-separated module names (default: query_key_value; glm4-0414: "
-                            f"{UPSTREAM_LORA_TARGETS}; ChatGLM also has dense,dense_h_to_4h,dense_4h_to_h)")
+                       help="lora: comma-separated names of the Linear layers LoRA adapts (default: all four of "
+                            f"every block, named alike in every ChatGLM mode: {LORA_MODULES}; glm4-0414: "
+                            f"{UPSTREAM_LORA_TARGETS})")
     group.add_argument("--thinking", default="learn", choices=chat_template.THINKING_CHOICES,
                        help="glm4-0414 (GLM-Z1): the final answer's thinking (reasoning_content or <think>...</think>) "
                             "is learned (learn) or only context (mask)")
@@ -105,7 +113,7 @@ def parse_args(argv=None):
     group.add_argument("--max_len", type=int, default=1024, help="longest sample in tokens")
     group.add_argument("--max_src_len", type=int, default=256,
                        help="longest prompt in tokens; longer prompts lose their oldest rounds first, never the "
-                            "question being answered (see README)")
+                            "question being answered (see docs/data.md#truncation)")
     add_bool_flag(group, "--is_skip", "drop over-long samples instead of truncating")
     add_bool_flag(group, "--group_by_length",
                   "batch samples of similar length together (less padding; order still random)")
@@ -140,7 +148,7 @@ def parse_args(argv=None):
     group.add_argument("--sequence_parallel_size", type=int, default=1,
                        help="split each sample's tokens over N ranks (DeepSpeed Ulysses; glm2/glm3/glm4, not "
                             "ptuning) for samples too long for one GPU; N must divide the ranks and the attention "
-                            "heads; data parallel over ranks / N (see README)")
+                            "heads; data parallel over ranks / N (see docs/training.md)")
     group.add_argument("--output_dir", required=True, help="where checkpoints and logs go")
     group.add_argument("--save_model_step", type=int, default=None, help="also save every N optimizer steps")
     group.add_argument("--save_total_limit", type=int, default=None,
@@ -152,6 +160,11 @@ def parse_args(argv=None):
     group.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     monitor.add_flags(parser)
     preference.add_flags(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     resolve_mode(parser, args, "model_name_or_path")
     check_mode_flags(parser, args)
@@ -205,7 +218,7 @@ def check_mode_flags(parser, args) -> None:
     attention (cu_seqlens) nor our sequence-parallel attention hooks are wired into its attention."""
     upstream = args.mode in UPSTREAM_MODES
     if args.lora_module_name is None:
-        args.lora_module_name = UPSTREAM_LORA_TARGETS if upstream else "query_key_value"
+        args.lora_module_name = UPSTREAM_LORA_TARGETS if upstream else LORA_MODULES
     if not upstream:
         return
     if args.train_type == "ptuning":
@@ -816,11 +829,28 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
     dist_guard.barrier()
     if rank == 0:
         publish(staging, final)
-        logger.info("saved %s", final)
+        point_latest(args.output_dir, tag)
+        logger.info("saved %s (%s points to it)", final, os.path.join(args.output_dir, LATEST))
         if args.save_total_limit:
             prune_checkpoints(args.output_dir, args.save_total_limit, keep=tag)
     dist_guard.barrier()
     return final
+
+
+def point_latest(output_dir: str, tag: str) -> None:
+    """output_dir/latest: a relative symbolic link to the checkpoint just written, replaced atomically (a new link
+    under a temporary name, renamed over the old one), so `--model_path output_dir/latest` always names the newest
+    complete checkpoint (the one --resume continues from; --save_total_limit never deletes it)."""
+    link = os.path.join(output_dir, LATEST)
+    staging = os.path.join(output_dir, f".tmp-{LATEST}-{os.getpid()}")
+    try:
+        with suppress(FileNotFoundError):
+            os.remove(staging)
+        os.symlink(tag, staging)
+        os.replace(staging, link)
+    except OSError as error:  # a file system without symbolic links: the checkpoint itself is complete
+        logger.warning("could not point %s at %s (%s); the newest checkpoint is the one with the highest step",
+                       link, tag, error)
 
 
 def checkpoint_step(name: str) -> int | None:

@@ -26,7 +26,19 @@ def str2bool(value) -> bool:
 def add_bool_flag(group, flag: str, help: str, default: bool = False) -> None:
     """A boolean flag in both forms users write: bare `--flag` (True) and `--flag True` / `--flag False`."""
     group.add_argument(flag, type=str2bool, nargs="?", const=True, default=default, metavar="True|False",
-                       help=f"{help} (bare {flag} means True; default {default})")
+                       help=f"{help} (bare {flag} means True; default: %(default)s)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every script's --help: the docstring's examples as written, and each flag's default after its help (as
+    argparse.ArgumentDefaultsHelpFormatter does), except for required flags and defaults that are None or empty."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "%(default)" in help or action.required or action.default in (None, "", argparse.SUPPRESS):
+            return help
+        return f"{help} (default: %(default)s)"
+
 
 
 def setup_logging(rank: int) -> None:

@@ -1,6 +1,6 @@
 """Chat with a ChatGLM checkpoint in the browser: a gradio page over the same loading and generation as predict.py.
 
-    python web_demo.py --mode glm3 --model_path output-glm3/epoch-2-step-100
+    python web_demo.py --mode glm3 --model_path output-glm3/latest
     # prints the address of the page (http://127.0.0.1:7860/); --host 0.0.0.0 serves it to other machines,
     # --share asks gradio for a public *.gradio.live link (off by default)
 
@@ -36,8 +36,9 @@ from transformers import StoppingCriteria
 from inference import CheckpointError
 from model.config import resolve_mode
 from model import template
-from predict import add_model_flags, generation_kwargs, load_model, is_utf8, shown_arguments, tool_list_problem
-from utils import add_bool_flag, setup_logging
+from predict import (MAX_NEW_TOKENS, MAX_TEMPERATURE, add_model_flags, check_generation_flags, generation_kwargs,
+                     is_utf8, load_model, shown_arguments, tool_list_problem)
+from utils import HelpFormatter, add_bool_flag, setup_logging
 
 logger = logging.getLogger("chatglm")
 
@@ -46,37 +47,41 @@ INCOMPLETE_MARK = " ✂️ incomplete"  # after a tool call not (yet) written wh
 OBSERVATION_MARK = "🔎 observation "  # before a tool's result sent back as an observation message
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+EPILOG = ("Every flag with its default and choices: docs/cli/web_demo.md. The guide: docs/inference.md#chat-in-the-"
+          "browser.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """web_demo.py's flags (docs/cli/generate.py writes docs/cli/web_demo.md from them); parse_args checks values."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=EPILOG)
     add_model_flags(parser)
 
     group = parser.add_argument_group("page")
     group.add_argument("--host", default="127.0.0.1",
-                       help="address to serve on (default: this machine only; 0.0.0.0: every interface)")
+                       help="address to serve on (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     group.add_argument("--port", type=int, default=7860, help="port to serve on")
     add_bool_flag(group, "--share", "also ask gradio for a public share link (the page is then reachable by anyone "
                                     "who has the link, for 72 hours)")
 
     group = parser.add_argument_group("generation (the page's initial settings; each can be changed there)")
-    group.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens")
+    group.add_argument("--max_new_tokens", type=int, default=512,
+                       help=f"longest answer in tokens, 1 to {MAX_NEW_TOKENS}")
     add_bool_flag(group, "--do_sample", "sample with --top_p / --temperature; False: greedy search")
-    group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (when sampling)")
-    group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (when sampling)")
+    group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass in (0, 1] (when sampling)")
+    group.add_argument("--temperature", type=float, default=0.8,
+                       help=f"sampling temperature in (0, {MAX_TEMPERATURE:g}] (when sampling)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     resolve_mode(parser, args, "model_path")
-    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
-        parser.error(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
-    if not 0 < args.top_p <= 1:
-        parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
-    if not 0 < args.temperature <= MAX_TEMPERATURE:
-        parser.error(f"--temperature must be in (0, {MAX_TEMPERATURE}], got {args.temperature}")
+    check_generation_flags(parser, args)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
     return args
 
-
-MAX_NEW_TOKENS = 8192  # the slider's range
-MAX_TEMPERATURE = 2.0
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -328,11 +328,10 @@ def test_glm4_empty_answers_learn_what_ends_them(tiny_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["glm3", "glm4"])
-def test_the_readme_example_trains_as_the_readme_says(mode, tiny_dirs, tmp_path):
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Tool calling"):]
+def test_the_docs_example_trains_as_the_docs_say(mode, tiny_dirs, tmp_path):
+    section = (ROOT / "docs/tools.md").read_text(encoding="utf-8")
     sample = json.loads(section[section.index("```json\n") + 8:section.index("\n```", section.index("```json"))])
-    path = tmp_path / "readme.jsonl"
+    path = tmp_path / "example.jsonl"
     path.write_text(jsonl(sample), encoding="utf-8")
     tokenizer = MODE[mode].tokenizer.from_pretrained(tiny_dirs[mode])
     runs = learned_runs(tokenizer, build(mode, tokenizer, path, 2048, 1984)[0])

@@ -168,7 +168,9 @@ def test_train_matrix(mode, train_type, tiny_dirs, tmp_path):
     last = out / "epoch-2-step-6"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("epoch")) == ["epoch-1-step-3", "epoch-2-step-6"]
     assert not any(p.name.startswith(".tmp") for p in out.iterdir())
-    model, tokenizer = load_for_inference(mode, str(last))
+    # output_dir/latest: a relative link to the newest checkpoint, which inference loads through it
+    assert (out / "latest").is_symlink() and os.readlink(out / "latest") == last.name
+    model, tokenizer = load_for_inference(mode, str(out / "latest"))
     # the saved checkpoint is the trained model: it reproduces the dev loss train.py measured at the end
     assert abs(dev_loss(model, tokenizer, mode, ROOT / "data/dev.jsonl", 4) - evals[-1]) < 1e-4
     base = load_file(Path(tiny_dirs[mode], "model.safetensors"))
@@ -664,6 +666,7 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tiny_dirs, tmp_path, trai
                      "--save_total_limit", 2)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("epoch", ".tmp"))) == \
         ["epoch-2-step-5", "epoch-2-step-6"]
+    assert os.readlink(out / "latest") == "epoch-2-step-6"  # the newest, replaced at each save, never pruned
 
 
 @pytest.mark.parametrize("mode,conversation,message", [
