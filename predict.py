@@ -54,6 +54,15 @@ from utils import PRECISIONS, add_bool_flag, setup_logging
 logger = logging.getLogger("chatglm")
 
 
+def add_sampling_flags(group, not_sampling: str) -> None:
+    """--max_new_tokens, --do_sample, --top_p, --temperature: the generation flags of predict.py and web_demo.py (each
+    checks their ranges itself: the page's sliders bound them)."""
+    group.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens")
+    add_bool_flag(group, "--do_sample", f"sample with --top_p / --temperature; False: {not_sampling}")
+    group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (when sampling)")
+    group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (when sampling)")
+
+
 def add_model_flags(parser) -> None:
     """The flags that choose and load the checkpoint (predict.py and web_demo.py load it alike)."""
     group = parser.add_argument_group("model")
@@ -97,10 +106,7 @@ def parse_args(argv=None):
                             "training data's system messages say; default empty)")
 
     group = parser.add_argument_group("generation")
-    group.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens")
-    add_bool_flag(group, "--do_sample", "sample with --top_p / --temperature; False: greedy (or beam) search")
-    group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (with --do_sample True)")
-    group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --do_sample True)")
+    add_sampling_flags(group, not_sampling="greedy (or beam) search")
     group.add_argument("--num_beams", type=int, default=1,
                        help="beam search width (1: none); the terminal chat then prints each answer whole, since "
                             "beam search cannot stream")

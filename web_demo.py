@@ -32,7 +32,7 @@ from transformers import StoppingCriteria
 
 from inference import CheckpointError, load_for_inference
 from model import template
-from predict import add_model_flags, generation_kwargs, is_utf8, shown_arguments, tool_list_problem
+from predict import add_model_flags, add_sampling_flags, generation_kwargs, is_utf8, shown_arguments, tool_list_problem
 from utils import add_bool_flag, setup_logging
 
 logger = logging.getLogger("chatglm")
@@ -53,10 +53,7 @@ def parse_args(argv=None):
                                     "who has the link, for 72 hours)")
 
     group = parser.add_argument_group("generation (the page's initial settings; each can be changed there)")
-    group.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens")
-    add_bool_flag(group, "--do_sample", "sample with --top_p / --temperature; False: greedy search")
-    group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (when sampling)")
-    group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (when sampling)")
+    add_sampling_flags(group, not_sampling="greedy search")
     args = parser.parse_args(argv)
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
         parser.error(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
