@@ -1,5 +1,6 @@
 """train.py end to end on tiny checkpoints, on the CPU under the deepspeed launcher (DS_ACCELERATOR=cpu, gloo)."""
 import json
+import logging
 import math
 import os
 import shutil
@@ -154,18 +155,19 @@ def check_merge(mode, base, adapter, unmerged, tokenizer, merged_dir):
 
 # One case per code path rather than every mode x train type: each train type on both model files (ChatGLM-6B's
 # modeling_chatglm.py; modeling_chatglm2.py for glm2, glm3 and glm4, which differ in config and template, and whose
-# data paths the label tests below cover mode by mode), every mode at least once. `python train.py` (a world of
-# one without the launcher; test_smoke and test_two_ranks run the launcher).
+# data paths the label tests below cover mode by mode), every mode at least once. train.main in this process (a
+# world of one; test_smoke and test_two_ranks run the launcher).
 MATRIX = [("glm", "freeze"), ("glm", "lora"), ("glm", "ptuning"), ("glm", "all"), ("glm2", "ptuning"),
           ("glm3", "lora"), ("glm4", "freeze"), ("glm4", "all")]
 
 
 @pytest.mark.parametrize("mode,train_type", MATRIX, ids=[f"{m}-{t}" for m, t in MATRIX])
-def test_train_matrix(mode, train_type, tiny_dirs, tmp_path):
+def test_train_matrix(mode, train_type, tiny_dirs, tmp_path, train_in_process, caplog):
     out = tmp_path / "out"
     extra = ["--gradient_checkpointing"] if train_type in ("lora", "ptuning") else []
-    result = run_train(tiny_dirs[mode], out, *common_args(mode, train_type), *extra)
-    assert "trainable params: " in result.stdout + result.stderr and " || all params: " in result.stdout + result.stderr
+    caplog.set_level(logging.INFO)
+    train_in_process(*tiny_run_args(mode, train_type, tiny_dirs[mode], out, epochs=2), *extra)
+    assert "trainable params: " in caplog.text and " || all params: " in caplog.text
     losses, evals = read_log(out)
     steps = sorted(losses)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) == 6
@@ -207,17 +209,18 @@ def test_train_matrix(mode, train_type, tiny_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["glm", "glm2", "glm3"])  # glm4: test_glm4_tool_calls_overfit_then_chat_...
-def test_overfit_then_chat_returns_the_trained_answer(mode, tiny_dirs, tmp_path):
+def test_overfit_then_chat_returns_the_trained_answer(mode, tiny_dirs, tmp_path, train_in_process):
     samples = [{"instruction": "抽取三元组：", "input": "发动机水温高", "output": "发动机_部件故障_水温高"},
                {"instruction": "抽取三元组：", "input": "风扇低速转动", "output": "风扇_部件故障_低速转动"}]
     data = tmp_path / "few.jsonl"
     data.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in samples))
     out = tmp_path / "out"
-    run_train(tiny_dirs[mode], out, "--mode", mode, "--train_type", "all", "--train_path", data,
+    train_in_process("--model_name_or_path", tiny_dirs[mode], "--output_dir", out, "--mode", mode, "--train_type",
+                     "all", "--train_path", data,
               "--max_len", 64, "--max_src_len", 48, "--per_device_train_batch_size", 2,
-              # peak 6e-3 decaying linearly: on average the 3e-3 a constant schedule would give
-              "--learning_rate", 6e-3, "--num_train_epochs", 60, "--warmup_ratio", 0.0, "--weight_decay", 0.0,
-              "--show_loss_step", 20, "--save_model_step", 1000)
+                     # peak 6e-3 decaying linearly: on average the 3e-3 a constant schedule would give
+                     "--learning_rate", 6e-3, "--num_train_epochs", 60, "--warmup_ratio", 0.0, "--weight_decay", 0.0,
+                     "--show_loss_step", 20, "--save_model_step", 1000)
     model, tokenizer = load_for_inference(mode, str(out / "epoch-60-step-60"))
     for sample in samples:
         response, _ = model.chat(tokenizer, sample["instruction"] + sample["input"], do_sample=False,
@@ -225,16 +228,17 @@ def test_overfit_then_chat_returns_the_trained_answer(mode, tiny_dirs, tmp_path)
         assert response == sample["output"]
 
 
-def test_glm4_tool_calls_overfit_then_chat_calls_the_tool_and_answers(tiny_dirs, tmp_path):
+def test_glm4_tool_calls_overfit_then_chat_calls_the_tool_and_answers(tiny_dirs, tmp_path, train_in_process):
     """GLM-4 tool use end to end: data/tools.jsonl (conversations with tools, a tool call and an observation turn)
-    trained under the launcher, then chat() with the tools in the history emits the call (stopping at
+    trained by train.main, then chat() with the tools in the history emits the call (stopping at
     <|observation|>) and, given the tool's result as an observation, the trained answer (stopping at <|user|>)."""
     samples = [json.loads(line) for line in (ROOT / "data/tools.jsonl").read_text(encoding="utf-8").splitlines()]
     out = tmp_path / "out"
-    run_train(tiny_dirs["glm4"], out, "--mode", "glm4", "--train_type", "all", "--train_path", ROOT / "data/tools.jsonl",
+    train_in_process("--model_name_or_path", tiny_dirs["glm4"], "--output_dir", out, "--mode", "glm4", "--train_type",
+                     "all", "--train_path", ROOT / "data/tools.jsonl",
               "--max_len", 512, "--max_src_len", 480, "--per_device_train_batch_size", 1,
-              "--learning_rate", 3e-3, "--num_train_epochs", 60, "--warmup_ratio", 0.0, "--weight_decay", 0.0,
-              "--show_loss_step", 20, "--save_model_step", 1000)
+                     "--learning_rate", 3e-3, "--num_train_epochs", 60, "--warmup_ratio", 0.0, "--weight_decay", 0.0,
+                     "--show_loss_step", 20, "--save_model_step", 1000)
     model, tokenizer = load_for_inference("glm4", str(out / "epoch-60-step-120"))
     for sample in samples:
         system, user, call, observation, answer = sample["conversations"]
@@ -706,10 +710,10 @@ SCHEDULES = {  # the README's formula lr_s = peak * min(s / W, (T + 1 - s) / (T 
 
 
 @pytest.mark.parametrize("ratio", sorted(SCHEDULES))
-def test_learning_rate_of_every_step(ratio, tiny_dirs, tmp_path):
+def test_learning_rate_of_every_step(ratio, tiny_dirs, tmp_path, train_in_process):
     out, peak = tmp_path / "out", 1e-3
-    run_train(tiny_dirs["glm2"], out, *common_args("glm2", "lora", epochs=1), "--per_device_train_batch_size", 2,
-              "--gradient_accumulation_steps", 1, "--warmup_ratio", ratio, "--learning_rate", peak)
+    train_in_process(*tiny_run_args("glm2", "lora", tiny_dirs["glm2"], out), "--per_device_train_batch_size", 2,
+                     "--gradient_accumulation_steps", 1, "--warmup_ratio", ratio, "--learning_rate", peak)
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     used = [r["lr"] for r in records if "lr" in r]  # the optimizer's lr during each step, read from the engine
     assert len(used) == T
