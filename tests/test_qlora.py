@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import quantization
 from conftest import ROOT
 from model import MODE, template
-from test_train import common_args, dev_loss, read_log, run_train
+from test_train import common_args, dev_loss, read_log, run_train, train_in_process  # noqa: F401  (the fixture)
 from inference import load_for_inference
 
 pytest.importorskip("bitsandbytes")
@@ -92,16 +92,22 @@ CASES = [("glm", 4, 1), ("glm3", 4, 2), ("glm4", 8, 1)]
 
 
 @pytest.mark.parametrize("mode,bits,ranks", CASES, ids=[f"{m}-{b}bit-{r}rank" for m, b, r in CASES])
-def test_qlora_trains_merges_and_predicts(mode, bits, ranks, tiny_dirs, tmp_path, caplog, one_thread):
+def test_qlora_trains_merges_and_predicts(mode, bits, ranks, tiny_dirs, tmp_path, caplog, train_in_process):
     base_dir = tiny_dirs[mode]
     out = tmp_path / "out"
     batch = 4 // ranks  # 24 samples / (batch x ranks x 2 accumulation) = 3 steps an epoch either way
-    result = run_train(base_dir, out, *common_args(mode, "lora", epochs=2), "--quantization_bit", bits,
-                       "--gradient_checkpointing", "--per_device_train_batch_size", batch,
-                       "--ds_file", ROOT / "ds_zero2_no_offload.json", ranks=ranks)
+    args = [*common_args(mode, "lora", epochs=2), "--quantization_bit", bits, "--gradient_checkpointing",
+            "--per_device_train_batch_size", batch, "--ds_file", ROOT / "ds_zero2_no_offload.json"]
+    if ranks == 1:  # train.main in this process
+        caplog.set_level(logging.INFO)
+        train_in_process("--model_name_or_path", base_dir, "--output_dir", out, *args)
+        output = caplog.text
+    else:
+        result = run_train(base_dir, out, *args, ranks=ranks)
+        output = result.stdout + result.stderr
     # the base is stored quantized once DeepSpeed has set up the model (train.py checks and logs it in bytes)
-    found = DESCRIBE.search(result.stdout + result.stderr)
-    assert found and int(found.group(2)) == bits, (result.stdout + result.stderr)[-3000:]
+    found = DESCRIBE.search(output)
+    assert found and int(found.group(2)) == bits, output[-3000:]
     layers, _, weights, stored = (int(g) for g in found.groups())
     config = json.loads(Path(base_dir, "config.json").read_text())
     assert_stored_quantized(layers, stored, weights, bits, base_dir, config["num_layers"])
@@ -153,11 +159,14 @@ def test_qlora_trains_merges_and_predicts(mode, bits, ranks, tiny_dirs, tmp_path
     (["--train_type", "lora", "--ds_file", str(ROOT / "ds_zero3_offload.json")],
      "--quantization_bit 4 with ZeRO-3"),
 ])
-def test_unsupported_combinations_stop_with_one_line(extra, message, tiny_dirs, tmp_path):
-    result = run_train(tiny_dirs["glm3"], tmp_path / "out", "--mode", "glm3", "--train_path",
-                       ROOT / "data/train.jsonl", "--quantization_bit", 4, *extra, expect_ok=False)
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
+def test_unsupported_combinations_stop_with_one_line(extra, message, tiny_dirs, tmp_path, capsys):
+    import train
+    with pytest.raises(SystemExit) as stop:  # train.py's main, in this process
+        train.main(["--model_name_or_path", str(tiny_dirs["glm3"]), "--output_dir", str(tmp_path / "out"), "--mode",
+                    "glm3", "--train_path", str(ROOT / "data/train.jsonl"), "--quantization_bit", "4", *extra])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert stop.value.code == 2 and len(errors) == 1 and message in errors[0], stderr
     assert quantization.SUPPORTED in errors[0]
     assert not (tmp_path / "out").exists()
 
