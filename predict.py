@@ -59,6 +59,17 @@ from utils import PRECISIONS, HelpFormatter, add_bool_flag, setup_logging
 logger = logging.getLogger("chatglm")
 
 
+def add_sampling_flags(group, not_sampling: str) -> None:
+    """--max_new_tokens, --do_sample, --top_p, --temperature: the generation flags of predict.py and web_demo.py (both
+    check their ranges with check_generation_flags: the page's sliders span the same limits)."""
+    group.add_argument("--max_new_tokens", type=int, default=512,
+                       help=f"longest answer in tokens, 1 to {MAX_NEW_TOKENS} (the page's limit too)")
+    add_bool_flag(group, "--do_sample", f"sample with --top_p / --temperature; False: {not_sampling}")
+    group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass in (0, 1] (when sampling)")
+    group.add_argument("--temperature", type=float, default=0.8,
+                       help=f"sampling temperature in (0, {MAX_TEMPERATURE:g}] (when sampling)")
+
+
 def add_model_flags(parser) -> None:
     """The flags that choose and load the checkpoint (predict.py and web_demo.py load it alike)."""
     group = parser.add_argument_group("model")
@@ -131,13 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "puts the data's system messages (give what they say; default: none)")
 
     group = parser.add_argument_group("generation")
-    group.add_argument("--max_new_tokens", type=int, default=512,
-                       help=f"longest answer in tokens, 1 to {MAX_NEW_TOKENS} (web_demo.py's limit too)")
-    add_bool_flag(group, "--do_sample", "sample with --top_p / --temperature; False: greedy (or beam) search")
-    group.add_argument("--top_p", type=float, default=0.8,
-                       help="nucleus sampling mass in (0, 1] (with --do_sample True)")
-    group.add_argument("--temperature", type=float, default=0.8,
-                       help=f"sampling temperature in (0, {MAX_TEMPERATURE:g}] (with --do_sample True)")
+    add_sampling_flags(group, not_sampling="greedy (or beam) search")
     group.add_argument("--num_beams", type=int, default=1,
                        help="beam search width (1: none); the terminal chat then prints each answer whole, since "
                             "beam search cannot stream")

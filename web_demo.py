@@ -36,8 +36,8 @@ from transformers import StoppingCriteria
 from inference import CheckpointError
 from model.config import resolve_mode
 from model import template
-from predict import (MAX_NEW_TOKENS, MAX_TEMPERATURE, add_model_flags, check_generation_flags, generation_kwargs,
-                     is_utf8, load_model, shown_arguments, tool_list_problem)
+from predict import (MAX_NEW_TOKENS, MAX_TEMPERATURE, add_model_flags, add_sampling_flags, check_generation_flags,
+                     generation_kwargs, is_utf8, load_model, shown_arguments, tool_list_problem)
 from utils import HelpFormatter, add_bool_flag, setup_logging
 
 logger = logging.getLogger("chatglm")
@@ -64,12 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "who has the link, for 72 hours)")
 
     group = parser.add_argument_group("generation (the page's initial settings; each can be changed there)")
-    group.add_argument("--max_new_tokens", type=int, default=512,
-                       help=f"longest answer in tokens, 1 to {MAX_NEW_TOKENS}")
-    add_bool_flag(group, "--do_sample", "sample with --top_p / --temperature; False: greedy search")
-    group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass in (0, 1] (when sampling)")
-    group.add_argument("--temperature", type=float, default=0.8,
-                       help=f"sampling temperature in (0, {MAX_TEMPERATURE:g}] (when sampling)")
+    add_sampling_flags(group, not_sampling="greedy search")
     return parser
 
 

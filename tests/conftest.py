@@ -1,6 +1,7 @@
 """Shared fixtures: paths to ../shared, tiny checkpoints built once per session."""
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -58,10 +59,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def one_rank_env(monkeypatch, port) -> None:
+def free_port() -> int:
+    """A TCP port that is free on this machine now (the OS picks it: bind to port 0), for every MASTER_PORT,
+    --master_port and --port the tests give: a fixed port may be taken by another program or a parallel test."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def one_rank_env(monkeypatch) -> None:
     """The environment the deepspeed launcher gives a world of one process, on the CPU (gloo)."""
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}.items():
+                       "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}.items():
         monkeypatch.setenv(key, value)
 
 
@@ -124,15 +133,6 @@ def overfit(mode: str, base: str, output_dir, conversations: list[list[dict]], m
     tokenizer.save_pretrained(str(output_dir))
 
 
-def free_port() -> int:
-    """A TCP port the OS calls free now (port 0), for a process group's MASTER_PORT or a server."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # The training command of the README's "Your own fine-tune, step by step" (step 2), shrunk to one optimizer step
 # on the tiny ChatGLM3 checkpoint; per train type its own flags (README "Training"; qlora4: step 2's
 # `--quantization_bit 4` for QLoRA).
@@ -166,7 +166,7 @@ def trained_glm3(tiny_dirs, tmp_path_factory):
                     *STEP_BY_STEP_TRAIN_TYPES[train_type]]
             threads = torch.get_num_threads()
             with pytest.MonkeyPatch.context() as patch:
-                one_rank_env(patch, free_port())
+                one_rank_env(patch)
                 torch.set_num_threads(1)
                 try:
                     train.main([str(arg) for arg in argv])
@@ -175,3 +175,18 @@ def trained_glm3(tiny_dirs, tmp_path_factory):
             checkpoints[train_type] = str(out / "epoch-1-step-1")
         return checkpoints[train_type]
     return checkpoint
+
+
+def pytest_collection_modifyitems(config, items):
+    """For pytest-xdist (`-n 2 --dist loadgroup`, as .ci/run runs the suite): the tests of a file that use one of
+    its module-scoped fixtures (a trained checkpoint, a server) go to one worker together, so that each fixture is
+    built once; every other test goes wherever a worker is free. conftest's own module-scoped fixtures are cheap and
+    do not group. Without xdist the mark does nothing."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        for name in info.names_closure:
+            if any(d.scope == "module" and d.func.__module__ != __name__ for d in info.name2fixturedefs.get(name, ())):
+                item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+                break

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, one_rank_env
+from conftest import ROOT, free_port, one_rank_env
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -35,7 +35,7 @@ def test_bench_measures_the_model_train_py_trains(case, monkeypatch, one_thread,
         return engine
 
     monkeypatch.setattr(train, "build_engine", build_engine)
-    one_rank_env(monkeypatch, 29690)
+    one_rank_env(monkeypatch)
     train.init_distributed()
     # The peer (GlmForCausalLM) runs for full training too, under the same ZeRO-3 config.
     models = bench.models_to_run(case, with_peer=case.startswith("all"))
@@ -80,7 +80,7 @@ def test_the_peer_can_run_under_its_own_deepspeed_json(monkeypatch, tmp_path, on
         return real_initialize(*args, config=config, **kwargs)
 
     monkeypatch.setattr(deepspeed, "initialize", initialize)
-    one_rank_env(monkeypatch, 29691)
+    one_rank_env(monkeypatch)
     train.init_distributed()
     rows = bench.run_case("lora:64x2:ckpt", "tiny", "fp32", steps=1, warmup=0, models=["ours", "peer"],
                           peak_tflops=1.0, peer_ds_file=str(peer_json))
@@ -105,7 +105,7 @@ def test_profile_prints_the_summary_and_writes_the_trace(monkeypatch, tmp_path, 
     import bench
     import train
 
-    one_rank_env(monkeypatch, 29692)
+    one_rank_env(monkeypatch)
     train.init_distributed()
     bench.run_case("lora:64x2:nockpt", "tiny", "fp32", steps=1, warmup=0, models=["ours"], peak_tflops=1.0,
                    profile=1, profile_dir=str(tmp_path))
@@ -130,7 +130,7 @@ def test_real_case_runs_the_same_samples_padded_packed_and_padding_free(monkeypa
     tokens = {who: sum(int((b["input_ids"] != 0).sum()) for b in window) for who, (window, _) in windows.items()}
     assert set(tokens.values()) == {windows["ours"][1]}
     assert len(windows["ours-packed"][0]) < len(windows["ours"][0])  # fewer, fuller rows
-    one_rank_env(monkeypatch, 29693)
+    one_rank_env(monkeypatch)
     train.init_distributed()
     case = "lora:256x2:nockpt:real"
     rows = {row[0]: row for row in bench.run_case(case, "tiny", "fp32", steps=1, warmup=0,
@@ -149,7 +149,7 @@ def test_long_case_runs_at_tiny_shape(monkeypatch, one_thread):
 
     assert bench.LONG_CASES == ["lora:16384x1:ckpt", "lora:32768x1:ckpt", "lora:65536x1:ckpt"]
     assert [bench.sequence_parallel_size(case) for case in bench.LONG_CASES_SP] == [2]
-    one_rank_env(monkeypatch, 29697)
+    one_rank_env(monkeypatch)
     train.init_distributed()
     rows = bench.run_case("lora:512x1:ckpt", "tiny", "fp32", steps=1, warmup=0, models=["ours"], peak_tflops=1.0,
                           mode="glm4")
@@ -164,7 +164,7 @@ def test_long_case_with_sequence_parallelism_under_the_launcher(tmp_path):
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                             str(29800 + os.getpid() % 100), str(ROOT / "bench/bench.py"), "--cases", "long",
+                             str(free_port()), str(ROOT / "bench/bench.py"), "--cases", "long",
                              "--shape", "tiny", "--steps", "1", "--warmup", "0"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_train import PORTS, train_in_process  # noqa: F401  (the fixture)
+from test_train import train_in_process  # noqa: F401  (the fixture)
 
 BASE = ["--model_name_or_path", "-", "--mode", "glm3", "--train_path", "-", "--output_dir", "-"]
 

@@ -2,20 +2,13 @@
 complete ends the run after --dist_timeout with one line naming the rank and the step, instead of gloo's silent
 10-minute wait (issue 34)."""
 import os
-import socket
 
 import pytest
 import torch.distributed
 import torch.multiprocessing
 
 import dist_guard
-from conftest import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import ROOT, free_port
 
 
 def one_rank_skips_the_save(rank: int, port: int, result_dir: str) -> None:

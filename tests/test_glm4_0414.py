@@ -9,13 +9,11 @@ External rules followed here:
 import json
 import os
 import sys
-from itertools import count
 
 import pytest
 
 from conftest import ROOT, one_rank_env
 
-PORTS = count(32100 + os.getpid() % 97)
 MODE = "glm4-0414"
 TOOLS = [{"type": "function", "function": {"name": "查询天气", "description": "查询城市的天气",
                                              "parameters": {"type": "object",
@@ -155,7 +153,7 @@ def test_web_demo_shows_the_thinking_collapsed_apart_from_the_answer():
 
 def run_train(monkeypatch, *argv):
     import train
-    one_rank_env(monkeypatch, next(PORTS))
+    one_rank_env(monkeypatch)
     return train.main([str(a) for a in argv])
 
 

@@ -20,7 +20,6 @@ from dataset import InstructionDataset
 from model import MODE, template
 from test_merge_lora import make_lora_adapter
 
-PORTS = count(30300 + os.getpid() % 200)
 TRAIN = ROOT / "data" / "train.jsonl"
 FIRST = json.loads(TRAIN.read_text(encoding="utf-8").splitlines()[0])  # the known sample of the preview tests
 
@@ -251,7 +250,7 @@ def watched_run(tiny_dirs, tmp_path_factory, one_thread):
     """One glm3 LoRA run: 24 samples in windows of 4 x 2, two epochs = 6 steps, a loss line every step, eval every
     2 steps and at each epoch end (steps 2, 3, 4, 6), three sample prompts answered within 5 new tokens."""
     monkeypatch = pytest.MonkeyPatch()
-    one_rank_env(monkeypatch, next(PORTS))
+    one_rank_env(monkeypatch)
     tmp = tmp_path_factory.mktemp("watched")
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in PROMPTS) + "\n", encoding="utf-8")
@@ -304,7 +303,7 @@ def test_without_a_dev_set_the_end_answers_and_plots(tiny_dirs, tmp_path, monkey
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"你好"\n', encoding="utf-8")
     out = tmp_path / "out"
-    one_rank_env(monkeypatch, next(PORTS))
+    one_rank_env(monkeypatch)
     train.main(flags("glm2", tiny_dirs["glm2"], out, "--max_len", 256, "--max_src_len", 200, "--max_steps", 2,
                      "--per_device_train_batch_size", 2, "--show_loss_step", 1, "--learning_rate", 1e-2,
                      "--sample_prompts", prompts, "--max_new_tokens", 2, "--preview", 2))
@@ -371,7 +370,7 @@ def test_repeating_and_endless_answers_warn(tiny_dirs, tmp_path, caplog, monkeyp
 def test_bad_sample_prompts_stop_before_the_model_loads(tiny_dirs, tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"你好"\n{"conversations": [{"role": "robot", "content": "a"}]}\n', encoding="utf-8")
-    one_rank_env(monkeypatch, next(PORTS))
+    one_rank_env(monkeypatch)
     monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit, match=re.escape(f"{prompts}:2: unknown role 'robot'")):
         train.main(flags("glm3", tiny_dirs["glm3"], tmp_path / "out", "--sample_prompts", prompts))

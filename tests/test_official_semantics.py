@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-from itertools import count
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from model import MODE, detect_version, template
 from model.tiny import OFFICIAL_TOKENIZER_CONFIGS, write_tiny_checkpoint
 from model.tokenization_glm4 import GLM4_SPECIAL_TOKENS
 
-PORTS = count(31000 + os.getpid() % 900)
 EMBEDDING, HEAD = "transformer.word_embeddings.weight", "lm_head.weight"
 
 
@@ -26,7 +24,7 @@ def train_in_process(monkeypatch, one_thread):
     import train
 
     def run(*argv):
-        one_rank_env(monkeypatch, next(PORTS))
+        one_rank_env(monkeypatch)
         return train.main([str(a) for a in argv])
     return run
 

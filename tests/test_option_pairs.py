@@ -26,7 +26,7 @@ import pytest
 import predict
 import train
 from conftest import ROOT, one_rank_env
-from test_train import PORTS, run_train
+from test_train import run_train
 
 VALUES = {"train": ("qlora", "all"), "packing": (0, 1), "sp": (1, 2), "samples": (0, 1), "dev": (0, 1),
           "resume": (0, 1), "ranks": (1, 2), "zero": (2, 3), "gc": (0, 1), "tools": (0, 1)}
@@ -119,7 +119,7 @@ def train_once(values: dict, base, out, argv, monkeypatch) -> str:
     suite), else train.main in this process. Returns what the launched processes logged."""
     if values["ranks"] == 2:
         return run_train(base, out, *argv, ranks=2, timeout=400).stderr
-    one_rank_env(monkeypatch, next(PORTS))
+    one_rank_env(monkeypatch)
     train.main(["--model_name_or_path", str(base), "--output_dir", str(out), *argv])
     return ""
 

@@ -12,7 +12,6 @@ real step are compared with TRL's on the checkpoint it wrote.
 """
 import json
 import os
-import socket
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, one_rank_env
+from conftest import ROOT
+from test_train import train_in_process  # noqa: F401 (a fixture)
 
 trl = pytest.importorskip("trl", reason="trl is the test-only anchor of preference training (requirements.txt)")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -28,22 +28,6 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 PAIRS = ROOT / "data" / "pairs_train.jsonl"
 DEV_PAIRS = ROOT / "data" / "pairs_dev.jsonl"
 FP32_RTOL = 1e-5  # sums of ~100 fp32 log-probabilities of magnitude ~5: a few ulp each
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def train_in_process(monkeypatch, one_thread):
-    import train
-
-    def run(*argv):
-        one_rank_env(monkeypatch, free_port())
-        return train.main([str(a) for a in argv])
-    return run
 
 
 class Engine(SimpleNamespace):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import quantization
 from conftest import ROOT
 from model import MODE, template
-from test_train import common_args, dev_loss, read_log, run_train
+from test_train import common_args, dev_loss, read_log, run_train, train_in_process  # noqa: F401  (the fixture)
 from inference import load_for_inference
 
 pytest.importorskip("bitsandbytes")
@@ -84,23 +84,30 @@ def merge_and_compare(mode, base_dir, adapter, unmerged, tokenizer, merged_dir):
         assert (merged(prompt).logits - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
 
 
-# Every mode in 4 and 8 bits, one launcher run each (6 optimizer steps, gradient checkpointing); the ChatGLM3 4-bit
-# run goes on 2 ranks under ZeRO-2 (ds_zero2_no_offload.json), the others on one.
-CASES = [("glm", 4, 1), ("glm", 8, 1), ("glm2", 4, 1), ("glm2", 8, 1), ("glm3", 4, 2), ("glm3", 8, 1), ("glm4", 4, 1),
-         ("glm4", 8, 1)]
+# One case per code path (6 optimizer steps each, gradient checkpointing): both model files (ChatGLM-6B's
+# modeling_chatglm.py, the glm2/glm3/glm4 modeling_chatglm2.py), both widths (quantization.py: NF4, LLM.int8), one
+# rank (`python train.py`) and two (the deepspeed launcher, ZeRO-2: ds_zero2_no_offload.json). The other
+# combinations run the same lines: quantization.py does not look at the mode.
+CASES = [("glm", 4, 1), ("glm3", 4, 2), ("glm4", 8, 1)]
 
 
 @pytest.mark.parametrize("mode,bits,ranks", CASES, ids=[f"{m}-{b}bit-{r}rank" for m, b, r in CASES])
-def test_qlora_trains_merges_and_predicts(mode, bits, ranks, tiny_dirs, tmp_path, caplog, one_thread):
+def test_qlora_trains_merges_and_predicts(mode, bits, ranks, tiny_dirs, tmp_path, caplog, train_in_process):
     base_dir = tiny_dirs[mode]
     out = tmp_path / "out"
     batch = 4 // ranks  # 24 samples / (batch x ranks x 2 accumulation) = 3 steps an epoch either way
-    result = run_train(base_dir, out, *common_args(mode, "lora", epochs=2), "--quantization_bit", bits,
-                       "--gradient_checkpointing", "--per_device_train_batch_size", batch,
-                       "--ds_file", ROOT / "ds_zero2_no_offload.json", ranks=ranks)
+    args = [*common_args(mode, "lora", epochs=2), "--quantization_bit", bits, "--gradient_checkpointing",
+            "--per_device_train_batch_size", batch, "--ds_file", ROOT / "ds_zero2_no_offload.json"]
+    if ranks == 1:  # train.main in this process
+        caplog.set_level(logging.INFO)
+        train_in_process("--model_name_or_path", base_dir, "--output_dir", out, *args)
+        output = caplog.text
+    else:
+        result = run_train(base_dir, out, *args, ranks=ranks)
+        output = result.stdout + result.stderr
     # the base is stored quantized once DeepSpeed has set up the model (train.py checks and logs it in bytes)
-    found = DESCRIBE.search(result.stdout + result.stderr)
-    assert found and int(found.group(2)) == bits, (result.stdout + result.stderr)[-3000:]
+    found = DESCRIBE.search(output)
+    assert found and int(found.group(2)) == bits, output[-3000:]
     layers, _, weights, stored = (int(g) for g in found.groups())
     config = json.loads(Path(base_dir, "config.json").read_text())
     assert_stored_quantized(layers, stored, weights, bits, base_dir, config["num_layers"])
@@ -152,11 +159,14 @@ def test_qlora_trains_merges_and_predicts(mode, bits, ranks, tiny_dirs, tmp_path
     (["--train_type", "lora", "--ds_file", str(ROOT / "ds_zero3_offload.json")],
      "--quantization_bit 4 with ZeRO-3"),
 ])
-def test_unsupported_combinations_stop_with_one_line(extra, message, tiny_dirs, tmp_path):
-    result = run_train(tiny_dirs["glm3"], tmp_path / "out", "--mode", "glm3", "--train_path",
-                       ROOT / "data/train.jsonl", "--quantization_bit", 4, *extra, expect_ok=False, launcher=False)
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
+def test_unsupported_combinations_stop_with_one_line(extra, message, tiny_dirs, tmp_path, capsys):
+    import train
+    with pytest.raises(SystemExit) as stop:  # train.py's main, in this process
+        train.main(["--model_name_or_path", str(tiny_dirs["glm3"]), "--output_dir", str(tmp_path / "out"), "--mode",
+                    "glm3", "--train_path", str(ROOT / "data/train.jsonl"), "--quantization_bit", "4", *extra])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert stop.value.code == 2 and len(errors) == 1 and message in errors[0], stderr
     assert quantization.SUPPORTED in errors[0]
     assert not (tmp_path / "out").exists()
 

@@ -17,7 +17,7 @@ QUERIES = ["你好", "发动机水温高，风扇低速转动。", "What is the 
 def test_two_steps_then_batched_generation_and_chat(train_type, tiny_dirs, tmp_path, one_thread):
     mode = "glm3"
     output_dir = tmp_path / "out"
-    run_train(tiny_dirs[mode], output_dir, *common_args(mode, train_type, epochs=1), "--max_steps", 2)
+    run_train(tiny_dirs[mode], output_dir, *common_args(mode, train_type, epochs=1), "--max_steps", 2, launcher=True)
     checkpoint = next(output_dir.glob("epoch-*-step-2"))
     model, tokenizer = load_for_inference(mode, checkpoint)
 

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import sys
-from itertools import count
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,6 @@ CONVERSATIONS = [
 ]
 GREEDY = {"do_sample": False, "max_new_tokens": 100}
 EPOCHS_IN_ONE = 120  # the LoRA run sees the conversations this many times, in one epoch
-PORTS = count(29900 + os.getpid() % 97)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -317,7 +315,7 @@ def test_merged_tool_finetune_makes_the_same_calls_as_base_plus_adapter(tiny_dir
     data.write_text("".join(lines * EPOCHS_IN_ONE), encoding="utf-8")  # one epoch, so one checkpoint at its end
     test = tmp_path / "tools_test.jsonl"
     test.write_text("".join(lines), encoding="utf-8")
-    one_rank_env(monkeypatch, next(PORTS))
+    one_rank_env(monkeypatch)
     adapter = train.main(["--model_name_or_path", base, "--mode", mode, "--train_type", "lora", "--lora_dim", "32",
                        "--lora_alpha", "64", "--lora_dropout", "0", "--train_path", str(data),
                        "--max_len", "1024", "--max_src_len", "900", "--per_device_train_batch_size", "3",

@@ -1,33 +1,35 @@
 """train.py end to end on tiny checkpoints, on the CPU under the deepspeed launcher (DS_ACCELERATOR=cpu, gloo)."""
 import json
+import logging
 import math
 import os
 import shutil
 import subprocess
 import sys
 import time
-from itertools import count
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, one_rank_env, shared_path
+from conftest import ROOT, free_port, one_rank_env, shared_path
 from dropin_checks import TRAIN_EXTRAS, assert_dropin
 from model import MODE, template
 from dataset import InstructionDataset
 from inference import load_for_inference
 
-PORTS = count(29700 + os.getpid() % 200)
-TRAIN_TYPES = ("freeze", "lora", "ptuning", "all")
 LORA_MODULES = "query_key_value,dense_h_to_4h,dense_4h_to_h,dense"
 
 
-def run_train(base, output_dir, *extra, ranks=1, expect_ok=True, launcher=True, timeout=900):
+def run_train(base, output_dir, *extra, ranks=1, expect_ok=True, launcher=None, timeout=900):
+    """train.py in its own process: under the deepspeed launcher for several ranks (or with launcher=True), else as
+    `python train.py` (a world of one, as train.py allows without the launcher: one Python start instead of three,
+    ~1 minute less per run on a loaded 2-core machine)."""
+    launcher = ranks > 1 if launcher is None else launcher
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     args = ["--model_name_or_path", str(base), "--output_dir", str(output_dir), *map(str, extra)]
-    port = next(PORTS)
+    port = free_port()
     if launcher:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                    "--master_port", str(port), str(ROOT / "train.py"), *args]
@@ -135,11 +137,11 @@ def assert_tensorboard_scalars(run_dir):
 
 
 def check_merge(mode, base, adapter, unmerged, tokenizer, merged_dir):
-    """merge_lora.py on the adapter train.py wrote: the merged model (no PEFT) is base + adapter."""
-    result = subprocess.run([sys.executable, str(ROOT / "merge_lora.py"), "--mode", mode, "--ori_model_dir", base,
-                             "--model_dir", adapter, "--output_dir", merged_dir], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    """merge_lora.py (its main, in this process) on the adapter train.py wrote: the merged model (no PEFT) is base +
+    adapter."""
+    import merge_lora
+    assert merge_lora.main(["--mode", mode, "--ori_model_dir", str(base), "--model_dir", str(adapter),
+                            "--output_dir", str(merged_dir)]) == 0
     merged = MODE[mode].model.from_pretrained(merged_dir, dtype=torch.float32).eval()
     prompt = torch.tensor([template.encode_prompt(tokenizer, mode, "发动机水温高，风扇低速转动。")])
     # fp32 rounding of W + BA, bounded relative to the logits' size as merge_lora.py bounds it
@@ -151,13 +153,21 @@ def check_merge(mode, base, adapter, unmerged, tokenizer, merged_dir):
                                                                                           **kwargs).tolist()
 
 
-@pytest.mark.parametrize("train_type", TRAIN_TYPES)
-@pytest.mark.parametrize("mode", ["glm", "glm2", "glm3", "glm4"])
-def test_train_matrix(mode, train_type, tiny_dirs, tmp_path):
+# One case per code path rather than every mode x train type: each train type on both model files (ChatGLM-6B's
+# modeling_chatglm.py; modeling_chatglm2.py for glm2, glm3 and glm4, which differ in config and template, and whose
+# data paths the label tests below cover mode by mode), every mode at least once. train.main in this process (a
+# world of one; test_smoke and test_two_ranks run the launcher).
+MATRIX = [("glm", "freeze"), ("glm", "lora"), ("glm", "ptuning"), ("glm", "all"), ("glm2", "ptuning"),
+          ("glm3", "lora"), ("glm4", "freeze"), ("glm4", "all")]
+
+
+@pytest.mark.parametrize("mode,train_type", MATRIX, ids=[f"{m}-{t}" for m, t in MATRIX])
+def test_train_matrix(mode, train_type, tiny_dirs, tmp_path, train_in_process, caplog):
     out = tmp_path / "out"
     extra = ["--gradient_checkpointing"] if train_type in ("lora", "ptuning") else []
-    result = run_train(tiny_dirs[mode], out, *common_args(mode, train_type), *extra)
-    assert "trainable params: " in result.stdout + result.stderr and " || all params: " in result.stdout + result.stderr
+    caplog.set_level(logging.INFO)
+    train_in_process(*tiny_run_args(mode, train_type, tiny_dirs[mode], out, epochs=2), *extra)
+    assert "trainable params: " in caplog.text and " || all params: " in caplog.text
     losses, evals = read_log(out)
     steps = sorted(losses)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) == 6
@@ -201,17 +211,18 @@ def test_train_matrix(mode, train_type, tiny_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["glm", "glm2", "glm3"])  # glm4: test_glm4_tool_calls_overfit_then_chat_...
-def test_overfit_then_chat_returns_the_trained_answer(mode, tiny_dirs, tmp_path):
+def test_overfit_then_chat_returns_the_trained_answer(mode, tiny_dirs, tmp_path, train_in_process):
     samples = [{"instruction": "抽取三元组：", "input": "发动机水温高", "output": "发动机_部件故障_水温高"},
                {"instruction": "抽取三元组：", "input": "风扇低速转动", "output": "风扇_部件故障_低速转动"}]
     data = tmp_path / "few.jsonl"
     data.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in samples))
     out = tmp_path / "out"
-    run_train(tiny_dirs[mode], out, "--mode", mode, "--train_type", "all", "--train_path", data,
+    train_in_process("--model_name_or_path", tiny_dirs[mode], "--output_dir", out, "--mode", mode, "--train_type",
+                     "all", "--train_path", data,
               "--max_len", 64, "--max_src_len", 48, "--per_device_train_batch_size", 2,
-              # peak 6e-3 decaying linearly: on average the 3e-3 a constant schedule would give
-              "--learning_rate", 6e-3, "--num_train_epochs", 60, "--warmup_ratio", 0.0, "--weight_decay", 0.0,
-              "--show_loss_step", 20, "--save_model_step", 1000)
+                     # peak 6e-3 decaying linearly: on average the 3e-3 a constant schedule would give
+                     "--learning_rate", 6e-3, "--num_train_epochs", 60, "--warmup_ratio", 0.0, "--weight_decay", 0.0,
+                     "--show_loss_step", 20, "--save_model_step", 1000)
     model, tokenizer = load_for_inference(mode, str(out / "epoch-60-step-60"))
     for sample in samples:
         response, _ = model.chat(tokenizer, sample["instruction"] + sample["input"], do_sample=False,
@@ -219,16 +230,17 @@ def test_overfit_then_chat_returns_the_trained_answer(mode, tiny_dirs, tmp_path)
         assert response == sample["output"]
 
 
-def test_glm4_tool_calls_overfit_then_chat_calls_the_tool_and_answers(tiny_dirs, tmp_path):
+def test_glm4_tool_calls_overfit_then_chat_calls_the_tool_and_answers(tiny_dirs, tmp_path, train_in_process):
     """GLM-4 tool use end to end: data/tools.jsonl (conversations with tools, a tool call and an observation turn)
-    trained under the launcher, then chat() with the tools in the history emits the call (stopping at
+    trained by train.main, then chat() with the tools in the history emits the call (stopping at
     <|observation|>) and, given the tool's result as an observation, the trained answer (stopping at <|user|>)."""
     samples = [json.loads(line) for line in (ROOT / "data/tools.jsonl").read_text(encoding="utf-8").splitlines()]
     out = tmp_path / "out"
-    run_train(tiny_dirs["glm4"], out, "--mode", "glm4", "--train_type", "all", "--train_path", ROOT / "data/tools.jsonl",
+    train_in_process("--model_name_or_path", tiny_dirs["glm4"], "--output_dir", out, "--mode", "glm4", "--train_type",
+                     "all", "--train_path", ROOT / "data/tools.jsonl",
               "--max_len", 512, "--max_src_len", 480, "--per_device_train_batch_size", 1,
-              "--learning_rate", 3e-3, "--num_train_epochs", 60, "--warmup_ratio", 0.0, "--weight_decay", 0.0,
-              "--show_loss_step", 20, "--save_model_step", 1000)
+                     "--learning_rate", 3e-3, "--num_train_epochs", 60, "--warmup_ratio", 0.0, "--weight_decay", 0.0,
+                     "--show_loss_step", 20, "--save_model_step", 1000)
     model, tokenizer = load_for_inference("glm4", str(out / "epoch-60-step-120"))
     for sample in samples:
         system, user, call, observation, answer = sample["conversations"]
@@ -288,7 +300,7 @@ def test_resume_reproduces_the_uninterrupted_run(tag, uninterrupted, tiny_dirs, 
     shutil.copytree(full / tag, cut / tag)
     (cut / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": losses[s]}) + "\n"
                                                  for s in range(1, stop + 1)))
-    run_train(tiny_dirs["glm2"], cut, *args, "--resume", launcher=False)
+    run_train(tiny_dirs["glm2"], cut, *args, "--resume")
     resumed, _ = read_log(cut)
     assert sorted(resumed) == list(range(1, 10))
     for step in range(stop + 1, 10):  # data position, optimizer, scheduler and dropout RNG all restored
@@ -368,7 +380,7 @@ def test_bad_data_stops_before_training(content, message, tiny_dirs, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
     result = run_train(tiny_dirs["glm3"], tmp_path / "out", "--mode", "glm3", "--train_path", bad,
-                       expect_ok=False, launcher=False)
+                       expect_ok=False)
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "out" / "runs").exists()
@@ -377,7 +389,7 @@ def test_bad_data_stops_before_training(content, message, tiny_dirs, tmp_path):
 def test_no_usable_sample_after_skipping(tiny_dirs, tmp_path):
     result = run_train(tiny_dirs["glm3"], tmp_path / "out", "--mode", "glm3", "--train_path",
                        ROOT / "data/train.jsonl", "--max_len", 12, "--max_src_len", 8, "--is_skip",
-                       expect_ok=False, launcher=False)
+                       expect_ok=False)
     assert result.returncode != 0 and "no usable sample" in result.stderr
 
 
@@ -385,7 +397,7 @@ def test_no_usable_sample_after_skipping(tiny_dirs, tmp_path):
 def test_bad_choices_list_the_valid_ones(flag, value, tiny_dirs, tmp_path):
     args = {"--mode": "glm3", "--train_type": "lora", flag: value}
     result = run_train(tiny_dirs["glm3"], tmp_path / "out", "--train_path", ROOT / "data/train.jsonl",
-                       *[item for pair in args.items() for item in pair], expect_ok=False, launcher=False)
+                       *[item for pair in args.items() for item in pair], expect_ok=False)
     choices = "glm, glm2, glm3, glm4" if flag == "--mode" else "freeze, lora, ptuning, all"
     assert result.returncode == 2 and f"invalid choice: '{value}'" in result.stderr
     assert all(choice in result.stderr for choice in choices.split(", "))
@@ -397,7 +409,7 @@ def test_refuses_a_non_empty_output_dir(tiny_dirs, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     result = run_train(tiny_dirs["glm3"], out, "--mode", "glm3", "--train_path", ROOT / "data/train.jsonl",
-                       expect_ok=False, launcher=False)
+                       expect_ok=False)
     assert result.returncode != 0 and "--resume" in result.stderr
     assert (out / "keep.txt").read_text() == "precious"
 
@@ -455,7 +467,7 @@ def train_in_process(monkeypatch, one_thread):
     import train
 
     def run(*argv):
-        one_rank_env(monkeypatch, next(PORTS))
+        one_rank_env(monkeypatch)
         return train.main([str(a) for a in argv])
     return run
 
@@ -634,16 +646,21 @@ def test_compile_runs_the_blocks_compiled_and_trains_as_eager(tiny_dirs, tmp_pat
 def test_tokens_per_second_counts_real_tokens_over_step_time_only(tiny_dirs, tmp_path, monkeypatch,
                                                                   train_in_process):
     """Slow evaluations and saves after every step do not enter the logged step time; the logged tokens are the
-    samples' own tokens, padding excluded."""
+    samples' own tokens, padding excluded. train.py's clock (time.perf_counter) runs 1000 s ahead during each
+    evaluation and save, so the check does not depend on how fast the machine steps."""
+    import types
+
     import train
     real_evaluate, real_save = train.evaluate, train.save_checkpoint
+    skipped = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + skipped[0]))
 
     def slow_evaluate(*args, **kwargs):
-        time.sleep(0.6)
+        skipped[0] += 1000.0
         return real_evaluate(*args, **kwargs)
 
     def slow_save(*args, **kwargs):
-        time.sleep(0.6)
+        skipped[0] += 1000.0
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(train, "evaluate", slow_evaluate)
@@ -653,7 +670,7 @@ def test_tokens_per_second_counts_real_tokens_over_step_time_only(tiny_dirs, tmp
                      "--save_model_step", 1)
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    assert len(steps) == 3 and all(r["seconds"] < 0.5 for r in steps), steps
+    assert len(steps) == 3 and all(r["seconds"] < 1000 for r in steps) and skipped[0] >= 6000, steps
     assert all(abs(r["tokens_per_s"] - r["tokens"] / r["seconds"]) < 1e-6 * r["tokens_per_s"] for r in steps)
     tokenizer = MODE["glm2"].tokenizer.from_pretrained(tiny_dirs["glm2"])
     data = InstructionDataset(str(ROOT / "data/train.jsonl"), tokenizer, "glm2", max_len=256, max_src_len=200)
@@ -700,10 +717,10 @@ SCHEDULES = {  # the README's formula lr_s = peak * min(s / W, (T + 1 - s) / (T 
 
 
 @pytest.mark.parametrize("ratio", sorted(SCHEDULES))
-def test_learning_rate_of_every_step(ratio, tiny_dirs, tmp_path):
+def test_learning_rate_of_every_step(ratio, tiny_dirs, tmp_path, train_in_process):
     out, peak = tmp_path / "out", 1e-3
-    run_train(tiny_dirs["glm2"], out, *common_args("glm2", "lora", epochs=1), "--per_device_train_batch_size", 2,
-              "--gradient_accumulation_steps", 1, "--warmup_ratio", ratio, "--learning_rate", peak, launcher=False)
+    train_in_process(*tiny_run_args("glm2", "lora", tiny_dirs["glm2"], out), "--per_device_train_batch_size", 2,
+                     "--gradient_accumulation_steps", 1, "--warmup_ratio", ratio, "--learning_rate", peak)
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     used = [r["lr"] for r in records if "lr" in r]  # the optimizer's lr during each step, read from the engine
     assert len(used) == T
@@ -847,8 +864,7 @@ def test_compile_with_zero3_stops_with_one_line(capsys):
 @pytest.mark.parametrize("mode", ["glm", "glm2"])
 def test_lora_on_the_lm_head_is_refused(mode, tiny_dirs, tmp_path):
     result = run_train(tiny_dirs[mode], tmp_path / "out", *common_args(mode, "lora", epochs=1), "--lora_module_name",
-                       "query_key_value,output_layer" if mode == "glm2" else "lm_head", expect_ok=False,
-                       launcher=False)
+                       "query_key_value,output_layer" if mode == "glm2" else "lm_head", expect_ok=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--lora_module_name: LoRA on the LM head" in result.stderr
 

@@ -76,7 +76,7 @@ def test_a_bad_checkpoint_or_output_dir_stops_in_one_line_and_writes_nothing(cas
     extra, expected = CHECKPOINT_CASES[case]
     (tmp_path / "a_file").write_text("mine")
     result = run_train(tiny_dirs["glm3"], tmp_path / "out", "--mode", "glm3", "--train_path", TRAIN,
-                       *extra(tiny_dirs, tmp_path), expect_ok=False, launcher=False)
+                       *extra(tiny_dirs, tmp_path), expect_ok=False)
     one_line_error(result, expected)
     assert not (tmp_path / "out").exists() and (tmp_path / "a_file").read_text() == "mine"
 
@@ -95,7 +95,7 @@ def two_steps(tiny_dirs, tmp_path_factory):
     """A LoRA run of 4 steps (3 an epoch) as if stopped after its checkpoint at the epoch end, and its flags."""
     args = [*common_args("glm3", "lora", epochs=2), "--max_steps", 4]
     out = tmp_path_factory.mktemp("two_steps") / "out"
-    run_train(tiny_dirs["glm3"], out, *args, launcher=False)
+    run_train(tiny_dirs["glm3"], out, *args)
     shutil.rmtree(out / "epoch-2-step-4")
     return args, out
 
@@ -112,8 +112,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(flag, value, before, two_ste
     args, trained = two_steps
     out = tmp_path / "out"
     shutil.copytree(trained, out)
-    result = run_train(tiny_dirs["glm3"], out, *with_flag(args, flag, value), "--resume", expect_ok=False,
-                       launcher=False)
+    result = run_train(tiny_dirs["glm3"], out, *with_flag(args, flag, value), "--resume", expect_ok=False)
     one_line_error(result, f"--resume: {flag} is {value!r}, but epoch-1-step-3 was trained with {before}")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in trained.iterdir())
 
@@ -127,7 +126,7 @@ def test_resume_refuses_a_later_incomplete_checkpoint_before_training(two_steps,
     (out / "epoch-2-step-4").mkdir()
     (out / "epoch-2-step-4" / "adapter_model.safetensors").write_text("kept")
     log = (out / "train_log.jsonl").read_text()
-    result = run_train(tiny_dirs["glm3"], out, *args, "--resume", expect_ok=False, launcher=False)
+    result = run_train(tiny_dirs["glm3"], out, *args, "--resume", expect_ok=False)
     one_line_error(result, "epoch-2-step-4 is later than the last complete checkpoint epoch-1-step-3")
     assert (out / "train_log.jsonl").read_text() == log  # nothing trained
 
@@ -136,7 +135,7 @@ def test_resume_with_the_same_flags_continues(two_steps, tiny_dirs, tmp_path):
     args, trained = two_steps
     out = tmp_path / "out"
     shutil.copytree(trained, out)
-    run_train(tiny_dirs["glm3"], out, *args, "--resume", launcher=False)
+    run_train(tiny_dirs["glm3"], out, *args, "--resume")
     assert (out / "epoch-2-step-4" / "adapter_model.safetensors").exists()
 
 

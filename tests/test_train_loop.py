@@ -63,8 +63,7 @@ def one_epoch(tiny_dirs, tmp_path_factory):
     """A LoRA run of 3 steps stopped after its first checkpoint at step 2 (written by --save_model_step 2)."""
     from test_train import run_train
     out = tmp_path_factory.mktemp("one_epoch") / "out"
-    run_train(tiny_dirs["glm2"], out, *common_args("glm2", "lora", epochs=1), "--save_model_step", 2,
-              launcher=False)
+    run_train(tiny_dirs["glm2"], out, *common_args("glm2", "lora", epochs=1), "--save_model_step", 2)
     shutil.rmtree(out / "epoch-1-step-3")
     return out
 

@@ -1,14 +1,14 @@
 """web_demo.py, the browser chat: the page in a real headless Chromium, served by `python web_demo.py` on a tiny
 ChatGLM3 checkpoint (a LoRA adapter fine-tuned by train.py on data/tools.jsonl, so that greedy decoding makes the
-tool call the data teaches; Stop on the tiny base checkpoint, whose answers run longer), compared with the model's
-own chat() and with predict.py --query.
+tool call the data teaches; Stop on the tiny base checkpoint, whose answers run longer, served through
+tests/held_web_demo.py so that the answer waits for Stop), compared with the model's own chat() and with predict.py
+--query.
 
 The browser tests need Debian's `chromium` and `chromium-driver` packages (/usr/bin/chromium, /usr/bin/chromedriver)
 and selenium; .ci/run installs them, elsewhere these tests skip and say why."""
 import json
 import os
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 pytest.importorskip("gradio", reason="gradio is not installed (requirements.txt)")
 
@@ -33,12 +33,6 @@ MAX_NEW_TOKENS = 64  # the page's setting (--max_new_tokens) and the reference a
 TOOL_SAMPLES = [json.loads(line)["conversations"]
                 for line in (ROOT / "data/tools.jsonl").read_text(encoding="utf-8").splitlines()]
 LORA_MODULES = "query_key_value,dense_h_to_4h,dense_4h_to_h,dense"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +85,8 @@ def displayable(answer) -> bool:
 # adapter's random weights, so a few are offered.
 CONVERSATIONS = [("发动机水温高怎么办？", "那风扇呢？"), ("轮胎气压多少合适？", "还有呢？"),
                  ("轮胎气压多少合适？", "轮胎气压多少合适？"), ("讲个故事吧。", "为什么？"), ("你好", "那风扇呢？")]
-# The stop test's question, on the tiny base checkpoint (the tool adapter ends every answer within ~250 tokens, well
-# under a second, and the browser shows a stream somewhat behind the server, so the answer was over before Stop
-# came): the first whose greedy answer runs to the 2000 new tokens without an end token, so that it is still being
-# generated when Stop is clicked.
+# The stop test's question, on the tiny base checkpoint: the first whose greedy answer runs to MAX_NEW_TOKENS without
+# an end token and starts as a text, so that it is still being generated when held_web_demo.py holds it for Stop.
 LONG_QUESTIONS = ["方向盘跑偏怎么办？", "轮胎气压多少合适？", "帮我写一份详细的维修报告。", "油耗突然变高了。"]
 
 
@@ -111,12 +103,12 @@ def server(tool_adapter):
 
 @pytest.fixture(scope="module")
 def base_server(tiny_dirs):
-    """`python web_demo.py` on the tiny ChatGLM3 base checkpoint."""
-    yield from serve(tiny_dirs["glm3"])
+    """`python web_demo.py` on the tiny ChatGLM3 base checkpoint, each answer held for Stop (held_web_demo.py)."""
+    yield from serve(tiny_dirs["glm3"], script=ROOT / "tests" / "held_web_demo.py")
 
 
-def serve(model_path, max_new_tokens=MAX_NEW_TOKENS):
-    command = [sys.executable, str(ROOT / "web_demo.py"), "--mode", "glm3", "--model_path", model_path,
+def serve(model_path, script=ROOT / "web_demo.py", max_new_tokens=MAX_NEW_TOKENS):
+    command = [sys.executable, str(script), "--mode", "glm3", "--model_path", model_path,
                "--port", str(free_port()), "--max_new_tokens", str(max_new_tokens)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
@@ -349,23 +341,22 @@ def test_page_collects_one_result_per_parallel_call(browser, parallel_server):
 
 
 def test_page_stop_keeps_the_answer_so_far(browser, base_server, tiny_dirs):
-    """With room for 2000 new tokens, a question this model answers at length: the answer shows while it is being
-    generated (streaming), Stop ends it within seconds, what was written stays, and the conversation goes on."""
+    """A question this model answers at length: the answer shows while it is being generated (streaming; the server
+    holds it after held_web_demo.HOLD_AFTER tokens until Stop), Stop ends it, what was written stays, and the
+    conversation goes on."""
     from selenium.webdriver.common.keys import Keys
 
     model, tokenizer = load_for_inference("glm3", tiny_dirs["glm3"])
     for question in LONG_QUESTIONS:
-        whole = web_demo.shown(model.chat(tokenizer, question, do_sample=False, max_new_tokens=2000)[1], "glm3")
-        shorter = web_demo.shown(model.chat(tokenizer, question, do_sample=False, max_new_tokens=1990)[1], "glm3")
+        whole = web_demo.shown(greedy(model, tokenizer, question)[1], "glm3")
+        shorter = web_demo.shown(model.chat(tokenizer, question, do_sample=False,
+                                            max_new_tokens=MAX_NEW_TOKENS - 1)[1], "glm3")
         if whole != shorter and not whole[1]["content"].startswith(web_demo.CALL_MARK):
-            break  # 10 tokens more gave more: no end token before the limit; and the answer starts as a text
+            break  # one token more gave more: no end token before the limit; and the answer starts as a text
     else:
-        pytest.fail(f"no question of {LONG_QUESTIONS} has a greedy answer running to 2000 new tokens")
+        pytest.fail(f"no question of {LONG_QUESTIONS} has a greedy answer running to {MAX_NEW_TOKENS} new tokens")
     whole = [message["content"] for message in whole[1:]]
     page = Page(browser, base_server)
-    tokens = page.find("#max_new_tokens input[type=number]")
-    tokens.clear()
-    tokens.send_keys("2000", Keys.TAB)
     page.type_into("#query textarea", question)
     page.click("send")
     partial = page.wait_for(lambda: page.busy() and len(page.messages()) == 2 and page.messages()[1][1],
@@ -377,9 +368,11 @@ def test_page_stop_keeps_the_answer_so_far(browser, base_server, tiny_dirs):
     assert len(kept) - 1 <= len(whole) and len(visible(t for _, t in kept[1:])) < len(visible(whole))  # cut short
     page.type_into("#query textarea", "谢谢")
     page.find("#query textarea").send_keys(Keys.ENTER)
-    # the next answer follows the cut one, whose length depends on when Stop came: it may be a text or calls
-    page.wait_for(lambda: len(page.messages()) > len(kept) + 1 and page.messages()[len(kept)] == ["user", "谢谢"]
-                  and not page.busy(), "the next answer")
+    # the next answer follows the cut one (held too, so Stop once more): it may be a text or calls
+    page.wait_for(lambda: len(page.messages()) > len(kept) + 1 and page.messages()[len(kept)] == ["user", "谢谢"],
+                  "the next answer")
+    page.click("stop")
+    page.wait_for(lambda: not page.busy(), "the next answer to stop", timeout=30)
     assert page.messages()[:len(kept)] == kept  # what was written stays
 
 
@@ -480,3 +473,20 @@ def test_calls_show_as_chat_returns_them():
         {"role": "assistant", "content": web_demo.CALL_MARK + 'read_fault_codes {"system": "发动机"}'},
         {"role": "assistant", "content": web_demo.CALL_MARK + 'read_fault_codes {"system": "变速箱"}'},
         {"role": "assistant", "content": web_demo.CALL_MARK + "clear_codes not a call"}]
+
+
+def test_the_sampling_flags_are_predict_pys():
+    """web_demo.py's four sampling flags are predict.py's (one add_sampling_flags): the same defaults and help."""
+    import argparse
+
+    def sampling_flags(module):
+        parser = argparse.ArgumentParser()
+        module.add_sampling_flags(parser.add_argument_group(), not_sampling="-")
+        return {a.dest: (a.default, a.help) for a in parser._actions if a.dest != "help"}
+
+    expected = sampling_flags(predict)
+    assert set(expected) == {"max_new_tokens", "do_sample", "top_p", "temperature"}
+    assert sampling_flags(web_demo) == expected
+    for module in (predict, web_demo):
+        args = module.parse_args(["--mode", "glm3", "--model_path", "-"])
+        assert {flag: getattr(args, flag) for flag in expected} == {f: d for f, (d, _) in expected.items()}
