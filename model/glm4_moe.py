@@ -1,0 +1,221 @@
+"""GLM-4.5 / 4.5-Air / 4.6 / 4.7 (mode `glm4-moe`, transformers' `Glm4MoeForCausalLM`) and GLM-4.7-Flash (mode
+`glm4-moe-lite`, `Glm4MoeLiteForCausalLM`, MLA attention): the mixture-of-experts GLMs, on transformers' own classes
+(no model code of ours) and the checkpoint's own chat template (model/chat_template.py renders it; this module only
+converts our tool forms to what these templates take and parses the model's calls back).
+
+What transformers 5.24 does with them (read in models/glm4_moe*/modeling_*.py):
+- experts are FUSED 3-D parameters, `mlp.experts.gate_up_proj` [experts, 2*moe_intermediate, hidden] and
+  `mlp.experts.down_proj` [experts, hidden, moe_intermediate] (no per-expert Linear modules), run by
+  `@use_experts_implementation` (config `experts_implementation`: eager loop, or grouped kernels);
+- the router (`mlp.gate`) is a sigmoid top-k with `e_score_correction_bias` (aux-loss-free balancing); the official
+  config.json has no `router_aux_loss_coef` and the class computes no auxiliary loss;
+- the multi-token-prediction layer (`num_nextn_predict_layers`, stored as `model.layers.{num_hidden_layers}.*`) is not
+  built; its weights are ignored on load, said in one log line (`_ignore_mtp_on_load`).
+
+`write_tiny_checkpoint` writes a tiny checkpoint of either class in the shipped layout (see `tiny_config`), with an
+MTP layer's tensors in model.safetensors, the tool/thinking tokens and the official chat template
+(model/templates/PROVENANCE.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+MOE_MODE, LITE_MODE = "glm4-moe", "glm4-moe-lite"
+MODES = (MOE_MODE, LITE_MODE)
+MODEL_TYPES = {"glm4_moe": MOE_MODE, "glm4_moe_lite": LITE_MODE}
+ARCHITECTURES = {"Glm4MoeForCausalLM": MOE_MODE, "Glm4MoeLiteForCausalLM": LITE_MODE}
+TEMPLATES = {MOE_MODE: "glm4_6_moe.jinja", LITE_MODE: "glm4_7_flash.jinja"}
+# Tokens of the GLM-4.5 tokenizer beside GLM-4's (glm4_0414.SPECIAL_TOKENS): the tool-call, tool-response and
+# thinking tags the chat templates write, and the /nothink switch GLM-4.5's template appends.
+FORMAT_TOKENS = ("/nothink", "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
+                 "</tool_response>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
+# LoRA's default targets: attention (GQA on glm4-moe, MLA on glm4-moe-lite), the dense and shared-expert MLPs, and
+# the routed experts' fused parameters (PEFT's target_parameters, a LoRA per expert over the 3-D tensor).
+LORA_MODULES = {MOE_MODE: "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                LITE_MODE: "q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj,gate_proj,up_proj,down_proj"}
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+ROUTER_NAME = "mlp.gate."
+
+
+def mode_of_config(config_dict: dict) -> str | None:
+    """glm4-moe / glm4-moe-lite by model_type or architectures; None for any other config."""
+    if config_dict.get("model_type") in MODEL_TYPES:
+        return MODEL_TYPES[config_dict["model_type"]]
+    for architecture in config_dict.get("architectures") or []:
+        if architecture in ARCHITECTURES:
+            return ARCHITECTURES[architecture]
+    return None
+
+
+def read_template(mode: str) -> str:
+    from .glm4_0414 import TEMPLATE_DIR
+    with open(os.path.join(TEMPLATE_DIR, TEMPLATES[mode]), encoding="utf-8") as f:
+        return f.read()
+
+
+def build_tokenizer(mode: str):
+    """The tiny byte-level BPE of glm4_0414 with the GLM-4.5 format tokens and the mode's official chat template."""
+    from tokenizers import AddedToken
+
+    from .glm4_0414 import build_tokenizer as build_glm4_tokenizer
+    tokenizer = build_glm4_tokenizer(read_template(mode))
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in FORMAT_TOKENS
+                          if t not in tokenizer.get_vocab()])
+    return tokenizer
+
+
+def tiny_config(mode: str, tokenizer):
+    """Tiny dims with the official structure: one dense first layer (first_k_dense_replace 1), then MoE layers of
+    4 routed experts (2 per token) and a shared expert, one MTP layer declared (num_nextn_predict_layers 1)."""
+    from transformers import Glm4MoeConfig, Glm4MoeLiteConfig
+
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    common = dict(vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=64, intermediate_size=128,
+                  moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, n_routed_experts=4,
+                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                  norm_topk_prob=True, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, num_nextn_predict_layers=1)
+    if mode == MOE_MODE:  # GLM-4.5-Air's ratios: partial rotary 0.5, GQA, attention bias, no qk norm
+        return Glm4MoeConfig(**common, num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5,
+                             attention_bias=True, use_qk_norm=False, routed_scaling_factor=1.0, bos_token_id=None)
+    # GLM-4.7-Flash: MLA (q/kv low-rank), routed_scaling_factor 1.8
+    return Glm4MoeLiteConfig(**common, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+                             qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.8, bos_token_id=None)
+
+
+def write_tiny_checkpoint(mode: str, output_dir: str, seed: int = 0) -> str:
+    """A tiny checkpoint of the mode's class in output_dir (FileExistsError when it is not empty), with the tensors
+    of one MTP layer (model.layers.{num_hidden_layers}.*) in model.safetensors as the official files have them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from .export import atomic_directory
+    from .tiny import draw_strong_weights
+
+    with atomic_directory(output_dir) as staging:
+        tokenizer = build_tokenizer(mode)
+        tokenizer.save_pretrained(staging)
+        _template_into_tokenizer_config(staging, tokenizer.chat_template)
+        torch.manual_seed(seed)
+        config = tiny_config(mode, tokenizer)
+        model = AutoModelForCausalLM.from_config(config)
+        draw_strong_weights(model, seed)
+        model.save_pretrained(staging)
+        weights_file = os.path.join(staging, "model.safetensors")
+        weights = load_file(weights_file)
+        mtp = f"model.layers.{config.num_hidden_layers}."
+        generator = torch.Generator().manual_seed(seed)
+        weights.update({mtp + name: torch.randn(shape, generator=generator, dtype=torch.float32).to(
+            weights["model.norm.weight"].dtype) for name, shape in (
+            ("eh_proj.weight", (config.hidden_size, 2 * config.hidden_size)), ("enorm.weight", (config.hidden_size,)),
+            ("hnorm.weight", (config.hidden_size,)), ("shared_head.norm.weight", (config.hidden_size,)))})
+        save_file(weights, weights_file, metadata={"format": "pt"})
+    return output_dir
+
+
+def _template_into_tokenizer_config(directory: str, chat_template: str) -> None:
+    """The official layout: the template inside tokenizer_config.json, no chat_template.jinja."""
+    config_file = os.path.join(directory, "tokenizer_config.json")
+    with open(config_file, encoding="utf-8") as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["chat_template"] = chat_template
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_file, "w", encoding="utf-8") as f:
+        f.write(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if os.path.exists(jinja):
+        os.remove(jinja)
+
+
+def _ignore_mtp_on_load() -> None:
+    """transformers ignores the MTP layer only by the official layer numbers (`_keys_to_ignore_on_load_unexpected`
+    of Glm4MoePreTrainedModel: model.layers.46 / 92; Glm4MoeLite: 47), so any other depth (a pruned or tiny model)
+    prints a table of "unexpected" keys. Each model instance instead ignores the layers its own config declares past
+    num_hidden_layers, and says so in one log line."""
+    import logging
+
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoePreTrainedModel
+    from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLitePreTrainedModel
+
+    for cls in (Glm4MoePreTrainedModel, Glm4MoeLitePreTrainedModel):
+        if getattr(cls, "_mtp_ignored", False):
+            continue
+        original = cls.post_init
+
+        def post_init(self, _original=original):
+            _original(self)
+            first, count = self.config.num_hidden_layers, getattr(self.config, "num_nextn_predict_layers", 0) or 0
+            if count and hasattr(self, "model"):  # the CausalLM (its state dict names start with model.)
+                layers = "|".join(str(first + i) for i in range(count))
+                self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | {
+                    rf"^model\.layers\.({layers})\."}
+                logging.getLogger("chatglm").info(
+                    "%s: the multi-token-prediction layer (num_nextn_predict_layers=%d, model.layers.%s) is not "
+                    "built by transformers: its weights are ignored on load and absent from outputs",
+                    type(self).__name__, count, layers)
+        cls.post_init = post_init
+        cls._mtp_ignored = True
+
+
+_ignore_mtp_on_load()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# tool calls: our messages -> the template's `tool_calls`; the model's text -> {"name", "parameters"}
+# ------------------------------------------------------------------------------------------------------------------
+def takes_tool_calls(chat_template: str | None) -> bool:
+    """Whether a chat template renders OpenAI `tool_calls` (GLM-4.5 and later) rather than ChatGLM's metadata."""
+    return bool(chat_template) and "tool_calls" in chat_template and "<arg_key>" in chat_template
+
+
+def with_tool_calls(messages: list[dict]) -> list[dict]:
+    """Our tool forms (tool_data.py: consecutive `metadata` call messages, each answered by an observation) as the
+    GLM-4.5 templates take them: an assistant message with `tool_calls` [{"function": {"name", "arguments"}}] (a text
+    answer right before the calls becomes its content) and `tool` results."""
+    converted = []
+    for message in messages:
+        if message["role"] == "assistant" and str(message.get("metadata") or "").strip():
+            content = message.get("content")
+            arguments = json.loads(content) if isinstance(content, str) and content.strip() else (content or {})
+            call = {"type": "function", "function": {"name": message["metadata"].strip(), "arguments": arguments}}
+            previous = converted[-1] if converted else None
+            if previous and previous["role"] == "assistant" and not previous.get("_answered"):
+                previous.setdefault("tool_calls", []).append(call)
+                continue
+            message = {k: v for k, v in message.items() if k not in ("metadata", "content")}
+            converted.append({**message, "content": "", "tool_calls": [call]})
+            continue
+        if message["role"] == "observation":
+            message = {**message, "role": "tool"}
+        if converted and converted[-1]["role"] == "assistant":
+            converted[-1]["_answered"] = True
+        converted.append(dict(message))
+    for message in converted:
+        message.pop("_answered", None)
+    return converted
+
+
+CALL_PATTERN = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+ARGUMENT_PATTERN = re.compile(r"<arg_key>\s*(.*?)\s*</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+
+
+def parse_calls(response: str) -> tuple[str, list[dict]]:
+    """(text before the first call, calls as {"name", "parameters"}) of what the model wrote; an argument value is
+    JSON where it parses (the template writes non-strings with tojson), else the string itself."""
+    calls = []
+    for match in CALL_PATTERN.finditer(response):
+        body = match.group(1)
+        name = body.split("<arg_key>", 1)[0].strip()
+        parameters = {}
+        for key, value in ARGUMENT_PATTERN.findall(body):
+            value = value.strip("\n")
+            try:
+                parameters[key] = json.loads(value)
+            except json.JSONDecodeError:
+                parameters[key] = value
+        calls.append({"name": name, "parameters": parameters})
+    text = response.split("<tool_call>", 1)[0].strip()
+    return text, calls
