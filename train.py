@@ -34,6 +34,7 @@ import packing
 import quantization
 import sequence_parallel
 from model import MODE, UPSTREAM_MODES, check_checkpoint_dir, chat_template, template
+from model import glm4_moe
 from model.glm4_0414 import num_layers
 from model.config import read_json, resolve_mode
 from model.compat import enable_activation_checkpointing
@@ -79,6 +80,7 @@ def parse_args(argv=None):
     group.add_argument("--thinking", default="learn", choices=chat_template.THINKING_CHOICES,
                        help="glm4-0414 (GLM-Z1): the final answer's thinking (reasoning_content or <think>...</think>) "
                             "is learned (learn) or only context (mask)")
+    glm4_moe.add_flags(group)
     group.add_argument("--pre_seq_len", type=int, default=16, help="ptuning: number of prefix tokens")
     add_bool_flag(group, "--prefix_projection", "ptuning: encode the prefix through a two-layer MLP")
     add_bool_flag(group, "--gradient_checkpointing", "recompute activations in backward (less memory)")
@@ -147,6 +149,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     resolve_mode(parser, args, "model_name_or_path")
     check_mode_flags(parser, args)
+    glm4_moe.check_flags(parser, args)
     args.ds_file = find_ds_file(parser, args.ds_file)
     if args.max_src_len >= args.max_len:
         parser.error(f"--max_src_len ({args.max_src_len}) must be smaller than --max_len ({args.max_len})")
@@ -195,7 +198,8 @@ def check_mode_flags(parser, args) -> None:
     attention (cu_seqlens) nor our sequence-parallel attention hooks are wired into its attention."""
     upstream = args.mode in UPSTREAM_MODES
     if args.lora_module_name is None:
-        args.lora_module_name = UPSTREAM_LORA_TARGETS if upstream else "query_key_value"
+        args.lora_module_name = glm4_moe.LORA_MODULES.get(args.mode) or (
+            UPSTREAM_LORA_TARGETS if upstream else "query_key_value")
     if not upstream:
         return
     if args.train_type == "ptuning":
@@ -428,7 +432,7 @@ def apply_train_type(model, args):
         try:
             model = get_peft_model(model, LoraConfig(r=args.lora_dim, lora_alpha=args.lora_alpha,
                                                      lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
-                                                     target_modules=targets))
+                                                     target_modules=targets, **glm4_moe.lora_options(args)))
         except ValueError as e:  # e.g. a module name that matches nothing
             raise SystemExit(f"--lora_module_name {args.lora_module_name!r}: {str(e).splitlines()[0]}") from None
     else:
@@ -440,6 +444,7 @@ def apply_train_type(model, args):
                   if any(part in name for part in names)}
         for param in model.parameters():
             param.requires_grad = id(param) in chosen
+        glm4_moe.freeze_router(model, args)
         if not any(p.requires_grad for p in model.parameters()):
             raise SystemExit(f"--freeze_module_name {freeze!r} matches no parameter of the model")
     if args.gradient_checkpointing:
@@ -487,6 +492,9 @@ def build_engine(model, ds_config, args, total_steps: int):
     check_host_memory(ds_config, model, args.ds_file)
     factor = lr_factor(total_steps, warmup_steps(args, total_steps))
     sequence_parallel.install(model, args)
+    if ds_config.get("zero_optimization", {}).get("stage") == 3 and args.mode in glm4_moe.MODES:
+        logger.info("ZeRO-3: %s are leaf modules (parameters gathered per MoE block)",
+                    ", ".join(glm4_moe.set_zero3_leaf_modules(model)))
     engine, _, _, _ = deepspeed.initialize(
         model=model, config=ds_config, model_parameters=parameter_groups(model, args.weight_decay),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
@@ -494,6 +502,7 @@ def build_engine(model, ds_config, args, total_steps: int):
     # gradient checkpointing (which only checkpoints in training mode) would do nothing.
     engine.train()
     engine.upstream_loss = args.mode in UPSTREAM_MODES  # batch_loss: transformers' own loss interface
+    engine.router_aux = glm4_moe.RouterAuxLoss.for_model(engine.module, args.mode)  # None without an aux loss
     if args.quantization_bit:  # still quantized after DeepSpeed's casts and moves
         logger.info(quantization.describe(quantization.check_storage(engine.module, args.quantization_bit)))
     return engine
@@ -649,12 +658,14 @@ def labelled_tokens(batch) -> int:
     return int((batch["labels"][:, 1:] != template.IGNORE_INDEX).sum())
 
 
-def batch_loss(engine, batch):
+def batch_loss(engine, batch, train: bool = False):
     """Summed loss of a host batch. Labels stay on the host: the loss finds the labelled positions there without
     waiting for the device. Packed rows (packing.py) bring their position_ids and cu_seqlens; a sequence-parallel
     slice its position_ids and shift_labels."""
     inputs = {name: batch[name].to(engine.device, non_blocking=True)
               for name in ("input_ids", "position_ids", "cu_seqlens") if name in batch}
+    if train and getattr(engine, "router_aux", None):  # MoE with an auxiliary loss in its config (glm4_moe)
+        return engine.router_aux.loss(engine, inputs, batch["labels"], labelled_tokens(batch))
     if getattr(engine, "upstream_loss", False):
         # transformers' own causal-LM loss (ForCausalLMLoss): given num_items_in_batch it sums, then divides by it
         return engine(**inputs, labels=batch["labels"], num_items_in_batch=1).loss
@@ -676,7 +687,7 @@ def train_step(engine, window, world_size: int):
     torch.distributed.all_reduce(tokens)
     loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for batch in window:
-        loss_sum = batch_loss(engine, batch)
+        loss_sum = batch_loss(engine, batch, train=True)
         # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
         engine.backward(loss_sum * (len(window) * world_size) / tokens.clamp(min=1))
         engine.step()
@@ -920,7 +931,8 @@ def train(args):
                 seconds = clock.lap()
                 speed = window_tokens / max(seconds, 1e-9)
                 shown = "n/a (no labelled tokens)" if loss is None else f"{loss:.4f}"
-                logger.info("step %d | loss %s | lr %.3e | tokens/s %.0f", step, shown, lr, speed)
+                logger.info("step %d | loss %s | lr %.3e | tokens/s %.0f%s", step, shown, lr, speed,
+                            engine.router_aux.shown(writer, step) if engine.router_aux else "")
                 postfix.update(loss=shown, lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
                 progress.set_postfix(postfix)
                 if writer:

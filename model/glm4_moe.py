@@ -195,7 +195,23 @@ def with_tool_calls(messages: list[dict]) -> list[dict]:
         converted.append(dict(message))
     for message in converted:
         message.pop("_answered", None)
-    return converted
+    return without_old_thinking(converted)
+
+
+def without_old_thinking(messages: list[dict]) -> list[dict]:
+    """The thinking of assistant turns before the last user turn left out, as the GLM-4.5 templates render them
+    (`loop.index0 > ns.last_user_index`): rendered message by message, a later user turn would otherwise change
+    what was rendered before it (model/chat_template.py reads labels off a left-to-right rendering)."""
+    users = [index for index, message in enumerate(messages) if message["role"] == "user"]
+    last_user = users[-1] if users else -1
+    kept = []
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant" and index < last_user:
+            message = {k: v for k, v in message.items() if k != "reasoning_content"}
+            if isinstance(message.get("content"), str) and "</think>" in message["content"]:
+                message["content"] = message["content"].split("</think>")[-1].lstrip("\n")
+        kept.append(message)
+    return kept
 
 
 CALL_PATTERN = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -219,3 +235,111 @@ def parse_calls(response: str) -> tuple[str, list[dict]]:
         calls.append({"name": name, "parameters": parameters})
     text = response.split("<tool_call>", 1)[0].strip()
     return text, calls
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# training: what trains in the MoE blocks, the router's auxiliary loss, ZeRO-3 leaf modules
+# ------------------------------------------------------------------------------------------------------------------
+def add_flags(group) -> None:
+    """train.py's flags of the MoE modes."""
+    from utils import add_bool_flag
+    add_bool_flag(group, "--train_router",
+                  "glm4-moe*: the router (mlp.gate, each MoE layer's expert scores) trains too (lora: saved whole "
+                  "in the adapter); frozen by default in every train type")
+    add_bool_flag(group, "--lora_experts",
+                  "glm4-moe*, lora: LoRA on the routed experts' fused weights (mlp.experts.gate_up_proj, down_proj: "
+                  "PEFT target_parameters, one low-rank update per expert)", default=True)
+
+
+def check_flags(parser, args) -> None:
+    """One-line refusals of the MoE flags outside their modes."""
+    if args.mode not in MODES and (args.train_router or not args.lora_experts):
+        parser.error(f"--train_router / --lora_experts are for --mode {' or '.join(MODES)}, not {args.mode}")
+
+
+def lora_options(args) -> dict:
+    """LoraConfig arguments beside target_modules: the experts' fused parameters, the router kept whole."""
+    if args.mode not in MODES:
+        return {}
+    return {"target_parameters": list(EXPERT_PARAMETERS) if args.lora_experts else None,
+            "modules_to_save": ["mlp.gate"] if args.train_router else None}
+
+
+def router_parameters(model) -> list:
+    """The routers' weights (mlp.gate.weight of every MoE layer; e_score_correction_bias is a buffer)."""
+    return [param for name, param in model.named_parameters() if ROUTER_NAME in name and "modules_to_save" not in name]
+
+
+def freeze_router(model, args) -> None:
+    """freeze / all: the router stays frozen unless --train_router (changing it reroutes tokens away from what
+    the experts learned; GLM-4.5's recipe keeps it fixed after the bias balancing)."""
+    if args.mode in MODES and not args.train_router:
+        for param in router_parameters(model):
+            param.requires_grad = False
+
+
+def aux_loss_coef(config) -> float:
+    """The router's auxiliary load-balancing coefficient as the checkpoint's config.json sets it; the official
+    GLM-4.5-Air and GLM-4.7-Flash configs set none (their routers balance through e_score_correction_bias): 0."""
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def router_aux_loss(outputs, config, attention_mask=None):
+    """Switch-Transformer load-balancing loss over the router logits of every MoE layer (transformers'
+    load_balancing_loss_func, as Mixtral/Qwen-MoE add it), unscaled."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    return load_balancing_loss_func(outputs.router_logits, config.n_routed_experts, config.num_experts_per_tok,
+                                    attention_mask)
+
+
+def set_zero3_leaf_modules(model) -> list[str]:
+    """DeepSpeed ZeRO-3: the MoE blocks as leaf modules (deepspeed.utils.set_z3_leaf_modules), so their parameters
+    are gathered once per block rather than per expert actually hit: ranks hitting different experts would
+    otherwise wait on each other's gathers (the documented fix for ZeRO-3 hangs with routed experts)."""
+    from deepspeed.utils import set_z3_leaf_modules
+    classes = sorted({type(module) for module in model.modules() if type(module).__name__ in (
+        "Glm4MoeMoE", "Glm4MoeLiteMoE")}, key=lambda cls: cls.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return [cls.__name__ for cls in classes]
+
+
+class RouterAuxLoss:
+    """The router's load-balancing loss in the training loss, as the checkpoint's config sets it
+    (`router_aux_loss_coef` with output_router_logits): coef x aux per labelled token, so that train.py's division of
+    the summed loss by the labelled tokens leaves coef x aux in the mean. Logged apart (`shown`)."""
+
+    def __init__(self, config, coef: float):
+        self.config, self.coef = config, coef
+        self.sum, self.count = 0.0, 0
+
+    @classmethod
+    def for_model(cls, model, mode: str):
+        """None (with one log line saying why) where the config sets no auxiliary loss."""
+        import logging
+        if mode not in MODES:
+            return None
+        config = model.config
+        coef = aux_loss_coef(config)
+        log = logging.getLogger("chatglm")
+        if not coef:
+            log.info("router aux loss: off (config.json sets no router_aux_loss_coef; the router balances experts "
+                     "through e_score_correction_bias, as GLM-4.5 was trained)")
+            return None
+        log.info("router aux loss: router_aux_loss_coef %g from config.json, added to the loss, logged apart", coef)
+        return cls(config, coef)
+
+    def loss(self, engine, inputs: dict, labels, labelled: int):
+        outputs = engine(**inputs, labels=labels, num_items_in_batch=1, output_router_logits=True)
+        aux = router_aux_loss(outputs, self.config)
+        self.sum += float(aux.detach())
+        self.count += 1
+        return outputs.loss + self.coef * aux * labelled
+
+    def shown(self, writer=None, step: int = 0) -> str:
+        """' | router aux %.4f' (the mean since the last call, unscaled); the tensorboard scalar train/router_aux."""
+        mean = self.sum / max(self.count, 1)
+        self.sum, self.count = 0.0, 0
+        if writer:
+            writer.add_scalar("train/router_aux", mean, step)
+        return f" | router aux {mean:.4f} (x {self.coef:g} in the loss)"
