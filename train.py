@@ -73,7 +73,9 @@ def parse_args(argv=None):
                             "layers.27.,layers.26.,layers.25.,layers.24. on a 28-layer model)")
     group.add_argument("--lora_dim", type=int, default=8, help="lora: rank r")
     group.add_argument("--lora_alpha", type=int, default=30, help="lora: scaling alpha")
-    group.add_argument("--lora_dropout", type=float, default=0.1, help="lora: dropout on the LoRA input")
+    group.add_argument("--lora_dropout", type=float, default=None,
+                       help="lora: dropout on the LoRA input (default 0.1; glm4-moe* with --lora_experts: 0, PEFT's "
+                            "LoRA on fused expert parameters takes none)")
     group.add_argument("--lora_module_name", default=None,
                        help="lora: comma-separated module names (default: query_key_value; glm4-0414: "
                             f"{UPSTREAM_LORA_TARGETS}; ChatGLM also has dense,dense_h_to_4h,dense_4h_to_h)")
@@ -751,7 +753,8 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
                       os.path.join(staging, "prefix_encoder.safetensors"))
             tokenizer.save_pretrained(staging)
         else:  # the base's files (tokenizer included) with the new weights in the base's dtype
-            write_full_checkpoint(state, args.model_name_or_path, staging, tied=model.all_tied_weights_keys)
+            write_full_checkpoint(glm4_moe.shipped_names(model, state), args.model_name_or_path, staging,
+                                  tied=model.all_tied_weights_keys)
         with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
             json.dump(run_record(args, torch.distributed.get_world_size()), f, indent=2)
     torch.distributed.barrier()

@@ -255,6 +255,13 @@ def check_flags(parser, args) -> None:
     """One-line refusals of the MoE flags outside their modes."""
     if args.mode not in MODES and (args.train_router or not args.lora_experts):
         parser.error(f"--train_router / --lora_experts are for --mode {' or '.join(MODES)}, not {args.mode}")
+    experts = args.mode in MODES and args.train_type == "lora" and args.lora_experts
+    if args.lora_dropout is None:
+        args.lora_dropout = 0.0 if experts else 0.1
+    elif experts and args.lora_dropout:
+        # peft/tuners/lora/layer.py ParamWrapper: "lora.ParamWrapper does not work with lora_dropout != 0"
+        parser.error(f"--lora_dropout {args.lora_dropout}: LoRA on the fused experts (PEFT target_parameters) takes "
+                     f"no dropout; pass --lora_dropout 0, or --lora_experts False")
 
 
 def lora_options(args) -> dict:
@@ -343,3 +350,14 @@ class RouterAuxLoss:
         if writer:
             writer.add_scalar("train/router_aux", mean, step)
         return f" | router aux {mean:.4f} (x {self.coef:g} in the loss)"
+
+
+def shipped_names(model, state_dict: dict) -> dict:
+    """A state dict of transformers' MoE classes under the names the checkpoint stores: transformers 5 loads the
+    official per-expert tensors (mlp.experts.N.gate_proj/up_proj/down_proj.weight) into the fused 3-D parameters and
+    its save_pretrained splits them back (`revert_weight_conversion`); write_full_checkpoint keeps the base's names,
+    so full saves and merges do the same. Other models' state dicts pass through unchanged."""
+    if type(model).__name__ not in ARCHITECTURES:
+        return state_dict
+    from transformers.core_model_loading import revert_weight_conversion
+    return revert_weight_conversion(model, state_dict)

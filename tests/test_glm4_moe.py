@@ -171,7 +171,7 @@ def test_lora_on_attention_and_experts_merge_equals_base_plus_adapter(tiny, tmp_
     assert f"using --mode {mode}" in capsys.readouterr().out
     with open(os.path.join(saved, "adapter_config.json")) as f:
         adapter = json.load(f)
-    assert set(adapter["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+    assert {name.rsplit(".", 1)[-1] for name in adapter["target_parameters"]} == {"gate_up_proj", "down_proj"}
     assert "o_proj" in adapter["target_modules"] and not adapter.get("modules_to_save")
     with safe_open(os.path.join(saved, "adapter_model.safetensors"), "pt") as f:
         names = list(f.keys())
@@ -197,3 +197,24 @@ def test_train_router_saves_the_router_in_the_adapter(tiny, tmp_path, monkeypatc
     saved = run_train(monkeypatch, *train_args(path, tmp_path / "out", "--train_router", "--max_steps", 1))
     with safe_open(os.path.join(saved, "adapter_model.safetensors"), "pt") as f:
         assert any("mlp.gate" in n and "gate_proj" not in n for n in f.keys())
+
+
+@pytest.mark.parametrize("train_type,extra", [("freeze", []), ("all", []), ("lora", ["--quantization_bit", 4])])
+def test_other_train_types_train_and_chat(tiny, tmp_path, monkeypatch, one_thread, train_type, extra):
+    """freeze (last layers), all, QLoRA 4-bit (bitsandbytes quantizes the Linear layers; the fused experts stay
+    unquantized) train through train.main with the router frozen, save in the shipped layout and answer chat()."""
+    import torch
+    from safetensors import safe_open
+
+    from inference import load_for_inference
+    mode, path = tiny
+    saved = run_train(monkeypatch, *train_args(path, tmp_path / "out", "--train_type", train_type, *extra))
+    if train_type != "lora":  # full save under the official per-expert names; router unchanged (frozen)
+        with safe_open(os.path.join(saved, "model.safetensors"), "pt") as f, \
+                safe_open(os.path.join(path, "model.safetensors"), "pt") as base:
+            assert set(f.keys()) == set(base.keys())
+            router = "model.layers.2.mlp.gate.weight"
+            torch.testing.assert_close(f.get_tensor(router), base.get_tensor(router), rtol=0, atol=0)
+    model, tokenizer = load_for_inference(mode, saved)
+    response, history = model.chat(tokenizer, "发动机", max_new_tokens=3, do_sample=False)
+    assert isinstance(response, (str, dict, list)) and history[0] == {"role": "user", "content": "发动机"}
