@@ -507,6 +507,8 @@ def build_engine(model, ds_config, args, total_steps: int):
     engine.router_aux = glm4_moe.RouterAuxLoss.for_model(engine.module, args.mode)  # None without an aux loss
     if args.quantization_bit:  # still quantized after DeepSpeed's casts and moves
         logger.info(quantization.describe(quantization.check_storage(engine.module, args.quantization_bit)))
+        if args.mode in glm4_moe.MODES:
+            logger.info(glm4_moe.quantization_note(engine.module))
     return engine
 
 
@@ -745,6 +747,9 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
     if rank == 0:
         model = engine.module
         if args.train_type == "lora":
+            # modules kept whole in the adapter (--train_router: the MoE router) save their buffers too
+            state.update({name: buffer.detach().cpu().clone() for name, buffer in model.named_buffers()
+                          if ".modules_to_save." in name})
             model.save_pretrained(staging, state_dict=state)
             tokenizer.save_pretrained(staging)
         elif args.train_type == "ptuning":

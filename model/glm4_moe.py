@@ -68,12 +68,13 @@ def build_tokenizer(mode: str):
 
 def tiny_config(mode: str, tokenizer):
     """Tiny dims with the official structure: one dense first layer (first_k_dense_replace 1), then MoE layers of
-    4 routed experts (2 per token) and a shared expert, one MTP layer declared (num_nextn_predict_layers 1)."""
+    4 routed experts (2 per token) and a shared expert, one MTP layer declared (num_nextn_predict_layers 1). Every
+    Linear input is a multiple of 64 and every output of 32: bitsandbytes' CPU 4-bit kernel packs whole blocks."""
     from transformers import Glm4MoeConfig, Glm4MoeLiteConfig
 
     stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
     common = dict(vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=64, intermediate_size=128,
-                  moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, n_routed_experts=4,
+                  moe_intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, n_routed_experts=4,
                   num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
                   norm_topk_prob=True, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
                   eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, num_nextn_predict_layers=1)
@@ -81,8 +82,8 @@ def tiny_config(mode: str, tokenizer):
         return Glm4MoeConfig(**common, num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5,
                              attention_bias=True, use_qk_norm=False, routed_scaling_factor=1.0, bos_token_id=None)
     # GLM-4.7-Flash: MLA (q/kv low-rank), routed_scaling_factor 1.8
-    return Glm4MoeLiteConfig(**common, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
-                             qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.8, bos_token_id=None)
+    return Glm4MoeLiteConfig(**common, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=32,
+                             qk_nope_head_dim=32, v_head_dim=16, routed_scaling_factor=1.8, bos_token_id=None)
 
 
 def write_tiny_checkpoint(mode: str, output_dir: str, seed: int = 0) -> str:
@@ -361,3 +362,40 @@ def shipped_names(model, state_dict: dict) -> dict:
         return state_dict
     from transformers.core_model_loading import revert_weight_conversion
     return revert_weight_conversion(model, state_dict)
+
+
+_CHAT_CLASSES: dict = {}
+
+
+def with_chat(model):
+    """The loaded Glm4Moe(Lite)ForCausalLM (or the one under a PEFT wrapper) given chat() / stream_chat() in the
+    checkpoint's own chat format, for predict.py and web_demo.py, as glm4_0414.with_chat does for Glm4ForCausalLM:
+    its class becomes a subclass that only adds those methods (inference only: nothing is saved from it)."""
+    for module in model.modules():
+        mode = ARCHITECTURES.get(type(module).__name__)
+        if mode and not hasattr(module, "chat"):
+            module.__class__ = _chat_class(type(module), mode)
+    return model
+
+
+def _chat_class(base, mode: str):
+    if base not in _CHAT_CLASSES:
+        from .modeling_base import ChatMixin
+        # the GLM-4.5 generation_config.json's sampling defaults are the caller's to pass; ours as for glm4
+        _CHAT_CLASSES[base] = type(f"{base.__name__}ForChat", (ChatMixin, base), {
+            "mode": mode, "chat_defaults": {"max_length": 8192, "num_beams": 1, "do_sample": True, "top_p": 0.8,
+                                            "temperature": 0.8}})
+    return _CHAT_CLASSES[base]
+
+
+def quantization_note(model) -> str:
+    """QLoRA: what bitsandbytes leaves unquantized in the MoE blocks. Its 4-bit/8-bit layers replace nn.Linear only;
+    transformers 5.24's experts are fused 3-D nn.Parameters (no Linear per expert), so they stay in the load dtype."""
+    experts = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj")
+               and p.dim() == 3]
+    if not experts:
+        return "no fused expert parameters"
+    count = sum(p.numel() for p in experts)
+    return (f"QLoRA: the routed experts' fused weights ({len(experts)} tensors, {count} weights, "
+            f"{sum(p.numel() * p.element_size() for p in experts)} bytes) stay {str(experts[0].dtype)[6:]}: "
+            f"bitsandbytes quantizes nn.Linear layers only (attention, dense and shared-expert MLPs)")
