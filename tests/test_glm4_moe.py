@@ -218,3 +218,74 @@ def test_other_train_types_train_and_chat(tiny, tmp_path, monkeypatch, one_threa
     model, tokenizer = load_for_inference(mode, saved)
     response, history = model.chat(tokenizer, "发动机", max_new_tokens=3, do_sample=False)
     assert isinstance(response, (str, dict, list)) and history[0] == {"role": "user", "content": "发动机"}
+
+
+@pytest.mark.parametrize("final", [
+    {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris", "days": 2}'},
+    {"role": "assistant", "content": "Sunny.", "reasoning_content": "the tool said sunny"}])
+def test_tool_call_and_thinking_round_trip_through_chat(tiny, monkeypatch, final):
+    """What training teaches for a call turn / a thinking turn (the learned ids after the prompt), generated back,
+    comes out of chat() as our message again: {"name", "parameters"} with the call in the history, or the answer
+    with its thinking as reasoning_content."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model import glm4_moe, template
+    mode, path = tiny
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = glm4_moe.with_chat(AutoModelForCausalLM.from_pretrained(path))
+    system = {"role": "system", "content": "", "tools": TOOLS}
+    messages = [system, {"role": "user", "content": "Paris?"}, final]
+    ids, labels, _ = template.encode_messages(tokenizer, mode, messages)
+    prompt = template.encode_prompt(tokenizer, mode, "Paris?", [system])
+    assert ids[:len(prompt)] == prompt or mode == "glm4-moe-lite"  # (4.7: `<think>` cue vs `</think>` turn)
+    written = [t for t, label in zip(ids, labels) if label != -100]
+    if mode == "glm4-moe-lite" and tokenizer.convert_ids_to_tokens(prompt[-1]) == "<think>" \
+            and tokenizer.convert_ids_to_tokens(written[0]) == "<think>":
+        written = written[1:]  # the prompt opened the thinking already
+
+    def generate(input_ids, **kwargs):
+        assert input_ids[0].tolist() == prompt
+        return torch.tensor([prompt + written])
+    monkeypatch.setattr(model, "generate", generate)
+    response, history = model.chat(tokenizer, "Paris?", history=[system], do_sample=False)
+    if final.get("metadata"):
+        assert response["name"] == "get_weather" and response["parameters"] == {"city": "Paris", "days": 2}
+        assert {k: history[-1][k] for k in ("role", "metadata", "content")} == final
+    else:
+        assert response == "Sunny." and history[-1]["reasoning_content"] == "the tool said sunny"
+
+
+def test_router_aux_loss_from_config_is_added_and_logged_apart(tmp_path, monkeypatch, one_thread, caplog):
+    """router_aux_loss_coef in config.json (the official GLM-4.5 configs set none): the load-balancing loss of
+    transformers' load_balancing_loss_func is added, and logged on its own."""
+    import logging
+    import shutil
+
+    from model.glm4_moe import write_tiny_checkpoint
+    path = write_tiny_checkpoint("glm4-moe", str(tmp_path / "tiny"))
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["router_aux_loss_coef"] = 0.01
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with caplog.at_level(logging.INFO, logger="chatglm"):
+        run_train(monkeypatch, *train_args(path, tmp_path / "out", "--max_steps", 1))
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "router_aux_loss_coef 0.01 from config.json" in said and "router aux " in said
+    shutil.rmtree(path)
+
+
+def test_zero3_marks_the_moe_blocks_as_leaf_modules(tiny):
+    """deepspeed.utils.set_z3_leaf_modules on the MoE block class (DeepSpeed's documented fix for ZeRO-3 with routed
+    experts); the dense layer's MLP is no leaf."""
+    from deepspeed.utils import get_z3_leaf_modules
+    from transformers import AutoModelForCausalLM
+
+    from model.glm4_moe import set_zero3_leaf_modules
+    mode, path = tiny
+    model = AutoModelForCausalLM.from_pretrained(path)
+    names = set_zero3_leaf_modules(model)
+    assert names == (["Glm4MoeMoE"] if mode == "glm4-moe" else ["Glm4MoeLiteMoE"])
+    leaves = get_z3_leaf_modules(model)
+    assert len(leaves) == 2 and all(type(leaf).__name__ == names[0] for leaf in leaves)
