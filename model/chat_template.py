@@ -119,6 +119,8 @@ def encode_messages(tokenizer, messages: list[dict], learn_all_turns: bool = Tru
                     turn, start, after_thinking = written
                     if thinking == "mask":
                         start = after_thinking
+                elif thinking == "mask" and THINK_CLOSE in turn[start:]:  # the template rendered it (GLM-4.5 on)
+                    start = turn.rindex(THINK_CLOSE) + len(THINK_CLOSE)
         if start is not None:
             spans.append((len(text) + start, len(text) + len(turn)))
         text += turn

@@ -289,3 +289,20 @@ def test_zero3_marks_the_moe_blocks_as_leaf_modules(tiny):
     assert names == (["Glm4MoeMoE"] if mode == "glm4-moe" else ["Glm4MoeLiteMoE"])
     leaves = get_z3_leaf_modules(model)
     assert len(leaves) == 2 and all(type(leaf).__name__ == names[0] for leaf in leaves)
+
+
+def test_thinking_mask_leaves_the_final_thinking_unlearned(tiny):
+    """--thinking mask: the final turn's thinking (rendered by the template itself here) is context, the answer and
+    the stop token are learned; learn: both."""
+    from transformers import AutoTokenizer
+
+    from model import template
+    mode, path = tiny
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    messages = BATTERY[3][0]
+    learned = {}
+    for thinking in ("learn", "mask"):
+        ids, labels, _ = template.encode_messages(tokenizer, mode, messages, thinking=thinking)
+        learned[thinking] = tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
+    assert "二加二" in learned["learn"] and "二加二" not in learned["mask"]
+    assert learned["mask"].endswith("4<|user|>") and "2" in learned["mask"]
