@@ -209,7 +209,7 @@ def main():
     try:
         if args.mode in glm4_moe.MODES:  # transformers' Glm4Moe(Lite)ForCausalLM, the official template
             path = glm4_moe.write_tiny_checkpoint(args.mode, output_dir, args.seed)
-        elif args.mode == glm4_0414.MODE_NAME:  # transformers' Glm4ForCausalLM, GLM-Z1's chat template (model/templates)
+        elif args.mode == glm4_0414.MODE_NAME:  # Glm4ForCausalLM, GLM-Z1's chat template (model/templates)
             path = glm4_0414.write_tiny_checkpoint(output_dir, args.seed)
         else:
             path = write_tiny_checkpoint(args.mode, output_dir, args.seed)
