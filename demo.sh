@@ -14,7 +14,7 @@ case "$TASK" in
          DATA=(--train_path data/train.jsonl --dev_path data/dev.jsonl --max_len 256 --max_src_len 200)
          TEST=data/test.jsonl ;;
   tools) if [ "$MODE" != glm3 ] && [ "$MODE" != glm4 ] && [ "$MODE" != glm4-0414 ]; then
-           echo "demo.sh: TASK=tools needs MODE=glm3, glm4 or glm4-0414 (ChatGLM-6B and ChatGLM2-6B have no tool calls)" >&2
+           echo "demo.sh: TASK=tools needs MODE=glm3, glm4 or glm4-0414 (ChatGLM-6B, ChatGLM2-6B have no tool calls)" >&2
            exit 2
          fi
          WORK="${WORK:-demo-$MODE-tools}"

@@ -42,8 +42,10 @@ MODE = {
     "glm4-moe-lite": ModeSpec("glm4-moe-lite", Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, AutoTokenizer,
                               "tokenizer.json"),
 }
-# modes whose model is transformers' own class, not ours (no chat(), no P-Tuning prefix, its own loss)
+# modes whose model is transformers' own class, not ours: its own loss interface, no P-Tuning prefix; chat() is
+# added at inference (model/glm4_0414.with_chat, model/glm4_moe.with_chat)
 UPSTREAM_MODES = ("glm4-0414", "glm4-moe", "glm4-moe-lite")
 
-__all__ = ["MODE", "ModeSpec", "UPSTREAM_MODES", "ChatGLMConfig", "ChatGLM2Config", "ChatGLM4Config", "check_checkpoint_dir",
+__all__ = ["MODE", "ModeSpec", "UPSTREAM_MODES",
+           "ChatGLMConfig", "ChatGLM2Config", "ChatGLM4Config", "check_checkpoint_dir",
            "detect_version"]

@@ -255,8 +255,8 @@ def detect_mode(path: str, flag: str) -> str:
     version = detect_version(config_dict)
     if version is None:
         raise ValueError(f"{config_file}: model_type={config_dict.get('model_type')!r}, architectures="
-                         f"{config_dict.get('architectures')}: not a model this project trains (ChatGLM-6B .. GLM-4-9B, "
-                         f"GLM-4-0414, GLM-Z1)")
+                         f"{config_dict.get('architectures')}: not a model this project trains "
+                         f"(ChatGLM-6B .. GLM-4-9B, GLM-4-0414, GLM-Z1)")
     if version == "glm2/3":
         raise ValueError(f"{config_file}: a ChatGLM2-6B / ChatGLM3-6B config (one network, two chat formats): pass "
                          f"--mode glm2 or --mode glm3")

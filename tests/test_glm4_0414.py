@@ -118,6 +118,23 @@ def test_z1_thinking_labels_token_by_token(tokenizer):
     assert "".join(pieces(ids)).endswith("2+2?<|assistant|>\n4<|user|>")
 
 
+def test_thinking_flag_reaches_the_training_data(tiny, tokenizer, tmp_path):
+    """train.py --thinking: a `messages` sample with reasoning_content learns thinking + answer (learn) or the
+    answer only (mask), through train.py's own data path."""
+    import train
+    data = tmp_path / "z1.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"},
+                                             {"role": "assistant", "reasoning_content": "二加二", "content": "4"}]},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    learned = {}
+    for thinking in ("learn", "mask"):
+        args = train.parse_args([str(a) for a in train_args(tiny, tmp_path / "out", "--train_path", data,
+                                                            "--thinking", thinking)])
+        example = train.build_data(args, tokenizer)[0].examples[0]
+        learned[thinking] = tokenizer.decode([i for i in example["labels"] if i != -100])
+    assert learned == {"learn": "二加二</think>4<|user|>", "mask": "4<|user|>"}
+
+
 def test_generated_thinking_is_shown_apart_and_not_scored():
     from model import template
     content, history = template.process_response(MODE, "想一想</think>\n\n答案是4")
@@ -178,7 +195,7 @@ def test_other_train_types_train_and_save_loadable(tiny, tmp_path, monkeypatch, 
 
     from inference import load_for_inference
     saved = run_train(monkeypatch, *train_args(tiny, tmp_path / "out", "--mode", MODE, "--train_type", train_type,
-                                               *extra))
+                                               "--max_steps", 1, *extra))
     model, tokenizer = load_for_inference(MODE, saved)
     assert isinstance(model.base_model.model if train_type == "lora" else model, Glm4ForCausalLM)
     response, history = model.chat(tokenizer, "发动机", max_new_tokens=3, do_sample=False)  # predict.py / web_demo
