@@ -194,9 +194,25 @@ def test_train_router_saves_the_router_in_the_adapter(tiny, tmp_path, monkeypatc
     mode, path = tiny
     if mode != "glm4-moe":
         pytest.skip("one class is enough for the flag")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import merge_lora
     saved = run_train(monkeypatch, *train_args(path, tmp_path / "out", "--train_router", "--max_steps", 1))
     with safe_open(os.path.join(saved, "adapter_model.safetensors"), "pt") as f:
         assert any("mlp.gate" in n and "gate_proj" not in n for n in f.keys())
+    merged = tmp_path / "merged"  # the trained router replaces the base's in the merged checkpoint
+    merge_lora.main(["--ori_model_dir", path, "--model_dir", saved, "--output_dir", str(merged)])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), saved)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with safe_open(os.path.join(merged, "model.safetensors"), "pt") as f, \
+            safe_open(os.path.join(path, "model.safetensors"), "pt") as base:
+        router = "model.layers.1.mlp.gate.weight"
+        assert not torch.equal(f.get_tensor(router), base.get_tensor(router))  # trained, and merged in
 
 
 @pytest.mark.parametrize("train_type,extra", [("freeze", []), ("all", []), ("lora", ["--quantization_bit", 4])])
