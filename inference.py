@@ -267,6 +267,7 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
     Problems raise CheckpointError with one line.
     """
     from model import MODE, UPSTREAM_MODES, check_checkpoint_dir
+    from model import glm4_moe
     from model.glm4_0414 import with_chat
 
     if mode not in MODE:
@@ -314,6 +315,7 @@ def load_for_inference(mode: str, model_path: str, base_model_path: str | None =
     model.eval()
     if mode in UPSTREAM_MODES:  # transformers' own class: chat() / stream_chat() in the checkpoint's chat format
         with_chat(model)
+        glm4_moe.with_chat(model)  # GLM-4.5 / GLM-4.7-Flash classes
     quantized = f", base {quantization_bit}-bit" if quantization_bit else (", base not quantized" if why else "")
     logger.info("loaded %s checkpoint %s (%s, base %s) on %s as %s%s%s", mode, model_path, kind, base, device,
                 str(dtype).replace("torch.", ""), quantized, f" ({why})" if why else "")

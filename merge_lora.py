@@ -37,6 +37,7 @@ import torch
 import quantization
 from model import MODE, check_checkpoint_dir, template
 from model.config import read_json, resolve_mode
+from model.glm4_moe import shipped_names
 from model.modeling_base import check_safetensors_headers
 from model.export import ExportError, atomic_directory, stored_dtype, write_full_checkpoint
 from inference import (CheckpointError, attach_lora, check_trained_mode, checkpoint_errors, inference_device,
@@ -162,7 +163,7 @@ def lora_layers(peft_model) -> dict:
 
     layers = {}
     for name, module in peft_model.base_model.model.named_modules():
-        if not isinstance(module, LoraLayer):
+        if not isinstance(module, LoraLayer) or is_fused_experts(module):
             continue
         if type(module.get_base_layer()) is not torch.nn.Linear:
             raise CheckpointError(f"--model_dir: the adapter wraps {name} "
@@ -172,9 +173,19 @@ def lora_layers(peft_model) -> dict:
             raise CheckpointError(f"--model_dir: the adapter on {name} is a LoRA variant (DoRA, lora_bias ...); "
                                   f"merge_lora.py merges plain LoRA")
         layers[name] = module
-    if not layers:
+    if not layers and not fused_expert_layers(peft_model):
         raise CheckpointError("--model_dir: the adapter wraps no layer of the base")
     return layers
+
+
+def is_fused_experts(module) -> bool:
+    """PEFT's LoRA on a parameter (target_parameters: the fused 3-D experts of glm4-moe*), one update per expert."""
+    from peft.tuners.lora import ParamWrapper
+    return isinstance(module, ParamWrapper)
+
+
+def fused_expert_layers(peft_model) -> dict:
+    return {name: module for name, module in peft_model.base_model.model.named_modules() if is_fused_experts(module)}
 
 
 def adapter_factors(layer) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
@@ -279,7 +290,13 @@ def merge_and_check(peft_model):
     if failures:
         raise MergeCheckError(f"MERGE CHECK FAILED: {len(failures)} of {len(layers)} merged layers are not base "
                               f"layer + adapter: {'; '.join(failures[:3])}; nothing was written")
-    return peft_model.unload(), {"layers": len(layers), **worst}
+    experts = fused_expert_layers(peft_model)
+    for name, layer in experts.items():  # peft's own merge; checked by the logits of the whole model (merge())
+        try:
+            layer.merge(safe_merge=True)
+        except ValueError as e:
+            raise MergeCheckError(f"MERGE CHECK FAILED: {name}: {e}; nothing was written") from None
+    return peft_model.unload(), {"layers": len(layers), "fused_expert_parameters": len(experts), **worst}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -360,8 +377,8 @@ def save(merged, report, args) -> None:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else None  # auto: each tensor as the base stores it
     try:
         with atomic_directory(os.path.abspath(args.output_dir)) as staging:
-            changed = write_full_checkpoint(merged.state_dict(), args.ori_model_dir, staging, dtype=dtype,
-                                            tied=merged.all_tied_weights_keys)
+            changed = write_full_checkpoint(shipped_names(merged, merged.state_dict()), args.ori_model_dir, staging,
+                                            dtype=dtype, tied=merged.all_tied_weights_keys)
             with open(os.path.join(staging, "merge_lora.json"), "w", encoding="utf-8") as f:
                 json.dump({**report, "config_fields_changed": changed}, f, indent=2)
     except (ExportError, FileExistsError) as e:

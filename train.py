@@ -35,6 +35,7 @@ import preference
 import quantization
 import sequence_parallel
 from model import MODE, UPSTREAM_MODES, check_checkpoint_dir, chat_template, template
+from model import glm4_moe
 from model.glm4_0414 import num_layers
 from model.config import read_json, resolve_mode
 from model.compat import enable_activation_checkpointing
@@ -85,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "layers.27.,layers.26.,layers.25.,layers.24. on a 28-layer model)")
     group.add_argument("--lora_dim", type=int, default=8, help="lora: rank r")
     group.add_argument("--lora_alpha", type=int, default=30, help="lora: scaling alpha")
-    group.add_argument("--lora_dropout", type=float, default=0.1, help="lora: dropout on the LoRA input")
+    group.add_argument("--lora_dropout", type=float, default=None,
+                       help="lora: dropout on the LoRA input (default 0.1; glm4-moe* with --lora_experts: 0, PEFT's "
+                            "LoRA on fused expert parameters takes none)")
     group.add_argument("--lora_module_name", default=None,
                        help="lora: comma-separated names of the Linear layers LoRA adapts (default: all four of "
                             f"every block, named alike in every ChatGLM mode: {LORA_MODULES}; glm4-0414: "
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--thinking", default="learn", choices=chat_template.THINKING_CHOICES,
                        help="glm4-0414 (GLM-Z1): the final answer's thinking (reasoning_content or <think>...</think>) "
                             "is learned (learn) or only context (mask)")
+    glm4_moe.add_flags(group)
     group.add_argument("--pre_seq_len", type=int, default=16, help="ptuning: number of prefix tokens")
     add_bool_flag(group, "--prefix_projection", "ptuning: encode the prefix through a two-layer MLP")
     add_bool_flag(group, "--gradient_checkpointing", "recompute activations in backward (less memory)")
@@ -168,6 +172,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     resolve_mode(parser, args, "model_name_or_path")
     check_mode_flags(parser, args)
+    glm4_moe.check_flags(parser, args)
     args.ds_file = find_ds_file(parser, args.ds_file)
     if args.max_src_len >= args.max_len:
         parser.error(f"--max_src_len ({args.max_src_len}) must be smaller than --max_len ({args.max_len})")
@@ -218,7 +223,8 @@ def check_mode_flags(parser, args) -> None:
     attention (cu_seqlens) nor our sequence-parallel attention hooks are wired into its attention."""
     upstream = args.mode in UPSTREAM_MODES
     if args.lora_module_name is None:
-        args.lora_module_name = UPSTREAM_LORA_TARGETS if upstream else LORA_MODULES
+        args.lora_module_name = glm4_moe.LORA_MODULES.get(args.mode) or (
+            UPSTREAM_LORA_TARGETS if upstream else LORA_MODULES)
     if not upstream:
         return
     if args.train_type == "ptuning":
@@ -457,7 +463,7 @@ def apply_train_type(model, args):
         try:
             model = get_peft_model(model, LoraConfig(r=args.lora_dim, lora_alpha=args.lora_alpha,
                                                      lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
-                                                     target_modules=targets))
+                                                     target_modules=targets, **glm4_moe.lora_options(args)))
         except ValueError as e:  # e.g. a module name that matches nothing
             raise SystemExit(f"--lora_module_name {args.lora_module_name!r}: {str(e).splitlines()[0]}") from None
     else:
@@ -469,6 +475,7 @@ def apply_train_type(model, args):
                   if any(part in name for part in names)}
         for param in model.parameters():
             param.requires_grad = id(param) in chosen
+        glm4_moe.freeze_router(model, args)
         if not any(p.requires_grad for p in model.parameters()):
             raise SystemExit(f"--freeze_module_name {freeze!r} matches no parameter of the model")
     if args.gradient_checkpointing:
@@ -516,6 +523,9 @@ def build_engine(model, ds_config, args, total_steps: int):
     check_host_memory(ds_config, model, args.ds_file)
     factor = lr_factor(total_steps, warmup_steps(args, total_steps))
     sequence_parallel.install(model, args)
+    if ds_config.get("zero_optimization", {}).get("stage") == 3 and args.mode in glm4_moe.MODES:
+        logger.info("ZeRO-3: %s are leaf modules (parameters gathered per MoE block)",
+                    ", ".join(glm4_moe.set_zero3_leaf_modules(model)))
     engine, _, _, _ = deepspeed.initialize(
         model=model, config=ds_config, model_parameters=parameter_groups(model, args.weight_decay),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
@@ -523,8 +533,11 @@ def build_engine(model, ds_config, args, total_steps: int):
     # gradient checkpointing (which only checkpoints in training mode) would do nothing.
     engine.train()
     engine.upstream_loss = args.mode in UPSTREAM_MODES  # batch_loss: transformers' own loss interface
+    engine.router_aux = glm4_moe.RouterAuxLoss.for_model(engine.module, args.mode)  # None without an aux loss
     if args.quantization_bit:  # still quantized after DeepSpeed's casts and moves
         logger.info(quantization.describe(quantization.check_storage(engine.module, args.quantization_bit)))
+        if args.mode in glm4_moe.MODES:
+            logger.info(glm4_moe.quantization_note(engine.module))
     return engine
 
 
@@ -697,12 +710,14 @@ def labelled_tokens(batch) -> int:
     return int((batch["labels"][:, 1:] != template.IGNORE_INDEX).sum())
 
 
-def batch_loss(engine, batch):
+def batch_loss(engine, batch, train: bool = False):
     """Summed loss of a host batch. Labels stay on the host: the loss finds the labelled positions there without
     waiting for the device. Packed rows (packing.py) bring their position_ids and cu_seqlens; a sequence-parallel
     slice its position_ids and shift_labels."""
     inputs = {name: batch[name].to(engine.device, non_blocking=True)
               for name in ("input_ids", "position_ids", "cu_seqlens") if name in batch}
+    if train and getattr(engine, "router_aux", None):  # MoE with an auxiliary loss in its config (glm4_moe)
+        return engine.router_aux.loss(engine, inputs, batch["labels"], labelled_tokens(batch))
     if getattr(engine, "upstream_loss", False):
         # transformers' own causal-LM loss (ForCausalLMLoss): given num_items_in_batch it sums, then divides by it
         return engine(**inputs, labels=batch["labels"], num_items_in_batch=1).loss
@@ -718,7 +733,8 @@ class TokenLoss:
 
     @staticmethod
     def loss(engine, batch, split: str = "train"):
-        return batch_loss(engine, batch), torch.zeros(0, dtype=torch.float64, device=engine.device)
+        return (batch_loss(engine, batch, train=split == "train"),
+                torch.zeros(0, dtype=torch.float64, device=engine.device))
 
     @staticmethod
     def describe(sums, units: float) -> dict:
@@ -811,6 +827,9 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
     if rank == 0:
         model = engine.module
         if args.train_type == "lora":
+            # modules kept whole in the adapter (--train_router: the MoE router) save their buffers too
+            state.update({name: buffer.detach().cpu().clone() for name, buffer in model.named_buffers()
+                          if ".modules_to_save." in name})
             model.save_pretrained(staging, state_dict=state)
             tokenizer.save_pretrained(staging)
         elif args.train_type == "ptuning":
@@ -819,7 +838,8 @@ def save_checkpoint(engine, tokenizer, args, tag: str, resume_state: dict):
                       os.path.join(staging, "prefix_encoder.safetensors"))
             tokenizer.save_pretrained(staging)
         else:  # the base's files (tokenizer included) with the new weights in the base's dtype
-            write_full_checkpoint(state, args.model_name_or_path, staging, tied=model.all_tied_weights_keys)
+            write_full_checkpoint(glm4_moe.shipped_names(model, state), args.model_name_or_path, staging,
+                                  tied=model.all_tied_weights_keys)
         with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
             json.dump(run_record(args, torch.distributed.get_world_size()), f, indent=2)
     dist_guard.barrier()
@@ -1062,7 +1082,8 @@ def train(args):
                 speed = window_tokens / max(seconds, 1e-9)
                 shown = "n/a (no labelled tokens)" if loss is None else f"{loss:.4f}"
                 logger.info("step %d | loss %s | lr %.3e | tokens/s %.0f%s", step, shown, lr, speed,
-                            "".join(f" | {k} {v:.4f}" for k, v in metrics.items()))
+                            "".join(f" | {k} {v:.4f}" for k, v in metrics.items())
+                            + (engine.router_aux.shown(writer, step) if engine.router_aux else ""))
                 postfix.update(loss=shown, lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
                 progress.set_postfix(postfix)
                 if writer:

@@ -10,8 +10,10 @@ by the same mode name; training, chat() and predict.py all use it.
 """
 from dataclasses import dataclass
 
-from transformers import AutoTokenizer, Glm4Config, Glm4ForCausalLM
+from transformers import (AutoTokenizer, Glm4Config, Glm4ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM,
+                          Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM)
 
+from . import glm4_moe  # noqa: F401  (ignores the MTP layer on load: glm4_moe._ignore_mtp_on_load)
 from .config import ChatGLM2Config, ChatGLM4Config, ChatGLMConfig, check_checkpoint_dir, detect_version
 from .modeling_chatglm import ChatGLMForConditionalGeneration
 from .modeling_chatglm2 import (ChatGLM2ForConditionalGeneration, ChatGLM3ForConditionalGeneration,
@@ -35,10 +37,14 @@ MODE = {
     "glm3": ModeSpec("glm3", ChatGLM2Config, ChatGLM3ForConditionalGeneration, ChatGLM3Tokenizer, "tokenizer.model"),
     "glm4": ModeSpec("glm4", ChatGLM4Config, ChatGLM4ForConditionalGeneration, ChatGLM4Tokenizer, "tokenizer.model"),
     "glm4-0414": ModeSpec("glm4-0414", Glm4Config, Glm4ForCausalLM, AutoTokenizer, "tokenizer.json"),
+    # GLM-4.5/4.6/4.7 and GLM-4.7-Flash, mixture of experts (model/glm4_moe.py)
+    "glm4-moe": ModeSpec("glm4-moe", Glm4MoeConfig, Glm4MoeForCausalLM, AutoTokenizer, "tokenizer.json"),
+    "glm4-moe-lite": ModeSpec("glm4-moe-lite", Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, AutoTokenizer,
+                              "tokenizer.json"),
 }
 # modes whose model is transformers' own class, not ours: its own loss interface, no P-Tuning prefix; chat() is
-# added at inference (model/glm4_0414.with_chat)
-UPSTREAM_MODES = ("glm4-0414",)
+# added at inference (model/glm4_0414.with_chat, model/glm4_moe.with_chat)
+UPSTREAM_MODES = ("glm4-0414", "glm4-moe", "glm4-moe-lite")
 
 __all__ = ["MODE", "ModeSpec", "UPSTREAM_MODES",
            "ChatGLMConfig", "ChatGLM2Config", "ChatGLM4Config", "check_checkpoint_dir",

@@ -25,6 +25,8 @@ line: labels could not be read off it.
 from __future__ import annotations
 
 MODE_NAME = "glm4-0414"
+# every mode whose ids come from the checkpoint's own chat template (glm4-moe*: model/glm4_moe.py)
+TEMPLATE_MODES = (MODE_NAME, "glm4-moe", "glm4-moe-lite")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINKING_CHOICES = ("learn", "mask")
 IGNORE_INDEX = -100
@@ -39,9 +41,13 @@ def with_inline_thinking(message: dict) -> dict:
     return message
 
 
-def template_inputs(messages: list[dict]) -> tuple[list[dict], list | None]:
+def template_inputs(messages: list[dict], tokenizer=None) -> tuple[list[dict], list | None]:
     """(messages, tools) as the template takes them: the tools of system messages become `tools`, a system message
-    without text then goes; thinking is written inline."""
+    without text then goes; thinking is written inline; for a template that takes OpenAI `tool_calls` (GLM-4.5 and
+    later) our `metadata` calls become them (glm4_moe.with_tool_calls)."""
+    from .glm4_moe import takes_tool_calls, with_tool_calls
+    if tokenizer is not None and takes_tool_calls(getattr(tokenizer, "chat_template", None)):
+        messages = with_tool_calls(messages)
     tools, converted = None, []
     for message in messages:
         if message["role"] == "system" and "tools" in message:
@@ -66,7 +72,7 @@ def encode_text(tokenizer, text: str) -> list[int]:
 
 def encode_context(tokenizer, messages: list[dict]) -> list[int]:
     """Ids of the prompt the model answers: the conversation with the template's generation prompt."""
-    converted, tools = template_inputs(messages)
+    converted, tools = template_inputs(messages, tokenizer)
     return encode_text(tokenizer, render(tokenizer, converted, tools, generation_prompt=True))
 
 
@@ -93,7 +99,7 @@ def encode_messages(tokenizer, messages: list[dict], learn_all_turns: bool = Tru
     module docstring); answer_start is where the final answer begins (the prompt chat() would build before it)."""
     if thinking not in THINKING_CHOICES:
         raise ValueError(f"--thinking {thinking!r}: expected one of {', '.join(THINKING_CHOICES)}")
-    converted, tools = template_inputs(messages)
+    converted, tools = template_inputs(messages, tokenizer)
     last = len(converted) - 1
     text = ""  # what is rendered so far (transformers refuses to render an empty conversation)
     spans = []  # (start, end) character spans of the rendering whose tokens are learned
@@ -113,6 +119,8 @@ def encode_messages(tokenizer, messages: list[dict], learn_all_turns: bool = Tru
                     turn, start, after_thinking = written
                     if thinking == "mask":
                         start = after_thinking
+                elif thinking == "mask" and THINK_CLOSE in turn[start:]:  # the template rendered it (GLM-4.5 on)
+                    start = turn.rindex(THINK_CLOSE) + len(THINK_CLOSE)
         if start is not None:
             spans.append((len(text) + start, len(text) + len(turn)))
         text += turn

@@ -184,6 +184,9 @@ def detect_version(config_dict: dict) -> str | None:
     from .glm4_0414 import MODE_NAME, is_glm4_0414_config
     if is_glm4_0414_config(config_dict):  # transformers' own GLM-4 (GLM-4-0414, GLM-Z1)
         return MODE_NAME
+    from .glm4_moe import mode_of_config
+    if mode_of_config(config_dict):  # GLM-4.5 .. 4.7 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite)
+        return mode_of_config(config_dict)
     keys = set(config_dict)
     if keys & _GLM_ONLY and not keys & _GLM2_ONLY:
         return "glm"
@@ -223,7 +226,7 @@ def check_checkpoint_dir(path: str, mode: str) -> dict:
     version = detect_version(config_dict)
     if version is None:
         raise ValueError(f"{config_file}: not a ChatGLM config (model_type={config_dict.get('model_type')!r})")
-    if "glm4-0414" in (version, mode):
+    if {"glm4-0414", "glm4-moe", "glm4-moe-lite"} & {version, mode}:
         if version != mode:
             raise ValueError(f"{config_file}: this is a {version} checkpoint, but --mode is {mode}")
         return config_dict

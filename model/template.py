@@ -46,11 +46,11 @@ import json
 import re
 from dataclasses import dataclass
 
-from . import chat_template
+from . import chat_template, glm4_moe
 
 ROLES = ("system", "user", "assistant", "observation")
 # modes whose chat history is a list of message dicts (roles, tools, metadata)
-MESSAGE_MODES = ("glm3", "glm4", chat_template.MODE_NAME)
+MESSAGE_MODES = ("glm3", "glm4") + chat_template.TEMPLATE_MODES
 IGNORE_INDEX = -100
 
 # The official tool system prompt of GLM-4: the fixed text that the chat template of THUDM/glm-4-9b-chat
@@ -319,7 +319,7 @@ def encode_prompt(tokenizer, mode: str, query: str, history=None, role: str = "u
 
 def encode_context(tokenizer, mode: str, messages: list[dict]) -> list[int]:
     """Ids of the prompt for a conversation that does not end with an answer, ending with the cue to answer."""
-    if mode == chat_template.MODE_NAME:  # the checkpoint's own chat template
+    if mode in chat_template.TEMPLATE_MODES:  # the checkpoint's own chat template
         return chat_template.encode_context(tokenizer, messages)
     ids, _ = _encode(tokenizer, mode, _pieces(tokenizer, mode, messages, learn_all_turns=False))
     return ids
@@ -335,7 +335,7 @@ def encode_messages(tokenizer, mode: str, messages: list[dict], learn_all_turns:
     """
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("a training conversation must end with an assistant message")
-    if mode == chat_template.MODE_NAME:
+    if mode in chat_template.TEMPLATE_MODES:
         return chat_template.encode_messages(tokenizer, messages, learn_all_turns, thinking)
     if mode == "glm":
         learn_all_turns = False
@@ -491,6 +491,8 @@ def process_response(mode: str, response: str, history=None, ended: bool = True)
                 response = re.sub(r"%s([\u4e00-\u9fff])" % ascii_punct, r"%s\1" % full_width, response)
         return response
     history = list(history or [])
+    if mode in glm4_moe.MODES:  # <tool_call>NAME<arg_key>..</arg_key><arg_value>..</arg_value></tool_call>
+        return _moe_response(response, history)
     thinking = ""
     if mode == chat_template.MODE_NAME:  # GLM-Z1: the thinking before </think> is shown apart, never scored
         thinking, response = chat_template.split_thinking(response)
@@ -529,3 +531,22 @@ def process_response(mode: str, response: str, history=None, ended: bool = True)
 def is_incomplete(call) -> bool:
     """A tool call that the token limit cut (see `process_response`): shown as such, never run, scored as wrong."""
     return isinstance(call, dict) and bool(call.get("incomplete"))
+
+
+def _moe_response(response: str, history: list[dict]):
+    """process_response for the GLM-4.5 format: the thinking apart (history's reasoning_content), the calls as
+    {"name", "content", "parameters"} (a list when several) and as `metadata` call messages in the history."""
+    thinking, response = chat_template.split_thinking(response)
+    text, calls = glm4_moe.parse_calls(response)
+    start = len(history)
+    if text or not calls:
+        history.append({"role": "assistant", "metadata": "", "content": text})
+    for call in calls:
+        arguments = json.dumps(call["parameters"], ensure_ascii=False)
+        history.append({"role": "assistant", "metadata": call["name"], "content": arguments})
+        call["content"] = arguments
+    if thinking:
+        history[start]["reasoning_content"] = thinking
+    if not calls:
+        return text, history
+    return (calls if len(calls) > 1 else calls[0]), history

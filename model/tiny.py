@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from . import MODE, glm4_0414, template
+from . import MODE, glm4_0414, glm4_moe, template
 from .config import VERSION_KEY
 from .export import atomic_directory
 from .sp_build import build_tokenizer_file
@@ -207,7 +207,9 @@ def main():
     args = parser.parse_args()
     output_dir = args.output_dir or f"tiny-{args.mode}"
     try:
-        if args.mode == glm4_0414.MODE_NAME:  # transformers' Glm4ForCausalLM, GLM-Z1's chat template (model/templates)
+        if args.mode in glm4_moe.MODES:  # transformers' Glm4Moe(Lite)ForCausalLM, the official template
+            path = glm4_moe.write_tiny_checkpoint(args.mode, output_dir, args.seed)
+        elif args.mode == glm4_0414.MODE_NAME:  # Glm4ForCausalLM, GLM-Z1's chat template (model/templates)
             path = glm4_0414.write_tiny_checkpoint(output_dir, args.seed)
         else:
             path = write_tiny_checkpoint(args.mode, output_dir, args.seed)
