@@ -12,13 +12,11 @@ External rules followed here:
 """
 import json
 import os
-from itertools import count
 
 import pytest
 
-from conftest import ROOT, one_rank_env
+from conftest import ROOT, free_port, one_rank_env
 
-PORTS = count(32300 + os.getpid() % 97)
 MODES = ("glm4-moe", "glm4-moe-lite")
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
                                              "parameters": {"type": "object",
@@ -145,7 +143,7 @@ def test_calls_parse_back_to_name_and_parameters():
 
 def run_train(monkeypatch, *argv):
     import train
-    one_rank_env(monkeypatch, next(PORTS))
+    one_rank_env(monkeypatch)
     return train.main([str(a) for a in argv])
 
 
@@ -341,7 +339,7 @@ def test_zero3_on_two_cpu_ranks_trains_what_one_rank_trains(tmp_path, monkeypatc
     one = run_train(monkeypatch, *common, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "one")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                             str(next(PORTS)), str(ROOT / "train.py"), *map(str, common),
+                             str(free_port()), str(ROOT / "train.py"), *map(str, common),
                              "--per_device_train_batch_size", "1", "--output_dir", str(tmp_path / "two")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
