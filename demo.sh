@@ -6,6 +6,8 @@
 #                                       on data/tools_test.jsonl (the set data/make_tools.py writes)
 set -euo pipefail
 cd "$(dirname "$0")"
+# an unsupported Python stops here with one line (python_check.py), not with a traceback further on
+python -c "import python_check" || exit 2
 MODE="${MODE:-glm3}"
 TASK="${TASK:-chat}"
 case "$TASK" in

@@ -4,6 +4,7 @@
 the tokenizer file of the official checkpoint. The chat template of each version lives in model/template.py, keyed
 by the same mode name; training, chat() and predict.py all use it.
 """
+import python_check  # noqa: F401  first: refuses a Python older than 3.10 in one line
 from dataclasses import dataclass
 
 from .config import ChatGLM2Config, ChatGLM4Config, ChatGLMConfig, check_checkpoint_dir, detect_version
