@@ -83,9 +83,9 @@ def resolve(python, workdir, torch_version, constraints=None):
                "-r", os.path.join(ROOT, "requirements.txt")]
     if constraints:
         command += ["-c", constraints]
-    out = subprocess.run(command, capture_output=True, text=True)
-    if out.returncode != 0:
-        lines = out.stderr.splitlines()
+    out = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if out.returncode != 0:  # pip's errors, and why (which pin, which package has no wheel), from the first ERROR on
+        lines = out.stdout.splitlines()
         first_error = next((i for i, line in enumerate(lines) if line.startswith("ERROR")), 0)
         return None, "\n".join(lines[first_error:first_error + 15])
     with open(report) as handle:
