@@ -52,11 +52,11 @@ def interpreter_version(path):
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def find_interpreters():
-    """{'3.10': path, ...} for each supported Python on this machine: pythonX.Y on PATH, else pyenv's newest X.Y.*."""
+def find_interpreters(versions=SUPPORTED):
+    """{'3.10': path, ...} for each of versions on this machine: pythonX.Y on PATH, else pyenv's newest X.Y.*."""
     found = {}
     pyenv_root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
-    for version in SUPPORTED:
+    for version in versions:
         candidates = [shutil.which("python" + version)]
         candidates += sorted(glob.glob(os.path.join(pyenv_root, "versions", version + ".*", "bin", "python")),
                              key=lambda path: [int(part) for part in re.findall(r"\d+", path.split("versions")[-1])],
@@ -155,11 +155,11 @@ def merge(resolutions):
 
 def check(args):
     """Resolve with constraints.txt on each supported Python present; 1 if any fails or installs an unpinned package."""
-    interpreters = find_interpreters()
+    interpreters = find_interpreters(args.python or SUPPORTED)
     pins = pinned_versions(args.constraints)
     failed = False
     results = resolve_each(interpreters, args.torch, args.constraints)
-    for version in SUPPORTED:
+    for version in args.python or SUPPORTED:
         if version not in interpreters:
             print("%s: not on this machine, not checked" % version)
             continue
@@ -222,7 +222,11 @@ def main():
                         help="the torch version the install pins on its command line (default: $TORCH or 2.13.0)")
     parser.add_argument("--constraints", default=os.path.join(ROOT, "constraints.txt"),
                         help="the lock to check, or to rewrite (its comment header is kept; default: constraints.txt)")
+    parser.add_argument("--python", action="append", choices=SUPPORTED,
+                        help="check: only this supported Python (repeatable; default: each of them on this machine)")
     args = parser.parse_args()
+    if args.python and args.action == "lock":
+        parser.error("--python: a lock is resolved on every supported Python")
     return check(args) if args.action == "check" else lock(args)
 
 
