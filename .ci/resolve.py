@@ -78,16 +78,16 @@ def resolve(python, workdir, torch_version, constraints=None):
         if out.returncode != 0:
             return None, "%s failed:\n%s" % (" ".join(command), out.stderr.strip())
     report = os.path.join(workdir, "report.json")
-    command = [venv_python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", report,
+    command = [venv_python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--report", report,
                "--only-binary=:all:", "--no-binary=" + ",".join(SOURCE_ONLY), "torch==" + torch_version,
                "-r", os.path.join(ROOT, "requirements.txt")]
     if constraints:
         command += ["-c", constraints]
     out = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if out.returncode != 0:  # pip's errors, and why (which pin, which package has no wheel), from the first ERROR on
+    if out.returncode != 0:  # pip's errors and their reason (not --quiet: it drops the reason), from the first ERROR on
         lines = out.stdout.splitlines()
         first_error = next((i for i, line in enumerate(lines) if line.startswith("ERROR")), 0)
-        return None, "\n".join(lines[first_error:first_error + 15])
+        return None, "\n".join(lines[first_error:first_error + 20])
     with open(report) as handle:
         install = json.load(handle)["install"]
     return {canonical(item["metadata"]["name"]): (item["metadata"]["name"], item["metadata"]["version"])
