@@ -9,6 +9,8 @@
 #                                       data/pairs_train.jsonl (the set data/make_pairs.py writes)
 set -euo pipefail
 cd "$(dirname "$0")"
+# an unsupported Python stops here with one line (python_check.py), not with a traceback further on
+python -c "import python_check" || exit 2
 MODE="${MODE:-glm3}"
 TASK="${TASK:-chat}"
 STAGE="${STAGE:-sft}"

@@ -25,6 +25,7 @@ into the base or the adapter directory and refuses an output directory that exis
 """
 from __future__ import annotations
 
+import python_check  # noqa: F401  first: refuses a Python older than 3.10 in one line
 import argparse
 import copy
 import json

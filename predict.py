@@ -1,6 +1,7 @@
 """Answer with a ChatGLM checkpoint: chat in the terminal, answer one query, or predict and score a test file.
 
 The checkpoint is anything train.py saves (a full model, a LoRA adapter or a P-Tuning prefix; the base model comes
+import python_check  # noqa: F401  first: refuses a Python older than 3.10 in one line
 from --base_model_path or from the checkpoint's training_args.json), a merge_lora.py output, or an official model.
 A training run's output_dir/latest links to its newest checkpoint; output_dir/epoch-E-step-S names any of them.
 

@@ -13,6 +13,7 @@ for one process). Checkpoints go to output_dir/epoch-E-step-S/; output_dir/lates
 """
 from __future__ import annotations
 
+import python_check  # noqa: F401  first: refuses a Python older than 3.10 in one line
 import argparse
 import itertools
 import json

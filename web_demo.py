@@ -22,6 +22,7 @@ Greedy answers are exactly chat()'s and predict.py --query's for the same conver
 calls the model's stream_chat() with predict.py's generation settings.
 """
 
+import python_check  # noqa: F401  first: refuses a Python older than 3.10 in one line
 import argparse
 import json
 import logging

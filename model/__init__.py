@@ -8,6 +8,7 @@ model/chat_template.py).
 the tokenizer file of the official checkpoint. The chat template of each version lives in model/template.py, keyed
 by the same mode name; training, chat() and predict.py all use it.
 """
+import python_check  # noqa: F401  first: refuses a Python older than 3.10 in one line
 from dataclasses import dataclass
 
 from transformers import (AutoTokenizer, Glm4Config, Glm4ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM,
