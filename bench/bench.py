@@ -358,8 +358,8 @@ def profile_steps(engine, step_fn, window, steps, device, trace_path=None) -> st
 
 def our_step(world_size):
     def step(engine, window):
-        loss_sum, tokens = train.train_step(engine, window, world_size)
-        return loss_sum / tokens
+        loss_sums, tokens = train.train_step(engine, window, world_size, train.TokenLoss())
+        return loss_sums[0] / tokens
     return step
 
 

@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+GENUINE_F_LINEAR = torch.nn.functional.linear  # taken before any test can let DeepSpeed replace it
 
 
 def our_modules() -> list[str]:
@@ -74,13 +76,13 @@ def one_rank_env(monkeypatch) -> None:
         monkeypatch.setenv(key, value)
 
 
-@pytest.fixture
-def real_f_linear(monkeypatch):
-    """For tests that run ZeRO-3 in this process: its zero.Init swaps in DeepSpeed's own F.linear for the rest of the
-    process ("persists unless manually reset"); the real one is put back afterwards, so later in-process tests do
-    not trace DeepSpeed's."""
-    import torch
-    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
+@pytest.fixture(autouse=True)
+def real_f_linear():
+    """After every test: ZeRO-3's zero.Init swaps in DeepSpeed's own F.linear for the rest of the process ("persists
+    unless manually reset"); the genuine one, taken when this file was imported, is put back, so that no later test
+    in the process (under pytest-xdist, whichever runs next on the worker) traces DeepSpeed's under torch.compile."""
+    yield
+    torch.nn.functional.linear = GENUINE_F_LINEAR
 
 
 def shared_path(*parts) -> Path:

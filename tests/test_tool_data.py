@@ -169,7 +169,7 @@ def test_train_main_accepts_the_example_set_with_the_demos_flags(tiny_dirs, tmp_
 
 
 @pytest.mark.parametrize("env,message", [
-    ({"MODE": "glm2", "TASK": "tools"}, "demo.sh: TASK=tools needs MODE=glm3 or MODE=glm4"),
+    ({"MODE": "glm2", "TASK": "tools"}, "demo.sh: TASK=tools needs MODE=glm3, glm4 or glm4-0414"),
     ({"TASK": "nope"}, "demo.sh: TASK=nope is not one of chat, tools"),
 ])
 def test_demo_refuses_a_task_it_cannot_run(env, message, tmp_path):

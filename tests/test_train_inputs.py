@@ -111,7 +111,7 @@ def with_flag(args, flag, value):
 def test_resume_refuses_a_checkpoint_of_another_run(flag, value, before, two_steps, tiny_dirs, tmp_path):
     args, trained = two_steps
     out = tmp_path / "out"
-    shutil.copytree(trained, out)
+    shutil.copytree(trained, out, symlinks=True)  # output_dir/latest stays a link
     result = run_train(tiny_dirs["glm3"], out, *with_flag(args, flag, value), "--resume", expect_ok=False)
     one_line_error(result, f"--resume: {flag} is {value!r}, but epoch-1-step-3 was trained with {before}")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in trained.iterdir())
@@ -122,7 +122,7 @@ def test_resume_refuses_a_later_incomplete_checkpoint_before_training(two_steps,
     when it saves there, after all its training: refused at the start instead."""
     args, trained = two_steps
     out = tmp_path / "out"
-    shutil.copytree(trained, out)
+    shutil.copytree(trained, out, symlinks=True)  # output_dir/latest stays a link
     (out / "epoch-2-step-4").mkdir()
     (out / "epoch-2-step-4" / "adapter_model.safetensors").write_text("kept")
     log = (out / "train_log.jsonl").read_text()
@@ -134,7 +134,7 @@ def test_resume_refuses_a_later_incomplete_checkpoint_before_training(two_steps,
 def test_resume_with_the_same_flags_continues(two_steps, tiny_dirs, tmp_path):
     args, trained = two_steps
     out = tmp_path / "out"
-    shutil.copytree(trained, out)
+    shutil.copytree(trained, out, symlinks=True)  # output_dir/latest stays a link
     run_train(tiny_dirs["glm3"], out, *args, "--resume")
     assert (out / "epoch-2-step-4" / "adapter_model.safetensors").exists()
 
@@ -150,7 +150,7 @@ def test_resume_refuses_another_precision_naming_the_flag(precision, auto_picks,
 
     args, trained = two_steps
     out = tmp_path / "out"
-    shutil.copytree(trained, out)
+    shutil.copytree(trained, out, symlinks=True)  # output_dir/latest stays a link
     if auto_picks:
         monkeypatch.setattr(train, "auto_precision", lambda device_type: auto_picks)
     with pytest.raises(SystemExit) as stop:

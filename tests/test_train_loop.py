@@ -73,7 +73,7 @@ def one_epoch(tiny_dirs, tmp_path_factory):
 def test_resume_without_a_file_of_the_deepspeed_state_stops_in_one_line_before_loading(
         missing, one_epoch, tiny_dirs, tmp_path, train_in_process, deepspeed_engines):
     out = tmp_path / "out"
-    shutil.copytree(one_epoch, out)
+    shutil.copytree(one_epoch, out, symlinks=True)  # output_dir/latest stays a link
     (out / "epoch-1-step-2" / "deepspeed" / missing).unlink()
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     with pytest.raises(SystemExit) as stop:
@@ -252,7 +252,7 @@ def test_a_shorter_last_window_weighs_its_tokens_like_a_whole_one(tiny_dirs, tmp
     gradient if train.py did not undo that. At an lr of 1e-9 the weights stay put (LoRA B ~ 0, no dropout), so
     the last sample's gradient norm (train/grad_norm, DeepSpeed's, before clipping) is the same in both runs: both
     see the samples in one order (seed and batch size 1 alike)."""
-    from test_sequence_parallel import grad_norms
+    from same_training import grad_norms
 
     data = tmp_path / "five.jsonl"
     data.write_text("".join((ROOT / "data/train.jsonl").read_text(encoding="utf-8").splitlines(True)[:5]),
