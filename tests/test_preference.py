@@ -433,3 +433,30 @@ def test_an_empty_share_of_the_last_batch_is_one_padding_pair(glm3):
     assert loss_sum.item() == 0 and not stats.any()
     loss_sum.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_dpo_on_glm4_0414_learns_the_answers_of_its_own_chat_template(tmp_path, train_in_process):
+    """glm4-0414 (transformers' Glm4ForCausalLM, the checkpoint's chat template): each answer of a pair is labelled
+    exactly as supervised training labels that conversation, and DPO through train.py starts at log 2 (the
+    reference is the model with its LoRA adapter off) and logs the dev metrics."""
+    import preference
+    from model import template
+    from model.glm4_0414 import write_tiny_checkpoint
+    from transformers import AutoTokenizer
+
+    base = write_tiny_checkpoint(str(tmp_path / "glm4-0414"))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    prompt, chosen, rejected = preference.pair_messages(
+        "glm4-0414", json.loads(PAIRS.read_text(encoding="utf-8").splitlines()[0]), "x:1")
+    example, _ = preference.PreferenceDataset._encode(tokenizer, "glm4-0414", prompt, chosen, rejected, 256, 200)
+    for prefix, answer in (("", chosen), ("rejected_", rejected)):
+        ids, labels, _ = template.encode_messages(tokenizer, "glm4-0414", prompt + answer, learn_all_turns=False)
+        assert (example[prefix + "input_ids"], example[prefix + "labels"]) == (ids, labels)
+    out = tmp_path / "dpo"
+    train_in_process("--stage", "dpo", "--model_name_or_path", base, "--train_path", PAIRS, "--dev_path", DEV_PAIRS,
+                     "--train_type", "lora", "--max_len", "256", "--max_src_len", "200",
+                     "--per_device_train_batch_size", "8", "--max_steps", "2", "--show_loss_step", "1",
+                     "--output_dir", out)
+    records = read_records(out)
+    assert records[0]["loss"] == pytest.approx(0.6931471805599453, rel=1e-6)
+    assert {"eval_rewards/accuracy", "eval_logps/chosen"} <= set(records[-1])
