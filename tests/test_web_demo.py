@@ -297,6 +297,10 @@ def test_page_tool_call_then_observation(browser, server, reference):
     page.type_into("#observation textarea", observation["content"])
     page.answer(2, as_shown(expected_answer), send="send_observation")
     assert page.messages()[2] == ["user", web_demo.OBSERVATION_MARK + observation["content"]]
+    # refresh docs/web_demo.png (WEB_DEMO_SCREENSHOT=docs/web_demo.png; Debian fonts-noto-cjk and
+    # fonts-noto-color-emoji draw the Chinese text and the marks): the call, its result and the answer, nothing else
+    if os.environ.get("WEB_DEMO_SCREENSHOT"):
+        browser.save_screenshot(os.environ["WEB_DEMO_SCREENSHOT"])
 
     # text that is not UTF-8 (a lone surrogate, which the browser lets through): named, the conversation stays
     browser.execute_script(
@@ -305,8 +309,6 @@ def test_page_tool_call_then_observation(browser, server, reference):
     page.click("send")
     page.wait_for(lambda: "not UTF-8" in page.status(), "the message about the text")
     assert len(page.messages()) == 4
-    if os.environ.get("WEB_DEMO_SCREENSHOT"):  # refresh docs/web_demo.png
-        browser.save_screenshot(os.environ["WEB_DEMO_SCREENSHOT"])
 
 
 def test_page_collects_one_result_per_parallel_call(browser, parallel_server):
