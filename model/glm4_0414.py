@@ -52,6 +52,21 @@ def build_tokenizer(chat_template: str):
                                    chat_template=chat_template, model_max_length=128000)
 
 
+def template_into_tokenizer_config(directory: str, chat_template: str) -> None:
+    """The official layout: the template inside tokenizer_config.json, no chat_template.jinja (what transformers'
+    save_pretrained writes beside it)."""
+    config_file = os.path.join(directory, "tokenizer_config.json")
+    with open(config_file, encoding="utf-8") as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["chat_template"] = chat_template
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_file, "w", encoding="utf-8") as f:
+        f.write(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if os.path.exists(jinja):
+        os.remove(jinja)
+
+
 def tiny_config(tokenizer):
     from transformers import Glm4Config
 
@@ -76,17 +91,7 @@ def write_tiny_checkpoint(output_dir: str, seed: int = 0, variant: str = "z1") -
     with atomic_directory(output_dir) as staging:
         tokenizer = build_tokenizer(chat_template)
         tokenizer.save_pretrained(staging)
-        # the official layout keeps the template inside tokenizer_config.json (no chat_template.jinja)
-        config_file = os.path.join(staging, "tokenizer_config.json")
-        with open(config_file, encoding="utf-8") as f:
-            tokenizer_config = json.load(f)
-        tokenizer_config["chat_template"] = chat_template
-        tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        with open(config_file, "w", encoding="utf-8") as f:
-            f.write(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-        jinja = os.path.join(staging, "chat_template.jinja")
-        if os.path.exists(jinja):
-            os.remove(jinja)
+        template_into_tokenizer_config(staging, chat_template)
         torch.manual_seed(seed)
         model = Glm4ForCausalLM(tiny_config(tokenizer))
         draw_strong_weights(model, seed)

@@ -94,12 +94,13 @@ def write_tiny_checkpoint(mode: str, output_dir: str, seed: int = 0) -> str:
     from transformers import AutoModelForCausalLM
 
     from .export import atomic_directory
+    from .glm4_0414 import template_into_tokenizer_config
     from .tiny import draw_strong_weights
 
     with atomic_directory(output_dir) as staging:
         tokenizer = build_tokenizer(mode)
         tokenizer.save_pretrained(staging)
-        _template_into_tokenizer_config(staging, tokenizer.chat_template)
+        template_into_tokenizer_config(staging, tokenizer.chat_template)
         torch.manual_seed(seed)
         config = tiny_config(mode, tokenizer)
         model = AutoModelForCausalLM.from_config(config)
@@ -115,20 +116,6 @@ def write_tiny_checkpoint(mode: str, output_dir: str, seed: int = 0) -> str:
             ("hnorm.weight", (config.hidden_size,)), ("shared_head.norm.weight", (config.hidden_size,)))})
         save_file(weights, weights_file, metadata={"format": "pt"})
     return output_dir
-
-
-def _template_into_tokenizer_config(directory: str, chat_template: str) -> None:
-    """The official layout: the template inside tokenizer_config.json, no chat_template.jinja."""
-    config_file = os.path.join(directory, "tokenizer_config.json")
-    with open(config_file, encoding="utf-8") as f:
-        tokenizer_config = json.load(f)
-    tokenizer_config["chat_template"] = chat_template
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(config_file, "w", encoding="utf-8") as f:
-        f.write(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-    jinja = os.path.join(directory, "chat_template.jinja")
-    if os.path.exists(jinja):
-        os.remove(jinja)
 
 
 def _ignore_mtp_on_load() -> None:
