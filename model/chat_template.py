@@ -138,11 +138,13 @@ def encode_messages(tokenizer, messages: list[dict], learn_all_turns: bool = Tru
     learned.append(bool(spans) and spans[-1][1] == len(text))
     labels = [token if flag else IGNORE_INDEX for token, flag in zip(ids, learned)]
     prompt = encode_context(tokenizer, messages[:-1])
-    answer_start = len(prompt) if ids[:len(prompt)] == prompt else _last_answer_start(learned)
+    answer_start = len(prompt) if ids[:len(prompt)] == prompt else last_answer_start(learned)
     return ids, labels, answer_start
 
 
-def _last_answer_start(learned: list[bool]) -> int:
+def last_answer_start(learned: list[bool]) -> int:
+    """Where the final run of learned tokens begins (the answer, when the prompt is not a prefix of the ids);
+    model/template.py uses it too."""
     start = len(learned)
     while start > 0 and learned[start - 1]:
         start -= 1

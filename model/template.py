@@ -343,15 +343,9 @@ def encode_messages(tokenizer, mode: str, messages: list[dict], learn_all_turns:
     ids, learned = _encode(tokenizer, mode, pieces)
     prompt_ids = encode_context(tokenizer, mode, messages[:-1])
     labels = [i if flag else IGNORE_INDEX for i, flag in zip(ids, learned)]
-    answer_start = len(prompt_ids) if ids[:len(prompt_ids)] == prompt_ids else _last_answer_start(learned)
+    answer_start = (len(prompt_ids) if ids[:len(prompt_ids)] == prompt_ids
+                    else chat_template.last_answer_start(learned))
     return ids, labels, answer_start
-
-
-def _last_answer_start(learned: list[bool]) -> int:
-    start = len(learned)
-    while start > 0 and learned[start - 1]:
-        start -= 1
-    return start
 
 
 def template_length(tokenizer, mode: str) -> int:

@@ -16,7 +16,8 @@ import os
 import pytest
 
 import same_training
-from conftest import ROOT, free_port, one_rank_env
+from test_glm4_0414 import run_train, train_args  # the same tiny run as the 0414 family's
+from conftest import ROOT, free_port
 
 MODES = ("glm4-moe", "glm4-moe-lite")
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
@@ -140,18 +141,6 @@ def test_calls_parse_back_to_name_and_parameters():
     assert [(c["name"], c["parameters"]) for c in calls] == [("a", {"x": 1}), ("b", {})]
     answer, history = template.process_response("glm4-moe", "\n<think>hm</think>\nHello.", [])
     assert answer == "Hello." and history[-1]["reasoning_content"] == "hm"
-
-
-def run_train(monkeypatch, *argv):
-    import train
-    one_rank_env(monkeypatch)
-    return train.main([str(a) for a in argv])
-
-
-def train_args(path, out, *extra):
-    return ["--model_name_or_path", path, "--train_path", ROOT / "data/train.jsonl", "--max_len", 256,
-            "--max_src_len", 200, "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1,
-            "--max_steps", 2, "--learning_rate", 1e-2, "--output_dir", out, *extra]
 
 
 def test_lora_on_attention_and_experts_merge_equals_base_plus_adapter(tiny, tmp_path, monkeypatch, one_thread,
